@@ -1,0 +1,79 @@
+"""MLflow tracking and model registry: one run per training, aliases for promotion.
+
+A model version moves through two aliases of the registered model:
+``candidate`` (every evaluated model) and ``champion`` (the one to serve), so
+deployment tooling and people can always ask MLflow "what should be live?".
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+DEFAULT_EXPERIMENT = "chest-ct"
+DEFAULT_REGISTERED_MODEL = "chest-ct"
+CANDIDATE, CHAMPION = "candidate", "champion"
+SAVED_MODEL_ARTIFACT = "saved_model"
+
+
+def use_tracking(experiment: str = DEFAULT_EXPERIMENT) -> str:
+    """Point MLflow at ``MLFLOW_TRACKING_URI`` (its own default otherwise) and the experiment."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    mlflow.set_experiment(experiment)
+    return mlflow.get_tracking_uri()
+
+
+def start_run(experiment: str, params: dict, tags: dict | None = None) -> str:
+    """Create the training run; later steps reopen it by id to add their results."""
+    use_tracking(experiment)
+    with mlflow.start_run(tags=tags or {}) as run:
+        mlflow.log_params(params)
+    return run.info.run_id
+
+
+def log_epoch(run_id: str, epoch: int, metrics: dict[str, float]) -> None:
+    MlflowClient().log_batch(run_id, metrics=[
+        mlflow.entities.Metric(key=f"epoch_{k}", value=float(v), timestamp=_now_ms(), step=epoch)
+        for k, v in metrics.items()
+    ])
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
+def register(name: str, run_id: str, alias: str = CANDIDATE) -> str:
+    """Register ``runs:/<run_id>/saved_model`` as a new version of ``name``; return the version."""
+    client = MlflowClient()
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="Chest CT classifier (adenocarcinoma vs normal), "
+                                                          "TensorFlow SavedModel with model_metadata.json")
+    version = client.create_model_version(name, source=f"runs:/{run_id}/{SAVED_MODEL_ARTIFACT}", run_id=run_id)
+    client.set_registered_model_alias(name, alias, version.version)
+    return str(version.version)
+
+
+def champion(name: str) -> tuple[str, str] | None:
+    """``(version, source)`` of the current champion, or None when there is none yet."""
+    try:
+        version = MlflowClient().get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+    return str(version.version), version.source
+
+
+def download(source: str, dst: Path) -> Path:
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst)))
+
+
+def promote(name: str, version: str) -> None:
+    MlflowClient().set_registered_model_alias(name, CHAMPION, version)

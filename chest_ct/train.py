@@ -1,0 +1,188 @@
+"""Fit the classifier head on features of the frozen VGG16 base.
+
+The base is frozen, so its output for an image never changes during training.
+Running it once per image (plus once per augmented copy) and fitting the head on
+those cached features gives the same model as re-running VGG16 on every image
+every epoch, at a fraction of the cost. Augmentation therefore comes from a fixed
+number of augmented variants per image (``augment_copies``) instead of fresh
+random draws each epoch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import tensorflow as tf
+from sklearn.utils.class_weight import compute_class_weight
+
+from chest_ct import registry
+from chest_ct.export import export_saved_model
+from chest_ct.ingest import load_manifest, split_files
+from chest_ct.model import image_size_of, split_model
+from chest_ct.preprocess import decode_and_resize, to_model_input
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class TrainResult:
+    model: keras.Model
+    history: dict[str, list[float]]
+    best_epoch: int
+    epochs_run: int
+    train_examples: int
+    class_weight: dict[int, float] = field(default_factory=dict)
+
+
+def augmenter(seed: int) -> keras.Sequential:
+    """Mild geometric and intensity changes: CT slices are roughly centred and upright.
+
+    Brightness and contrast jitter also weakens brightness as a shortcut cue.
+    """
+    return keras.Sequential(
+        [
+            keras.layers.RandomFlip("horizontal", seed=seed),
+            keras.layers.RandomRotation(0.05, seed=seed + 1),
+            keras.layers.RandomZoom(0.1, seed=seed + 2),
+            keras.layers.RandomContrast(0.2, seed=seed + 3),
+            keras.layers.RandomBrightness(0.15, value_range=(0, 255), seed=seed + 4),
+        ],
+        name="augment",
+    )
+
+
+def image_dataset(files: Sequence[str], image_size: int, batch_size: int,
+                  augment: keras.Sequential | None = None) -> tf.data.Dataset:
+    """Batches of model-ready images, in file order (features must line up with labels)."""
+    ds = tf.data.Dataset.from_tensor_slices(list(files))
+    ds = ds.map(lambda f: decode_and_resize(tf.io.read_file(f), image_size), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size)
+    if augment is not None:
+        ds = ds.map(lambda x: augment(x, training=True), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.map(to_model_input, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def extract_features(base: keras.Model, files: Sequence[str], image_size: int, batch_size: int,
+                     augment: keras.Sequential | None = None) -> np.ndarray:
+    return base.predict(image_dataset(files, image_size, batch_size, augment), verbose=0)
+
+
+def validate_params(epochs: int, batch_size: int, learning_rate: float, augment_copies: int, patience: int) -> None:
+    checks = {
+        "epochs": (epochs, isinstance(epochs, int) and 1 <= epochs <= 1000, "an integer from 1 to 1000"),
+        "batch_size": (batch_size, isinstance(batch_size, int) and 1 <= batch_size <= 4096, "an integer from 1 to 4096"),
+        "learning_rate": (learning_rate, 0 < learning_rate <= 1, "a number in (0, 1]"),
+        "augment_copies": (augment_copies, isinstance(augment_copies, int) and 0 <= augment_copies <= 20,
+                           "an integer from 0 to 20"),
+        "patience": (patience, isinstance(patience, int) and patience >= 1, "an integer >= 1"),
+    }
+    for name, (value, ok, expected) in checks.items():
+        if not ok:
+            raise ValueError(f"{name}={value!r}: expected {expected}")
+
+
+def train(
+    model: keras.Model,
+    train_files: Sequence[str],
+    train_labels: Sequence[int],
+    valid_files: Sequence[str],
+    valid_labels: Sequence[int],
+    *,
+    epochs: int = 10,
+    batch_size: int = 32,
+    learning_rate: float = 1e-3,
+    augment_copies: int = 2,
+    patience: int = 3,
+    seed: int = 42,
+    on_epoch: EpochCallback | None = None,
+) -> TrainResult:
+    """Train ``model``'s head in place; return it with the best epoch's weights restored."""
+    validate_params(epochs, batch_size, learning_rate, augment_copies, patience)
+    if len(set(train_labels)) < 2:
+        raise ValueError(f"training labels hold only class {sorted(set(train_labels))}; need both classes")
+    keras.utils.set_random_seed(seed)
+    base, head = split_model(model)
+    size = image_size_of(model)
+
+    feats = [extract_features(base, train_files, size, batch_size)]
+    for copy in range(augment_copies):
+        feats.append(extract_features(base, train_files, size, batch_size, augmenter(seed + 10 * copy)))
+    x_train = np.concatenate(feats)
+    y_train = np.tile(np.asarray(train_labels, dtype=np.float32), 1 + augment_copies)
+    x_valid = extract_features(base, valid_files, size, batch_size)
+    y_valid = np.asarray(valid_labels, dtype=np.float32)
+
+    classes = np.unique(y_train)
+    weights = compute_class_weight("balanced", classes=classes, y=y_train)
+    class_weight = {int(c): float(w) for c, w in zip(classes, weights)}
+
+    head.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=keras.losses.BinaryCrossentropy(),
+        metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
+    )
+    callbacks: list[keras.callbacks.Callback] = [
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
+    ]
+    if on_epoch is not None:
+        callbacks.append(keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, logs: on_epoch(epoch + 1, {k: float(v) for k, v in (logs or {}).items()})))
+    history = head.fit(
+        x_train, y_train, validation_data=(x_valid, y_valid), epochs=epochs, batch_size=batch_size,
+        class_weight=class_weight, shuffle=True, callbacks=callbacks, verbose=0,
+    ).history
+    val_loss = history["val_loss"]
+    return TrainResult(
+        model=model,
+        history={k: [float(v) for v in vals] for k, vals in history.items()},
+        best_epoch=int(np.argmin(val_loss)) + 1,
+        epochs_run=len(val_loss),
+        train_examples=len(y_train),
+        class_weight=class_weight,
+    )
+
+
+def train_and_export(
+    dataset_dir: Path,
+    base_model_file: Path,
+    out_dir: Path,
+    *,
+    experiment: str = registry.DEFAULT_EXPERIMENT,
+    tags: dict[str, str] | None = None,
+    extra_artifacts: dict[str, Path] | None = None,
+    **hyper: int | float,
+) -> str:
+    """The pipeline's train step: open an MLflow run, train, export; return the run id.
+
+    ``hyper`` takes :func:`train`'s keyword arguments (epochs, batch_size, ...).
+    """
+    model = keras.models.load_model(base_model_file)
+    manifest = load_manifest(dataset_dir)
+    train_files, train_labels = split_files(dataset_dir, "train")
+    valid_files, valid_labels = split_files(dataset_dir, "valid")
+    params = {**hyper, "image_size": image_size_of(model), "dataset_fingerprint": manifest["fingerprint"],
+              "train_images": len(train_files), "valid_images": len(valid_files)}
+    run_id = registry.start_run(experiment, params, tags)
+    epochs = hyper.get("epochs", 10)
+
+    def on_epoch(epoch: int, logs: dict[str, float]) -> None:
+        registry.log_epoch(run_id, epoch, logs)
+        print(f"epoch {epoch}/{epochs} " + " ".join(f"{k}={v:.4f}" for k, v in sorted(logs.items())), flush=True)
+
+    result = train(model, train_files, train_labels, valid_files, valid_labels, on_epoch=on_epoch, **hyper)
+    export_saved_model(result.model, out_dir, {"mlflow_run_id": run_id, "dataset_fingerprint": manifest["fingerprint"]})
+    summary = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+               "train_examples": result.train_examples, "class_weight": result.class_weight}
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": result.epochs_run})
+        mlflow.log_dict({**summary, "history": result.history}, "training/history.json")
+        for name, path in (extra_artifacts or {}).items():
+            mlflow.log_artifact(str(path), f"training/{name}")
+    print("training done: " + json.dumps(summary), flush=True)
+    return run_id

@@ -1,0 +1,37 @@
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Model, Output
+
+from components.image import TRAIN_IMAGE
+
+
+@dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
+def train(
+    dataset: Input[Dataset],
+    base_model: Input[Model],
+    validation_report: Input[Artifact],
+    model: Output[Model],
+    epochs: int = 10,
+    batch_size: int = 32,
+    learning_rate: float = 0.001,
+    augment_copies: int = 2,
+    patience: int = 3,
+    seed: int = 42,
+    experiment: str = "chest-ct",
+    pipeline_run: str = "",
+) -> NamedTuple("TrainOutputs", [("mlflow_run_id", str)]):
+    """Train the head on the frozen base, log to MLflow, export the SavedModel."""
+    from pathlib import Path
+
+    from chest_ct.train import train_and_export
+
+    run_id = train_and_export(
+        Path(dataset.path), Path(base_model.path) / "model.keras", Path(model.path),
+        experiment=experiment, tags={"kfp_run": pipeline_run} if pipeline_run else None,
+        extra_artifacts={"validation_report.json": Path(validation_report.path)},
+        epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+        augment_copies=augment_copies, patience=patience, seed=seed,
+    )
+    model.metadata.update(mlflow_run_id=run_id, format="tf-savedmodel")
+    return (run_id,)

@@ -1,0 +1,61 @@
+"""The chest-ct training pipeline: ingest -> base model -> train -> evaluate.
+
+This file only wires components; every parameter's default lives here, in the
+pipeline signature, which is what the Kubeflow UI shows when starting a run.
+"""
+
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Artifact, Model
+
+from components import base_model, evaluate, ingest, train
+
+PIPELINE_NAME = "chest-ct"
+#: The public zip the original tutorials download (adenocarcinoma and normal, train/test).
+PipelineOutputs = NamedTuple("PipelineOutputs", model=Model, validation_report=Artifact, mlflow_run_id=str,
+                             blessed=bool)
+DEFAULT_DATA_URI = "https://drive.google.com/file/d/1z0mreUtRmR-P-magILsDR3T7M6IkGXtY/view?usp=sharing"
+
+
+@dsl.pipeline(name=PIPELINE_NAME, description="Train, evaluate and register a chest CT classifier "
+                                              "(adenocarcinoma vs normal) on a frozen VGG16 base.")
+def chest_ct_pipeline(
+    data_uri: str = DEFAULT_DATA_URI,
+    image_size: int = 224,
+    epochs: int = 10,
+    batch_size: int = 32,
+    learning_rate: float = 0.001,
+    base_weights: str = "imagenet",
+    target_sensitivity: float = 0.95,
+    seed: int = 42,
+    augment_copies: int = 2,
+    patience: int = 3,
+    valid_fraction: float = 0.15,
+    test_fraction: float = 0.2,
+    min_auc: float = 0.8,
+    min_sensitivity: float = 0.9,
+    min_specificity: float = 0.5,
+    max_auc_drop: float = 0.01,
+    registered_model_name: str = "chest-ct",
+    experiment: str = "chest-ct",
+    s3_endpoint_url: str = "",
+) -> PipelineOutputs:
+    ingest_task = ingest(data_uri=data_uri, seed=seed, valid_fraction=valid_fraction, test_fraction=test_fraction,
+                         s3_endpoint_url=s3_endpoint_url).set_display_name("ingest")
+    base_task = base_model(image_size=image_size, base_weights=base_weights).set_display_name("base model")
+    train_task = train(
+        dataset=ingest_task.outputs["dataset"], base_model=base_task.outputs["model"],
+        validation_report=ingest_task.outputs["validation_report"], epochs=epochs, batch_size=batch_size,
+        learning_rate=learning_rate, augment_copies=augment_copies, patience=patience, seed=seed,
+        experiment=experiment, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+    ).set_display_name("train")
+    eval_task = evaluate(
+        dataset=ingest_task.outputs["dataset"], model=train_task.outputs["model"],
+        mlflow_run_id=train_task.outputs["mlflow_run_id"], target_sensitivity=target_sensitivity,
+        min_auc=min_auc, min_sensitivity=min_sensitivity, min_specificity=min_specificity,
+        max_auc_drop=max_auc_drop, registered_model_name=registered_model_name, experiment=experiment,
+    ).set_display_name("evaluate")
+    return PipelineOutputs(model=eval_task.outputs["evaluated_model"],
+                           validation_report=ingest_task.outputs["validation_report"],
+                           mlflow_run_id=train_task.outputs["mlflow_run_id"], blessed=eval_task.outputs["blessed"])

@@ -1,0 +1,111 @@
+"""Run the whole pipeline on this machine with ``kfp.local`` (what ``make run`` does).
+
+No cluster needed: every component runs as a subprocess of this Python, MLflow
+writes to a SQLite file in the project folder unless ``MLFLOW_TRACKING_URI`` says
+otherwise, and the last line printed is one JSON object naming the outputs.
+
+    python -m pipelines.run_local --data ../shared/data/chest-ct epochs=5 image_size=64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parent.parent
+TYPES = {"String": str, "Integer": int, "Float": float}
+
+
+def parse_params(pairs: list[str], declared: dict[str, str]) -> dict:
+    """``name=value`` strings -> typed pipeline arguments, checked against the pipeline's inputs."""
+    out: dict = {}
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise SystemExit(f"parameter {pair!r}: expected name=value")
+        if name not in declared:
+            raise SystemExit(f"parameter {name!r}: unknown; the pipeline takes {', '.join(sorted(declared))}")
+        kind = declared[name]
+        if kind == "Boolean":
+            if raw.lower() not in {"true", "false", "1", "0", "yes", "no"}:
+                raise SystemExit(f"parameter {name}={raw!r}: expected true or false")
+            out[name] = raw.lower() in {"true", "1", "yes"}
+            continue
+        try:
+            out[name] = TYPES[kind](raw)
+        except ValueError:
+            raise SystemExit(f"parameter {name}={raw!r}: expected {TYPES[kind].__name__}") from None
+    return out
+
+
+def declared_inputs(pipeline) -> dict[str, str]:
+    return {name: spec.type for name, spec in pipeline.component_spec.inputs.items()}
+
+
+def prepare_mlflow() -> str:
+    """Default to a SQLite store in the project; keep artifacts beside it, not in the CWD."""
+    uri = os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{PROJECT / 'mlflow.db'}")
+    import mlflow
+
+    from chest_ct.registry import DEFAULT_EXPERIMENT
+
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:") and mlflow.get_experiment_by_name(DEFAULT_EXPERIMENT) is None:
+        mlflow.create_experiment(DEFAULT_EXPERIMENT, artifact_location=(PROJECT / "mlartifacts").as_uri())
+    return uri
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="data_uri: gdrive://ID, Drive share URL, s3://..., zip or folder")
+    parser.add_argument("--runs-dir", default=str(PROJECT / "runs"), help="where kfp.local writes task outputs")
+    parser.add_argument("params", nargs="*", help="pipeline parameters as name=value")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # kfp.local warns that the components name a container image; here they run in this venv on purpose.
+    warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+    from kfp import local
+
+    from pipelines.pipeline import chest_ct_pipeline
+
+    params = parse_params(args.params, declared_inputs(chest_ct_pipeline))
+    data = args.data
+    if "://" not in data and Path(data).exists():
+        data = str(Path(data).resolve())  # components may run from another working directory
+    runs_dir = Path(args.runs_dir).resolve()
+    tracking_uri = prepare_mlflow()
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(runs_dir))
+    try:
+        outputs = chest_ct_pipeline(data_uri=data, **params).outputs
+    except RuntimeError as exc:
+        print(f"pipeline failed: {exc} (the failing step's error is printed above)", file=sys.stderr)
+        return 1
+    model_dir = Path(outputs["model"].path)
+    metadata = json.loads((model_dir / "model_metadata.json").read_text())
+    result = {
+        "model_dir": str(model_dir),
+        "mlflow_run_id": outputs["mlflow_run_id"],
+        "mlflow_tracking_uri": tracking_uri,
+        "blessed": outputs["blessed"],
+        "metrics": metadata.get("evaluation", {}),
+        "threshold": metadata["threshold"],
+        "plots": str(model_dir.parent / "plots"),
+        "validation_report": outputs["validation_report"].path,
+    }
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    (runs_dir / "latest.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nmodel (SavedModel): {result['model_dir']}\nplots: {result['plots']}\n"
+          f"validation report: {result['validation_report']}\nMLflow: {tracking_uri} run {result['mlflow_run_id']} "
+          f"(mlflow ui --backend-store-uri {tracking_uri})\nserve it: make serve", file=sys.stderr)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
