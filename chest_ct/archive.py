@@ -65,12 +65,15 @@ def extract_zip(
         written = 0
         for info, target in files:
             target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(info) as src, open(target, "wb") as out:
-                while chunk := src.read(1 << 20):
-                    written += len(chunk)
-                    if written > max_bytes:
-                        raise UnsafeArchiveError(
-                            f"{archive}: member {info.filename!r} inflates past the cap of {max_bytes} bytes"
-                        )
-                    out.write(chunk)
+            try:
+                with zf.open(info) as src, open(target, "wb") as out:
+                    while chunk := src.read(1 << 20):
+                        written += len(chunk)
+                        if written > max_bytes:
+                            raise UnsafeArchiveError(
+                                f"{archive}: member {info.filename!r} inflates past the cap of {max_bytes} bytes"
+                            )
+                        out.write(chunk)
+            except (zipfile.BadZipFile, EOFError, OSError) as exc:  # corrupt data, bad CRC, lying sizes
+                raise UnsafeArchiveError(f"{archive}: member {info.filename!r} is corrupt: {exc}") from exc
     return dest

@@ -45,10 +45,28 @@ def normalise_class_name(folder: str) -> str:
 
 def _class_folders(folder: Path) -> dict[str, list[Path]]:
     found: dict[str, list[Path]] = defaultdict(list)
-    for child in sorted(folder.iterdir()):
-        if child.is_dir() and not child.name.startswith((".", "__MACOSX")):
-            found[normalise_class_name(child.name)].append(child)
+    for child in sorted(_visible_dirs(folder)):
+        found[normalise_class_name(child.name)].append(child)
     return found
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "__MACOSX"))]
+
+
+def unwrap(root: Path) -> Path:
+    """Descend through wrapper folders (``Data/``, ``chest-ct/``) that hold nothing else.
+
+    Stops at a split folder or a folder with files, so a train-only or one-class
+    dataset is still seen for what it is.
+    """
+    while True:
+        entries = [p for p in root.iterdir() if not p.name.startswith((".", "__MACOSX"))]
+        if len(entries) != 1 or not entries[0].is_dir() or entries[0].name.lower() in SPLIT_ALIASES:
+            return root
+        if any(p.is_file() for p in entries[0].iterdir()):
+            return root
+        root = entries[0]
 
 
 def discover(root: Path, classes: tuple[str, ...] = CLASS_NAMES) -> tuple[str, dict[str, dict[str, list[Path]]], list[str]]:
@@ -58,7 +76,7 @@ def discover(root: Path, classes: tuple[str, ...] = CLASS_NAMES) -> tuple[str, d
     layout is ``pre-split`` or ``flat`` (``source_split`` is then ``all``).
     """
     root = Path(root)
-    subdirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "__MACOSX"))]
+    subdirs = _visible_dirs(root)
     split_dirs = {SPLIT_ALIASES[p.name.lower()]: p for p in subdirs if p.name.lower() in SPLIT_ALIASES}
     if split_dirs:
         layout = "pre-split"
@@ -138,7 +156,7 @@ def build_dataset(
     for name, value in (("valid_fraction", valid_fraction), ("test_fraction", test_fraction)):
         if not 0.0 < value < 0.5:
             raise DatasetError(f"{name}={value}: expected a fraction between 0 and 0.5")
-    root, out_dir = Path(root), Path(out_dir)
+    root, out_dir = unwrap(Path(root)), Path(out_dir)
     layout, selected, ignored_classes = discover(root, classes)
 
     records: list[dict] = []

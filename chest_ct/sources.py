@@ -80,22 +80,13 @@ def _download_s3(uri: str, workdir: Path, endpoint_url: str | None) -> Path:
         raise DataSourceError(f"data_uri {uri!r}: S3 download failed: {exc}") from exc
 
 
-def _unwrap(root: Path) -> Path:
-    """Descend through wrapper folders (``Data/``, ``chest-ct/``) that hold nothing else."""
-    while True:
-        entries = [p for p in root.iterdir() if not p.name.startswith((".", "__MACOSX"))]
-        if len(entries) == 1 and entries[0].is_dir():
-            root = entries[0]
-        else:
-            return root
-
-
 def fetch(uri: str, workdir: Path, *, s3_endpoint_url: str | None = None, max_files: int | None = None,
           max_bytes: int | None = None) -> Path:
     """Return a local folder holding the dataset that ``uri`` names.
 
     Local folders are used in place (read only); everything else is downloaded
-    into ``workdir`` and zips are unpacked there with :func:`extract_zip`.
+    into ``workdir`` and zips are unpacked there with :func:`extract_zip`. Wrapper
+    folders inside (``Data/``) are left for :func:`chest_ct.ingest.discover`.
     """
     if not uri or not uri.strip():
         raise DataSourceError(f"data_uri is empty; expected {SUPPORTED}")
@@ -118,8 +109,8 @@ def fetch(uri: str, workdir: Path, *, s3_endpoint_url: str | None = None, max_fi
     if not local.exists():
         raise DataSourceError(f"data_uri {uri!r}: {local} does not exist")
     if local.is_dir():
-        return _unwrap(local)
+        return local
     if zipfile.is_zipfile(local):
         limits = {k: v for k, v in {"max_files": max_files, "max_bytes": max_bytes}.items() if v}
-        return _unwrap(extract_zip(local, workdir / "extracted", **limits))
+        return extract_zip(local, workdir / "extracted", **limits)
     raise DataSourceError(f"data_uri {uri!r}: {local} is neither a folder nor a zip archive")
