@@ -1,0 +1,48 @@
+# chest-ct: two commands set everything up on a fresh machine.
+#   make run    create .venv if missing, run the whole pipeline locally (kfp.local + MLflow on SQLite)
+#   make test   create .venv if missing, run the test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CHECKOV_VENV := .venv-checkov
+CHECKOV_VERSION ?= 3.2.495
+
+# The public zip of the original tutorials; on a machine without internet use a local copy:
+#   make run DATA=../shared/data/chest-ct
+DATA ?= https://drive.google.com/file/d/1z0mreUtRmR-P-magILsDR3T7M6IkGXtY/view?usp=sharing
+PARAMS ?=
+MODEL_DIR ?= $(shell test -f runs/latest.json && $(PYTHON) -c 'import json;print(json.load(open("runs/latest.json"))["model_dir"])')
+HTTP_PORT ?= 8080
+GRPC_PORT ?= 8081
+PYTEST_ARGS ?=
+
+.PHONY: venv run serve test compile bench lint clean
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+# checkov pins packaging<24, which breaks pytest in the same env: it gets its own venv.
+$(CHECKOV_VENV)/.installed:
+	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet checkov==$(CHECKOV_VERSION)
+	touch $@
+
+venv: $(VENV)/.installed
+
+run: $(VENV)/.installed
+	$(PY) -m pipelines.run_local --data "$(DATA)" $(PARAMS)
+
+serve: $(VENV)/.installed
+	@test -n "$(MODEL_DIR)" || { echo "no model: run 'make run' first or pass MODEL_DIR=<SavedModel dir>" >&2; exit 2; }
+	$(PY) -m serving --model_dir "$(MODEL_DIR)" --http_port $(HTTP_PORT) --grpc_port $(GRPC_PORT)
+
+test: $(VENV)/.installed $(CHECKOV_VENV)/.installed
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs mlartifacts mlflow.db .pytest_cache
