@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 CHECKOV_VENV := .venv-checkov
-CHECKOV_VERSION ?= 3.2.495
+CHECKOV_VERSION ?= 3.3.30
 
 # The public zip of the original tutorials; on a machine without internet use a local copy:
 #   make run DATA=../shared/data/chest-ct
@@ -43,6 +43,10 @@ serve: $(VENV)/.installed
 
 test: $(VENV)/.installed $(CHECKOV_VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Compile-time cluster settings: CHEST_CT_TRAIN_IMAGE, CHEST_CT_GPU_COUNT, CHEST_CT_GPU_NODE_SELECTOR, ... (pipelines/cluster.py)
+compile: $(VENV)/.installed
+	$(PY) -m pipelines.compile --output pipelines/chest_ct_pipeline.yaml
 
 clean:
 	rm -rf runs mlartifacts mlflow.db .pytest_cache

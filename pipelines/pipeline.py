@@ -9,7 +9,8 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Artifact, Model
 
-from components import base_model, evaluate, ingest, train
+from components import base_model, deploy, evaluate, ingest, train
+from pipelines.cluster import configure
 
 PIPELINE_NAME = "chest-ct"
 #: The public zip the original tutorials download (adenocarcinoma and normal, train/test).
@@ -40,22 +41,42 @@ def chest_ct_pipeline(
     registered_model_name: str = "chest-ct",
     experiment: str = "chest-ct",
     s3_endpoint_url: str = "",
+    deploy_model: bool = True,
+    model_store_uri: str = "s3://chest-ct-models/chest-ct",
+    serving_image: str = "ghcr.io/chest-ct/chest-ct-serve:0.1.0",
+    inference_service_name: str = "chest-ct",
+    serving_namespace: str = "chest-ct",
+    canary_traffic_percent: int = 0,
 ) -> PipelineOutputs:
+    # The source behind a fixed URI changes between scheduled runs: never reuse a cached download.
     ingest_task = ingest(data_uri=data_uri, seed=seed, valid_fraction=valid_fraction, test_fraction=test_fraction,
                          s3_endpoint_url=s3_endpoint_url).set_display_name("ingest")
+    configure(ingest_task, "ingest", cache=False, retries=3)
     base_task = base_model(image_size=image_size, base_weights=base_weights).set_display_name("base model")
+    configure(base_task, "base-model")
     train_task = train(
         dataset=ingest_task.outputs["dataset"], base_model=base_task.outputs["model"],
         validation_report=ingest_task.outputs["validation_report"], epochs=epochs, batch_size=batch_size,
         learning_rate=learning_rate, augment_copies=augment_copies, patience=patience, seed=seed,
         experiment=experiment, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
     ).set_display_name("train")
+    configure(train_task, "train", gpu=True)
     eval_task = evaluate(
         dataset=ingest_task.outputs["dataset"], model=train_task.outputs["model"],
         mlflow_run_id=train_task.outputs["mlflow_run_id"], target_sensitivity=target_sensitivity,
         min_auc=min_auc, min_sensitivity=min_sensitivity, min_specificity=min_specificity,
         max_auc_drop=max_auc_drop, registered_model_name=registered_model_name, experiment=experiment,
     ).set_display_name("evaluate")
+    configure(eval_task, "evaluate", cache=False)  # talks to the model registry: always run
+    with dsl.If(eval_task.outputs["blessed"] == True, name="blessed"):  # noqa: E712 (KFP condition)
+        with dsl.If(deploy_model == True, name="deploy-enabled"):  # noqa: E712
+            deploy_task = deploy(
+                model=eval_task.outputs["evaluated_model"], mlflow_run_id=train_task.outputs["mlflow_run_id"],
+                model_store_uri=model_store_uri, serving_image=serving_image,
+                inference_service_name=inference_service_name, namespace=serving_namespace,
+                canary_traffic_percent=canary_traffic_percent, s3_endpoint_url=s3_endpoint_url,
+            ).set_display_name("deploy")
+            configure(deploy_task, "deploy", cache=False)
     return PipelineOutputs(model=eval_task.outputs["evaluated_model"],
                            validation_report=ingest_task.outputs["validation_report"],
                            mlflow_run_id=train_task.outputs["mlflow_run_id"], blessed=eval_task.outputs["blessed"])

@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.pipeline import chest_ct_pipeline
 
     params = parse_params(args.params, declared_inputs(chest_ct_pipeline))
+    params.setdefault("deploy_model", False)  # no cluster here; deploy_model=true to try anyway
     data = args.data
     if "://" not in data and Path(data).exists():
         data = str(Path(data).resolve())  # components may run from another working directory
