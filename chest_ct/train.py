@@ -4,8 +4,13 @@ The base is frozen, so its output for an image never changes during training.
 Running it once per image (plus once per augmented copy) and fitting the head on
 those cached features gives the same model as re-running VGG16 on every image
 every epoch, at a fraction of the cost. Augmentation therefore comes from a fixed
-number of augmented variants per image (``augment_copies``) instead of fresh
-random draws each epoch.
+number of augmented variants per image (``augment_copies``, off by default: each
+copy costs one more VGG16 pass over the training set) instead of fresh random
+draws each epoch.
+
+``fine_tune_epochs`` optionally unfreezes VGG16's last block afterwards and
+trains it with the head on images (augmented on the fly). That costs a full
+forward and partial backward pass per image per epoch, so it is opt-in.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class TrainResult:
     epochs_run: int
     train_examples: int
     class_weight: dict[int, float] = field(default_factory=dict)
+    fine_tune_history: dict[str, list[float]] = field(default_factory=dict)
 
 
 def augmenter(seed: int) -> keras.Sequential:
@@ -58,14 +64,28 @@ def augmenter(seed: int) -> keras.Sequential:
 
 
 def image_dataset(files: Sequence[str], image_size: int, batch_size: int,
-                  augment: keras.Sequential | None = None) -> tf.data.Dataset:
-    """Batches of model-ready images, in file order (features must line up with labels)."""
-    ds = tf.data.Dataset.from_tensor_slices(list(files))
-    ds = ds.map(lambda f: decode_and_resize(tf.io.read_file(f), image_size), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(batch_size)
+                  augment: keras.Sequential | None = None, labels: Sequence[int] | None = None,
+                  shuffle_seed: int | None = None) -> tf.data.Dataset:
+    """Batches of model-ready images, or ``(images, labels)`` when labels are given.
+
+    Without ``shuffle_seed`` the order is the file order, so extracted features
+    line up with their labels.
+    """
+    if labels is None:
+        ds = tf.data.Dataset.from_tensor_slices(list(files))
+    else:
+        ds = tf.data.Dataset.from_tensor_slices((list(files), np.asarray(labels, np.float32)))
+    if shuffle_seed is not None:
+        ds = ds.shuffle(len(files), seed=shuffle_seed, reshuffle_each_iteration=True)
+
+    def on_images(fn):
+        return fn if labels is None else (lambda x, y: (fn(x), y))
+
+    ds = ds.map(on_images(lambda f: decode_and_resize(tf.io.read_file(f), image_size)),
+                num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
     if augment is not None:
-        ds = ds.map(lambda x: augment(x, training=True), num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.map(to_model_input, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+        ds = ds.map(on_images(lambda x: augment(x, training=True)), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.map(on_images(to_model_input), num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
 def extract_features(base: keras.Model, files: Sequence[str], image_size: int, batch_size: int,
@@ -73,8 +93,12 @@ def extract_features(base: keras.Model, files: Sequence[str], image_size: int, b
     return base.predict(image_dataset(files, image_size, batch_size, augment), verbose=0)
 
 
-def validate_params(epochs: int, batch_size: int, learning_rate: float, augment_copies: int, patience: int) -> None:
+def validate_params(epochs: int, batch_size: int, learning_rate: float, augment_copies: int, patience: int,
+                    fine_tune_epochs: int = 0, fine_tune_learning_rate: float = 1e-5) -> None:
     checks = {
+        "fine_tune_epochs": (fine_tune_epochs, isinstance(fine_tune_epochs, int) and 0 <= fine_tune_epochs <= 1000,
+                             "an integer from 0 to 1000"),
+        "fine_tune_learning_rate": (fine_tune_learning_rate, 0 < fine_tune_learning_rate <= 1, "a number in (0, 1]"),
         "epochs": (epochs, isinstance(epochs, int) and 1 <= epochs <= 1000, "an integer from 1 to 1000"),
         "batch_size": (batch_size, isinstance(batch_size, int) and 1 <= batch_size <= 4096, "an integer from 1 to 4096"),
         "learning_rate": (learning_rate, 0 < learning_rate <= 1, "a number in (0, 1]"),
@@ -97,13 +121,16 @@ def train(
     epochs: int = 10,
     batch_size: int = 32,
     learning_rate: float = 1e-3,
-    augment_copies: int = 2,
+    augment_copies: int = 0,
     patience: int = 3,
     seed: int = 42,
+    fine_tune_epochs: int = 0,
+    fine_tune_learning_rate: float = 1e-5,
     on_epoch: EpochCallback | None = None,
 ) -> TrainResult:
     """Train ``model``'s head in place; return it with the best epoch's weights restored."""
-    validate_params(epochs, batch_size, learning_rate, augment_copies, patience)
+    validate_params(epochs, batch_size, learning_rate, augment_copies, patience, fine_tune_epochs,
+                    fine_tune_learning_rate)
     if len(set(train_labels)) < 2:
         raise ValueError(f"training labels hold only class {sorted(set(train_labels))}; need both classes")
     keras.utils.set_random_seed(seed)
@@ -138,7 +165,7 @@ def train(
         class_weight=class_weight, shuffle=True, callbacks=callbacks, verbose=0,
     ).history
     val_loss = history["val_loss"]
-    return TrainResult(
+    result = TrainResult(
         model=model,
         history={k: [float(v) for v in vals] for k, vals in history.items()},
         best_epoch=int(np.argmin(val_loss)) + 1,
@@ -146,6 +173,41 @@ def train(
         train_examples=len(y_train),
         class_weight=class_weight,
     )
+    if fine_tune_epochs:
+        result.fine_tune_history = fine_tune(
+            model, train_files, train_labels, valid_files, valid_labels, epochs=fine_tune_epochs,
+            batch_size=batch_size, learning_rate=fine_tune_learning_rate, patience=patience, seed=seed,
+            class_weight=class_weight,
+            on_epoch=(lambda e, logs: on_epoch(result.epochs_run + e, {f"ft_{k}": v for k, v in logs.items()}))
+            if on_epoch else None,
+        )
+    return result
+
+
+def fine_tune(model: keras.Model, train_files: Sequence[str], train_labels: Sequence[int],
+              valid_files: Sequence[str], valid_labels: Sequence[int], *, epochs: int, batch_size: int,
+              learning_rate: float, patience: int, seed: int, class_weight: dict[int, float],
+              on_epoch: EpochCallback | None = None) -> dict[str, list[float]]:
+    """Unfreeze VGG16's last convolutional block and train it with the head, on images."""
+    base, _ = split_model(model)
+    size = image_size_of(model)
+    base.trainable = True
+    for layer in base.layers:
+        layer.trainable = layer.name.startswith("block5")
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=keras.losses.BinaryCrossentropy(),
+                  metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")])
+    callbacks: list[keras.callbacks.Callback] = [
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)]
+    if on_epoch is not None:
+        callbacks.append(keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, logs: on_epoch(epoch + 1, {k: float(v) for k, v in (logs or {}).items()})))
+    history = model.fit(
+        image_dataset(train_files, size, batch_size, augmenter(seed + 100), labels=train_labels, shuffle_seed=seed),
+        validation_data=image_dataset(valid_files, size, batch_size, labels=valid_labels),
+        epochs=epochs, class_weight=class_weight, callbacks=callbacks, shuffle=False, verbose=0,  # shuffled above
+    ).history
+    base.trainable = False
+    return {k: [float(v) for v in vals] for k, vals in history.items()}
 
 
 def train_and_export(

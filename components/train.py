@@ -15,9 +15,10 @@ def train(
     epochs: int = 10,
     batch_size: int = 32,
     learning_rate: float = 0.001,
-    augment_copies: int = 2,
+    augment_copies: int = 0,
     patience: int = 3,
     seed: int = 42,
+    fine_tune_epochs: int = 0,
     experiment: str = "chest-ct",
     pipeline_run: str = "",
 ) -> NamedTuple("TrainOutputs", [("mlflow_run_id", str)]):
@@ -31,7 +32,7 @@ def train(
         experiment=experiment, tags={"kfp_run": pipeline_run} if pipeline_run else None,
         extra_artifacts={"validation_report.json": Path(validation_report.path)},
         epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-        augment_copies=augment_copies, patience=patience, seed=seed,
+        augment_copies=augment_copies, patience=patience, seed=seed, fine_tune_epochs=fine_tune_epochs,
     )
     model.metadata.update(mlflow_run_id=run_id, format="tf-savedmodel")
     return (run_id,)

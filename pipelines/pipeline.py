@@ -30,7 +30,8 @@ def chest_ct_pipeline(
     base_weights: str = "imagenet",
     target_sensitivity: float = 0.95,
     seed: int = 42,
-    augment_copies: int = 2,
+    augment_copies: int = 0,
+    fine_tune_epochs: int = 0,
     patience: int = 3,
     valid_fraction: float = 0.15,
     test_fraction: float = 0.2,
@@ -57,7 +58,8 @@ def chest_ct_pipeline(
     train_task = train(
         dataset=ingest_task.outputs["dataset"], base_model=base_task.outputs["model"],
         validation_report=ingest_task.outputs["validation_report"], epochs=epochs, batch_size=batch_size,
-        learning_rate=learning_rate, augment_copies=augment_copies, patience=patience, seed=seed,
+        learning_rate=learning_rate, augment_copies=augment_copies, fine_tune_epochs=fine_tune_epochs,
+        patience=patience, seed=seed,
         experiment=experiment, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
     ).set_display_name("train")
     configure(train_task, "train", gpu=True)

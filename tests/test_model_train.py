@@ -137,3 +137,17 @@ def test_bytes_and_pixels_signatures_agree_for_any_mode(exported, tmp_path):
     by_pixels = loaded.signatures[PIXELS_SIGNATURE](pixels=pixels)["probability"].numpy()
     np.testing.assert_allclose(by_bytes, np.repeat(by_pixels, 3), atol=1e-5)
     assert by_bytes.shape == (3,) and ((0 <= by_bytes) & (by_bytes <= 1)).all()
+
+
+def test_fine_tuning_trains_only_the_last_block(dataset):
+    model = build_model(SIZE, "none")
+    base, _ = split_model(model)
+    before = {w.path: w.numpy().copy() for w in base.weights}
+    seen = []
+    result = train(model, *split_files(dataset, "train"), *split_files(dataset, "valid"), epochs=1, batch_size=8,
+                   fine_tune_epochs=1, fine_tune_learning_rate=1e-3, on_epoch=lambda e, logs: seen.append((e, logs)))
+    changed = {path for path, value in before.items()
+               if not np.array_equal(value, next(w for w in base.weights if w.path == path).numpy())}
+    assert changed and all("block5" in path for path in changed), changed
+    assert result.fine_tune_history["loss"] and seen[-1][0] == 2 and "ft_val_loss" in seen[-1][1]
+    assert not base.trainable, "frozen again for export"
