@@ -91,7 +91,7 @@ class BatchingEngine:
                 results = await loop.run_in_executor(self._executor, self._run, jobs)
             except Exception as exc:  # never let the worker die: hand the error to the callers
                 results = [exc] * len(jobs)
-            for job, result in zip(jobs, results):
+            for job, result in zip(jobs, results, strict=True):
                 if job.future.done():  # the caller went away (client disconnected)
                     continue
                 if isinstance(result, BaseException):
@@ -146,7 +146,7 @@ class BatchingEngine:
                 return [exc]
             return [self._run_alone(job) for job in jobs]
         bounds = np.cumsum([0] + [j.size for j in jobs])
-        return [probs[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+        return [probs[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
 
     def _run_alone(self, job: _Job) -> Any:
         try:
