@@ -17,7 +17,7 @@ HTTP_PORT ?= 8080
 GRPC_PORT ?= 8081
 PYTEST_ARGS ?=
 
-.PHONY: venv run serve test compile bench lint clean
+.PHONY: venv run serve test compile bench upload submit schedule clean
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,9 +44,24 @@ serve: $(VENV)/.installed
 test: $(VENV)/.installed $(CHECKOV_VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Benchmarks on ../shared/data/chest-ct (each prints a table and a JSON line, and updates docs/benchmarks.md).
+bench: $(VENV)/.installed
+	$(PY) -m bench.train
+	$(PY) -m bench.serve
+	$(PY) -m bench.quality
+
 # Compile-time cluster settings: CHEST_CT_TRAIN_IMAGE, CHEST_CT_GPU_COUNT, CHEST_CT_GPU_NODE_SELECTOR, ... (pipelines/cluster.py)
 compile: $(VENV)/.installed
 	$(PY) -m pipelines.compile --output pipelines/chest_ct_pipeline.yaml
+
+# Talk to a Kubeflow Pipelines server: KFP_HOST, KFP_NAMESPACE and KFP_TOKEN from the environment.
+upload: $(VENV)/.installed
+	$(PY) -m pipelines.submit upload
+submit: $(VENV)/.installed
+	$(PY) -m pipelines.submit run $(foreach p,$(PARAMS),--param $(p))
+schedule: $(VENV)/.installed
+	@test -n "$(CRON)" || { echo 'set CRON="0 0 3 * * *" (6 fields, seconds first)' >&2; exit 2; }
+	$(PY) -m pipelines.submit schedule --cron "$(CRON)" $(foreach p,$(PARAMS),--param $(p))
 
 clean:
 	rm -rf runs mlartifacts mlflow.db .pytest_cache

@@ -1,0 +1,137 @@
+"""Honest quality on the real data: metrics with 95% bootstrap intervals, per image and per picture.
+
+    python -m bench.quality [--model-dir DIR --dataset-dir DIR] [--image-size 224] [--bootstrap 2000]
+
+Without ``--model-dir`` it first runs the whole pipeline locally on
+../shared/data/chest-ct (``pipelines.run_local``). The evaluation split is the
+data's given ``valid`` folder (the pipeline's ``test`` role), scored at the
+threshold stored with the model.
+
+Per image, every file counts once. Per duplicate group (ingest's groups of exact
+and near copies), each group counts once with its mean probability: on this data
+many files are copies of a few pictures, so the per-image numbers overstate how
+much evidence there is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from bench.report import PROJECT, SHARED_DATA, emit, machine, table, vgg16_weights, write_section  # noqa: E402
+
+METRICS = ("sensitivity", "specificity", "roc_auc")
+
+
+def point_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
+    from sklearn.metrics import roc_auc_score
+
+    pred = p >= threshold
+    pos, neg = y == 1, y == 0
+    return {
+        "sensitivity": float(pred[pos].mean()) if pos.any() else float("nan"),
+        "specificity": float((~pred[neg]).mean()) if neg.any() else float("nan"),
+        "roc_auc": float(roc_auc_score(y, p)) if pos.any() and neg.any() else float("nan"),
+    }
+
+
+def bootstrap(y: np.ndarray, p: np.ndarray, threshold: float, rounds: int, seed: int) -> dict[str, tuple]:
+    """Percentile 95% intervals from resampling the units with replacement (stratified by class)."""
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    draws = defaultdict(list)
+    for _ in range(rounds):
+        idx = np.concatenate([rng.choice(pos, pos.size), rng.choice(neg, neg.size)])
+        for name, value in point_metrics(y[idx], p[idx], threshold).items():
+            draws[name].append(value)
+    return {name: tuple(np.nanpercentile(values, [2.5, 97.5])) for name, values in draws.items()}
+
+
+def by_group(records: list[dict], prob: np.ndarray, positive: str) -> tuple[np.ndarray, np.ndarray]:
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, r in enumerate(records):
+        groups[r["group"]].append(i)
+    y = np.array([int(records[idx[0]]["label"] == positive) for idx in groups.values()])
+    p = np.array([prob[idx].mean() for idx in groups.values()])
+    return y, p
+
+
+def run_pipeline(image_size: int, tmp: Path) -> tuple[Path, Path]:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"}
+    params = [f"image_size={image_size}", f"base_weights={vgg16_weights()}", "min_auc=0", "min_sensitivity=0",
+              "min_specificity=0"]
+    proc = subprocess.run([sys.executable, "-m", "pipelines.run_local", "--data", str(SHARED_DATA), "--runs-dir",
+                           str(tmp / "runs"), *params], cwd=PROJECT, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"pipeline failed:\n{proc.stderr[-4000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return Path(result["model_dir"]), Path(result["validation_report"]).parent / "dataset"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, help="an evaluated SavedModel; default: train one now")
+    parser.add_argument("--dataset-dir", type=Path, help="the ingest output the model was evaluated with")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--bootstrap", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
+    args = parser.parse_args(argv)
+    if args.model_dir is None and not (SHARED_DATA / "train").is_dir():
+        print(f"SKIPPED: real data not found at {SHARED_DATA} and no --model-dir given")
+        return 0
+
+    from chest_ct.export import load_predictor, read_metadata
+    from chest_ct.ingest import load_manifest
+    from chest_ct.shortcut import shortcut_audit
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir, dataset_dir = (args.model_dir, args.dataset_dir) if args.model_dir else run_pipeline(
+            args.image_size, Path(tmp))
+        if dataset_dir is None:
+            sys.exit("--dataset-dir is required with --model-dir")
+        meta = read_metadata(model_dir)
+        manifest = load_manifest(dataset_dir)
+        records = [r for r in manifest["records"] if r["split"] == "test"]
+        positive, threshold = meta["positive_class"], float(meta["threshold"])
+        prob = load_predictor(model_dir)([(dataset_dir / r["file"]).read_bytes() for r in records])
+        train_records = [r for r in manifest["records"] if r["split"] == "train"]
+
+    y_img = np.array([int(r["label"] == positive) for r in records])
+    units = {"per image": (y_img, prob), "per duplicate group": by_group(records, prob, positive)}
+    rows, figures = [], {"threshold": threshold, "image_size": meta["image_size"],
+                         "base_weights": Path(vgg16_weights()).name if not args.model_dir else "given model"}
+    for unit, (y, p) in units.items():
+        point, ci = point_metrics(y, p, threshold), bootstrap(y, p, threshold, args.bootstrap, args.seed)
+        key = unit.split()[-1]
+        figures[f"n_{key}"] = {"positive": int(y.sum()), "negative": int((1 - y).sum())}
+        for name in METRICS:
+            rows.append([unit, name, point[name], f"[{ci[name][0]:.3f}, {ci[name][1]:.3f}]",
+                         f"{int(y.sum())} pos / {int((1 - y).sum())} neg"])
+            figures[f"{name}_{key}"] = [round(point[name], 4), round(ci[name][0], 4), round(ci[name][1], 4)]
+    audit = shortcut_audit(train_records, records, positive, figures["roc_auc_image"][0])
+    figures["shortcut_statistics_auc"] = round(audit["statistics_auc"], 4)
+    text = table(["unit", "metric", "value", "95% bootstrap CI", "units"], rows)
+    print(text)
+    print(audit["message"])
+    if not args.no_write:
+        write_section("quality", f"## Quality on the real data (valid split, threshold {threshold:.4f} stored "
+                                 f"with the model, {args.bootstrap} bootstrap rounds)\n\nMachine: {machine()}\n\n"
+                                 f"{text}\n\nShortcut audit: {audit['message']}\n\n"
+                                 f"```json\n{json.dumps(figures)}\n```")
+    emit(figures)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

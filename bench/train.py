@@ -1,0 +1,146 @@
+"""Training speed on the real data: chest-ct's train step against a floor and the tutorials' way.
+
+    python -m bench.train [--image-size 224] [--epochs 10] [--fine-tune-epochs 3] [--no-write]
+
+- floor: one VGG16 forward pass over the training images, in process (the least
+  any VGG16-based training can do: every image must go through the base once);
+- chest-ct: the pipeline's train step (``train_and_export``: features once, head
+  fitted on them, MLflow logging, SavedModel export) with pipeline defaults;
+- baseline: the original tutorials' way, Keras ``fit`` on a Python generator
+  that decodes the images and runs the whole model, frozen VGG16 included, on
+  every image every epoch;
+- options, reported separately: augmented feature copies, and fine-tuning
+  VGG16's last block.
+
+All are measured in this run, so the ratios hold on a busy machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from bench.report import SHARED_DATA, emit, machine, table, vgg16_weights, write_section  # noqa: E402
+
+
+def timed(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def tutorial_baseline(model_file: Path, files: list[str], labels: list[int], valid_files: list[str],
+                      valid_labels: list[int], image_size: int, batch_size: int, epochs: int) -> None:
+    """The tutorials' loop: a generator of decoded images and ``model.fit`` over the full model."""
+    import keras
+    import numpy as np
+    from keras.applications import vgg16
+    from PIL import Image
+
+    class Images(keras.utils.PyDataset):
+        def __init__(self, paths: list[str], ys: list[int]):
+            super().__init__()
+            self.paths, self.ys = paths, np.asarray(ys, np.float32)
+
+        def __len__(self) -> int:
+            return (len(self.paths) + batch_size - 1) // batch_size
+
+        def __getitem__(self, i: int):
+            chunk = slice(i * batch_size, (i + 1) * batch_size)
+            x = np.stack([np.asarray(Image.open(p).convert("RGB").resize((image_size, image_size)), np.float32)
+                          for p in self.paths[chunk]])
+            return vgg16.preprocess_input(x), self.ys[chunk]
+
+    model = keras.models.load_model(model_file)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy", metrics=["accuracy"])
+    model.fit(Images(files, labels), validation_data=Images(valid_files, valid_labels), epochs=epochs, verbose=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=SHARED_DATA)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--fine-tune-epochs", type=int, default=3, help="0 skips the fine-tuning row")
+    parser.add_argument("--augment-copies", type=int, default=2, help="0 skips the augmentation row")
+    parser.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
+    args = parser.parse_args(argv)
+    if not (args.data / "train").is_dir():
+        print(f"SKIPPED: real data not found at {args.data} (expected train/ and valid/ folders)")
+        return 0
+
+    import keras
+    import mlflow
+
+    from chest_ct.ingest import build_dataset, split_files
+    from chest_ct.model import build_model, split_model
+    from chest_ct.train import extract_features, train_and_export
+
+    weights = vgg16_weights()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        build_dataset(args.data, tmp / "data")
+        files, labels = split_files(tmp / "data", "train")
+        valid_files, valid_labels = split_files(tmp / "data", "valid")
+        model_file = tmp / "base.keras"
+        build_model(args.image_size, weights).save(model_file)
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
+        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+        mlflow.create_experiment("chest-ct", artifact_location=(tmp / "artifacts").as_uri())
+
+        base, _ = split_model(keras.models.load_model(model_file))
+        extract_features(base, files[: args.batch_size], args.image_size, args.batch_size)  # warm-up, untimed
+        floor_s, _ = timed(lambda: extract_features(base, files, args.image_size, args.batch_size))
+        print(f"floor: {floor_s:.1f}s for {len(files)} images", file=sys.stderr, flush=True)
+
+        def chest_ct(out: str, **extra) -> float:
+            seconds, _ = timed(lambda: train_and_export(
+                tmp / "data", model_file, tmp / out, epochs=args.epochs, batch_size=args.batch_size, **extra))
+            print(f"{out}: {seconds:.1f}s", file=sys.stderr, flush=True)
+            return seconds
+
+        chest_ct_s = chest_ct("chest-ct")
+        baseline_s, _ = timed(lambda: tutorial_baseline(model_file, files, labels, valid_files, valid_labels,
+                                                        args.image_size, args.batch_size, args.epochs))
+        print(f"baseline: {baseline_s:.1f}s", file=sys.stderr, flush=True)
+        options = []
+        if args.augment_copies:
+            options.append((f"chest-ct, augment_copies={args.augment_copies} (option)",
+                            chest_ct("augmented", augment_copies=args.augment_copies)))
+        if args.fine_tune_epochs:
+            options.append((f"chest-ct, fine-tune block5 for {args.fine_tune_epochs} epochs (option)",
+                            chest_ct("fine-tuned", fine_tune_epochs=args.fine_tune_epochs)))
+
+    n = len(files)
+    rows = [["floor: one VGG16 pass, in process", floor_s, n / floor_s, 1.0, baseline_s / floor_s],
+            ["chest-ct train step (pipeline defaults)", chest_ct_s, n * args.epochs / chest_ct_s,
+             chest_ct_s / floor_s, baseline_s / chest_ct_s],
+            ["baseline: tutorials' fit on a generator", baseline_s, n * args.epochs / baseline_s,
+             baseline_s / floor_s, 1.0]]
+    rows += [[name, s, n * args.epochs / s, s / floor_s, baseline_s / s] for name, s in options]
+    text = table(["what", "seconds", "images/s", "x floor", "speedup vs baseline"], rows)
+    figures = {"floor_s": round(floor_s, 2), "chest_ct_s": round(chest_ct_s, 2), "baseline_s": round(baseline_s, 2),
+               "ratio_vs_floor": round(chest_ct_s / floor_s, 3), "speedup_vs_baseline": round(baseline_s / chest_ct_s, 2),
+               "images": n, "epochs": args.epochs, "image_size": args.image_size, "base_weights": Path(weights).name,
+               **{f"option_{i}_s": round(s, 2) for i, (_, s) in enumerate(options)}}
+    verdict = (f"targets: chest-ct <= 1.5x floor: {'met' if figures['ratio_vs_floor'] <= 1.5 else 'MISSED'}; "
+               f">= 6x faster than baseline: {'met' if figures['speedup_vs_baseline'] >= 6 else 'MISSED'}")
+    print(text)
+    print(verdict)
+    if not args.no_write:
+        write_section("train", f"## Training ({args.image_size} px, {n} training images, {args.epochs} epochs, "
+                               f"base weights: {Path(weights).name})\n\nMachine: {machine()}\n\n{text}\n\n{verdict}\n\n"
+                               f"```json\n{__import__('json').dumps(figures)}\n```")
+    emit(figures)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
