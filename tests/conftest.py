@@ -67,3 +67,23 @@ def mlflow_sqlite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     mlflow.set_tracking_uri(uri)
     mlflow.create_experiment("chest-ct", artifact_location=(tmp_path / "mlartifacts").as_uri())
     return uri
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 API (moto in server mode) on loopback; boto3 talks HTTP to it."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def aws_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dummy credentials: moto accepts any, boto3 insists on some."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")

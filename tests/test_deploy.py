@@ -19,30 +19,17 @@ from typing import Any
 import boto3
 import pytest
 from kubernetes.client import ApiClient, Configuration
-from moto.server import ThreadedMotoServer
 
 from chest_ct import deploy
 
 # ---------------------------------------------------------------------- S3
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 _buckets = itertools.count(1)
 
 
 @pytest.fixture
-def s3(s3_endpoint, monkeypatch):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+def s3(s3_endpoint, aws_credentials):
     client = boto3.client("s3", endpoint_url=s3_endpoint)
     bucket = f"models-{next(_buckets)}"
     client.create_bucket(Bucket=bucket)

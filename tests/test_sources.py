@@ -99,24 +99,9 @@ def test_gdrive_failure_names_the_uri(tmp_path, monkeypatch):
         fetch(f"gdrive://{FILE_ID}", tmp_path)
 
 
-@pytest.fixture(scope="module")
-def s3_server():
-    """A real S3 API (moto in server mode) on loopback; boto3 talks HTTP to it."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 @pytest.fixture
-def s3(s3_server, monkeypatch):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    client = boto3.client("s3", endpoint_url=s3_server)
+def s3(s3_endpoint, aws_credentials):
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
     client.create_bucket(Bucket="datasets")
     yield client
     for obj in client.list_objects_v2(Bucket="datasets").get("Contents", []):
@@ -124,25 +109,25 @@ def s3(s3_server, monkeypatch):
     client.delete_bucket(Bucket="datasets")
 
 
-def test_s3_zip_object(tmp_path, s3, s3_server, small_dataset):
+def test_s3_zip_object(tmp_path, s3, s3_endpoint, small_dataset):
     s3.put_object(Bucket="datasets", Key="chest/ct.zip", Body=zipped(small_dataset))
-    root = fetch("s3://datasets/chest/ct.zip", tmp_path / "work", s3_endpoint_url=s3_server)
+    root = fetch("s3://datasets/chest/ct.zip", tmp_path / "work", s3_endpoint_url=s3_endpoint)
     assert len(list(root.rglob("*.png"))) == 4
 
 
-def test_s3_prefix_folder_with_endpoint_from_env(tmp_path, s3, s3_server, small_dataset, monkeypatch):
+def test_s3_prefix_folder_with_endpoint_from_env(tmp_path, s3, s3_endpoint, small_dataset, monkeypatch):
     for f in small_dataset.rglob("*.png"):
         s3.put_object(Bucket="datasets", Key=f"ct/v1/{f.relative_to(small_dataset).as_posix()}", Body=f.read_bytes())
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     root = fetch("s3://datasets/ct/v1", tmp_path / "work")
     assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png")) == sorted(
         p.relative_to(small_dataset).as_posix() for p in small_dataset.rglob("*.png"))
 
 
-def test_s3_missing_object_and_empty_prefix(tmp_path, s3, s3_server):
+def test_s3_missing_object_and_empty_prefix(tmp_path, s3, s3_endpoint):
     with pytest.raises(DataSourceError, match="s3://datasets/nope.zip.*S3 download failed"):
-        fetch("s3://datasets/nope.zip", tmp_path / "a", s3_endpoint_url=s3_server)
+        fetch("s3://datasets/nope.zip", tmp_path / "a", s3_endpoint_url=s3_endpoint)
     with pytest.raises(DataSourceError, match="no objects under s3://datasets/empty/"):
-        fetch("s3://datasets/empty", tmp_path / "b", s3_endpoint_url=s3_server)
+        fetch("s3://datasets/empty", tmp_path / "b", s3_endpoint_url=s3_endpoint)
     with pytest.raises(DataSourceError, match="S3 download failed"):
-        fetch("s3://no-such-bucket/x.zip", tmp_path / "c", s3_endpoint_url=s3_server)
+        fetch("s3://no-such-bucket/x.zip", tmp_path / "c", s3_endpoint_url=s3_endpoint)
