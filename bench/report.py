@@ -25,10 +25,17 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    versions = ", ".join(f"{p} {version(p)}" for p in ("tensorflow-cpu", "keras", "kserve", "mlflow", "kfp")
+    versions = ", ".join(f"{p} {version(p)}" for p in ("tensorflow", "tensorflow-cpu", "keras", "kserve", "mlflow", "kfp")
                          if _installed(p))
-    return (f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, {versions}; "
+    return (f"{os.cpu_count()} cores ({cpu}), GPU: {gpus()}, Python {platform.python_version()}, {versions}; "
             f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
+
+
+def gpus() -> str:
+    import tensorflow as tf
+
+    found = tf.config.list_physical_devices("GPU")
+    return ", ".join(tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in found) or "none"
 
 
 def _installed(package: str) -> bool:
