@@ -51,7 +51,7 @@ class _Job:
 class BatchingEngine:
     """``await engine.images(list_of_bytes)`` / ``await engine.pixels(array)`` -> float32 probabilities."""
 
-    def __init__(self, runner: SavedModelRunner, max_batch_size: int = 16, max_wait_s: float = 0.0):
+    def __init__(self, runner: SavedModelRunner, max_batch_size: int = 8, max_wait_s: float = 0.0):
         self._runner = runner
         self.max_batch_size = max(1, int(max_batch_size))
         self.max_wait_s = max(0.0, float(max_wait_s))

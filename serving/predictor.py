@@ -64,6 +64,8 @@ class ChestCtModel(Model):
         self._engine = BatchingEngine(runner, self.settings.max_batch_size,
                                       self.settings.max_batch_wait_ms / 1000.0)
         self.ready = True
+        if runner.tf_threads:
+            logger.info("TensorFlow thread pools sized to the container's CPU limit: %d", runner.tf_threads)
         logger.info("Loaded %s (version %r, image size %d, threshold %.4f)", path, info.version or "unversioned",
                     info.image_size, info.threshold)
         return self.ready

@@ -18,7 +18,7 @@ ENV_DEFAULTS: dict[str, tuple[str, float]] = {
     "max_request_bytes": ("CHEST_CT_MAX_REQUEST_BYTES", 32 * MiB),
     "max_images": ("CHEST_CT_MAX_IMAGES", 64),
     "max_image_pixels": ("CHEST_CT_MAX_IMAGE_PIXELS", 4096 * 4096),
-    "max_batch_size": ("CHEST_CT_MAX_BATCH_SIZE", 16),
+    "max_batch_size": ("CHEST_CT_MAX_BATCH_SIZE", 8),
     "max_batch_wait_ms": ("CHEST_CT_MAX_BATCH_WAIT_MS", 0.0),
 }
 
@@ -42,6 +42,8 @@ class ServingSettings:
     max_request_bytes: int = int(ENV_DEFAULTS["max_request_bytes"][1])
     limits: Limits = field(default_factory=Limits)
     #: Most images per SavedModel call; larger requests are split, smaller concurrent ones merged.
+    #: 8: on CPU larger batches are barely faster per image (bench/serve.py), while the peak
+    #: activation memory (about 40 MB per 224 px image) and a merged request's wait grow with it.
     max_batch_size: int = int(ENV_DEFAULTS["max_batch_size"][1])
     #: How long a request may wait for others to share its model call (0: merge only what is already queued).
     max_batch_wait_ms: float = 0.0
