@@ -44,6 +44,7 @@ class Floors:
 class Evaluation:
     metrics: dict[str, float]
     threshold: float
+    valid_sensitivity: float
     blessed: bool
     reasons: list[str]
     shortcut: dict
@@ -105,7 +106,7 @@ def evaluate(
     threshold = choose_threshold(y_valid, prob_valid, target_sensitivity)
     prob = predict(encoded)
     metrics = classification_metrics(y, prob, threshold)
-    metrics["valid_sensitivity"] = classification_metrics(y_valid, prob_valid, threshold)["sensitivity"]
+    valid_sensitivity = classification_metrics(y_valid, prob_valid, threshold)["sensitivity"]
     audit = shortcut_audit(records["train"], eval_records, positive, metrics["roc_auc"])
     plots = save_plots(y, prob, threshold, metadata["class_names"], plots_dir)
 
@@ -115,14 +116,16 @@ def evaluate(
     shutil.copytree(model_dir, out_model_dir)
     metadata.update(threshold=threshold, mlflow_run_id=run_id,
                     threshold_source=f"target_sensitivity={target_sensitivity} on the '{THRESHOLD_SPLIT}' split "
-                                     f"({len(y_valid)} images)", evaluation=metrics)
+                                     f"({len(y_valid)} images, sensitivity there {valid_sensitivity:.3f})",
+                    evaluation=metrics)
     write_metadata(out_model_dir, metadata)
 
     registry.use_tracking(experiment)
     champion_metrics, champion_note, champion_error = _champion_metrics(registered_model_name, encoded, y)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
-        mlflow.log_metrics({"shortcut_statistics_auc": audit["statistics_auc"]})
+        mlflow.log_metrics({"shortcut_statistics_auc": audit["statistics_auc"],
+                            "valid_sensitivity_at_threshold": valid_sensitivity})
         mlflow.set_tags({"shortcut_warning": str(audit["warning"]).lower(), "shortcut_message": audit["message"][:5000]})
         for path in plots.values():
             mlflow.log_artifact(str(path), "plots")
@@ -141,7 +144,8 @@ def evaluate(
                          "floors": vars(floors), "max_auc_drop": max_auc_drop}, "evaluation/blessing.json")
 
     tn, fp, fn, tp = metrics["tn"], metrics["fp"], metrics["fn"], metrics["tp"]
-    return Evaluation(metrics=metrics, threshold=threshold, blessed=blessed, reasons=reasons, shortcut=audit,
+    return Evaluation(metrics=metrics, threshold=threshold, valid_sensitivity=valid_sensitivity, blessed=blessed,
+                      reasons=reasons, shortcut=audit,
                       model_version=version, roc=roc_points(y, prob), confusion=[[tn, fp], [fn, tp]],
                       plots={k: str(v) for k, v in plots.items()})
 

@@ -8,6 +8,7 @@ deployment tooling and people can always ask MLflow "what should be live?".
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import mlflow
@@ -44,8 +45,6 @@ def log_epoch(run_id: str, epoch: int, metrics: dict[str, float]) -> None:
 
 
 def _now_ms() -> int:
-    import time
-
     return int(time.time() * 1000)
 
 

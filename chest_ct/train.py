@@ -137,12 +137,14 @@ def train(
     base, head = split_model(model)
     size = image_size_of(model)
 
-    feats = [extract_features(base, train_files, size, batch_size)]
+    # One pass over train and valid together: one input pipeline and fewer odd-sized batches.
+    clean = extract_features(base, [*train_files, *valid_files], size, batch_size)
+    x_valid = clean[len(train_files):]
+    feats = [clean[: len(train_files)]]
     for copy in range(augment_copies):
         feats.append(extract_features(base, train_files, size, batch_size, augmenter(seed + 10 * copy)))
     x_train = np.concatenate(feats)
     y_train = np.tile(np.asarray(train_labels, dtype=np.float32), 1 + augment_copies)
-    x_valid = extract_features(base, valid_files, size, batch_size)
     y_valid = np.asarray(valid_labels, dtype=np.float32)
 
     classes = np.unique(y_train)
