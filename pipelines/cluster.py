@@ -8,6 +8,8 @@ Other clouds (set before ``make compile``):
     EKS: CHEST_CT_GPU_NODE_SELECTOR=k8s.amazonaws.com/accelerator=nvidia-tesla-t4
     AKS: CHEST_CT_GPU_NODE_SELECTOR=accelerator=nvidia
     no GPU: CHEST_CT_GPU_COUNT=0
+Also: CHEST_CT_GPU_RESOURCE, CHEST_CT_GPU_TOLERATION_KEY, CHEST_CT_MLFLOW_SECRET, CHEST_CT_S3_SECRET,
+CHEST_CT_INGEST_RETRIES.
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ GPU_NODE_SELECTOR = os.environ.get("CHEST_CT_GPU_NODE_SELECTOR", "cloud.google.c
 GPU_TOLERATION_KEY = os.environ.get("CHEST_CT_GPU_TOLERATION_KEY", "nvidia.com/gpu")
 MLFLOW_SECRET = os.environ.get("CHEST_CT_MLFLOW_SECRET", "mlflow-tracking")
 S3_SECRET = os.environ.get("CHEST_CT_S3_SECRET", "s3-credentials")
+#: Retries of the ingest step (downloads): pod evictions and network blips on the cluster. ``make run``
+#: sets 0, since kfp.local honours retries and a bad data_uri would otherwise fail only after minutes.
+INGEST_RETRIES = int(os.environ.get("CHEST_CT_INGEST_RETRIES", "3"))
+if INGEST_RETRIES < 0:
+    raise ValueError(f"CHEST_CT_INGEST_RETRIES={INGEST_RETRIES}: expected 0 or more")
 if GPU_COUNT < 0:
     raise ValueError(f"CHEST_CT_GPU_COUNT={GPU_COUNT}: expected 0 or more")
 if GPU_NODE_SELECTOR and "=" not in GPU_NODE_SELECTOR:

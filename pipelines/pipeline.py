@@ -10,7 +10,7 @@ from kfp import dsl
 from kfp.dsl import Artifact, Model
 
 from components import base_model, deploy, evaluate, ingest, train
-from pipelines.cluster import configure
+from pipelines.cluster import INGEST_RETRIES, configure
 
 PIPELINE_NAME = "chest-ct"
 #: The public zip the original tutorials download (adenocarcinoma and normal, train/test).
@@ -52,7 +52,7 @@ def chest_ct_pipeline(
     # The source behind a fixed URI changes between scheduled runs: never reuse a cached download.
     ingest_task = ingest(data_uri=data_uri, seed=seed, valid_fraction=valid_fraction, test_fraction=test_fraction,
                          s3_endpoint_url=s3_endpoint_url).set_display_name("ingest")
-    configure(ingest_task, "ingest", cache=False, retries=3)
+    configure(ingest_task, "ingest", cache=False, retries=INGEST_RETRIES)
     base_task = base_model(image_size=image_size, base_weights=base_weights).set_display_name("base model")
     configure(base_task, "base-model")
     train_task = train(

@@ -71,6 +71,7 @@ def test_whole_pipeline_runs_locally(tmp_path):
 def test_pipeline_failure_is_reported_with_the_cause(tmp_path):
     proc = run_local(tmp_path, "ftp://example.org/data.zip", *FAST)
     assert proc.returncode != 0
+    assert (proc.stdout + proc.stderr).count("Executing task \x1b[96m'ingest'") == 1, "no retries locally"
     assert "unsupported scheme 'ftp'" in proc.stdout + proc.stderr
     assert "pipeline failed" in proc.stderr
 
