@@ -180,9 +180,8 @@ def build_dataset(
         raise DatasetError(f"{root}: no usable images in the class folders ({len(quarantined)} quarantined)")
 
     groups = group_duplicates([r["sha256"] for r in records], [r["phash"] for r in records], max_distance=phash_distance)
-    exact = group_duplicates([r["sha256"] for r in records], [r["phash"] for r in records], max_distance=-1)
-    for rec, group, exact_group in zip(records, groups, exact):
-        rec["group"], rec["exact_group"] = group, exact_group
+    for rec, group in zip(records, groups):
+        rec["group"] = group
 
     _assign_splits(records, layout, groups, seed, valid_fraction, test_fraction)
     for rec in records:

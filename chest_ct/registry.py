@@ -8,7 +8,6 @@ deployment tooling and people can always ask MLflow "what should be live?".
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import mlflow
@@ -38,14 +37,7 @@ def start_run(experiment: str, params: dict, tags: dict | None = None) -> str:
 
 
 def log_epoch(run_id: str, epoch: int, metrics: dict[str, float]) -> None:
-    MlflowClient().log_batch(run_id, metrics=[
-        mlflow.entities.Metric(key=f"epoch_{k}", value=float(v), timestamp=_now_ms(), step=epoch)
-        for k, v in metrics.items()
-    ])
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
+    mlflow.log_metrics({f"epoch_{k}": float(v) for k, v in metrics.items()}, step=epoch, run_id=run_id)
 
 
 def register(name: str, run_id: str, alias: str = CANDIDATE) -> str:

@@ -93,6 +93,21 @@ def extract_features(base: keras.Model, files: Sequence[str], image_size: int, b
     return base.predict(image_dataset(files, image_size, batch_size, augment), verbose=0)
 
 
+def _compile(model: keras.Model, learning_rate: float) -> None:
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=keras.losses.BinaryCrossentropy(),
+                  metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")])
+
+
+def _callbacks(patience: int, on_epoch: EpochCallback | None) -> list[keras.callbacks.Callback]:
+    """Early stopping on validation loss (best weights kept), plus the per-epoch report if asked."""
+    callbacks: list[keras.callbacks.Callback] = [
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)]
+    if on_epoch is not None:
+        callbacks.append(keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, logs: on_epoch(epoch + 1, {k: float(v) for k, v in (logs or {}).items()})))
+    return callbacks
+
+
 def validate_params(epochs: int, batch_size: int, learning_rate: float, augment_copies: int, patience: int,
                     fine_tune_epochs: int = 0, fine_tune_learning_rate: float = 1e-5) -> None:
     checks = {
@@ -151,20 +166,10 @@ def train(
     weights = compute_class_weight("balanced", classes=classes, y=y_train)
     class_weight = {int(c): float(w) for c, w in zip(classes, weights)}
 
-    head.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
-        loss=keras.losses.BinaryCrossentropy(),
-        metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
-    )
-    callbacks: list[keras.callbacks.Callback] = [
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
-    ]
-    if on_epoch is not None:
-        callbacks.append(keras.callbacks.LambdaCallback(
-            on_epoch_end=lambda epoch, logs: on_epoch(epoch + 1, {k: float(v) for k, v in (logs or {}).items()})))
+    _compile(head, learning_rate)
     history = head.fit(
         x_train, y_train, validation_data=(x_valid, y_valid), epochs=epochs, batch_size=batch_size,
-        class_weight=class_weight, shuffle=True, callbacks=callbacks, verbose=0,
+        class_weight=class_weight, shuffle=True, callbacks=_callbacks(patience, on_epoch), verbose=0,
     ).history
     val_loss = history["val_loss"]
     result = TrainResult(
@@ -196,17 +201,12 @@ def fine_tune(model: keras.Model, train_files: Sequence[str], train_labels: Sequ
     base.trainable = True
     for layer in base.layers:
         layer.trainable = layer.name.startswith("block5")
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=keras.losses.BinaryCrossentropy(),
-                  metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")])
-    callbacks: list[keras.callbacks.Callback] = [
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)]
-    if on_epoch is not None:
-        callbacks.append(keras.callbacks.LambdaCallback(
-            on_epoch_end=lambda epoch, logs: on_epoch(epoch + 1, {k: float(v) for k, v in (logs or {}).items()})))
+    _compile(model, learning_rate)
     history = model.fit(
         image_dataset(train_files, size, batch_size, augmenter(seed + 100), labels=train_labels, shuffle_seed=seed),
         validation_data=image_dataset(valid_files, size, batch_size, labels=valid_labels),
-        epochs=epochs, class_weight=class_weight, callbacks=callbacks, shuffle=False, verbose=0,  # shuffled above
+        epochs=epochs, class_weight=class_weight, callbacks=_callbacks(patience, on_epoch), shuffle=False,
+        verbose=0,  # shuffled in image_dataset
     ).history
     base.trainable = False
     return {k: [float(v) for v in vals] for k, vals in history.items()}
@@ -239,11 +239,13 @@ def train_and_export(
         registry.log_epoch(run_id, epoch, logs)
         print(f"epoch {epoch}/{epochs} " + " ".join(f"{k}={v:.4f}" for k, v in sorted(logs.items())), flush=True)
 
-    result = train(model, train_files, train_labels, valid_files, valid_labels, on_epoch=on_epoch, **hyper)
-    export_saved_model(result.model, out_dir, {"mlflow_run_id": run_id, "dataset_fingerprint": manifest["fingerprint"]})
-    summary = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-               "train_examples": result.train_examples, "class_weight": result.class_weight}
+    # Inside the run's context, so a failure marks the MLflow run FAILED instead of leaving it FINISHED.
     with mlflow.start_run(run_id=run_id):
+        result = train(model, train_files, train_labels, valid_files, valid_labels, on_epoch=on_epoch, **hyper)
+        export_saved_model(result.model, out_dir, {"mlflow_run_id": run_id,
+                                                   "dataset_fingerprint": manifest["fingerprint"]})
+        summary = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+                   "train_examples": result.train_examples, "class_weight": result.class_weight}
         mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": result.epochs_run})
         mlflow.log_dict({**summary, "history": result.history}, "training/history.json")
         for name, path in (extra_artifacts or {}).items():

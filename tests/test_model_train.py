@@ -151,3 +151,17 @@ def test_fine_tuning_trains_only_the_last_block(dataset):
     assert changed and all("block5" in path for path in changed), changed
     assert result.fine_tune_history["loss"] and seen[-1][0] == 2 and "ft_val_loss" in seen[-1][1]
     assert not base.trainable, "frozen again for export"
+
+
+def test_failed_training_marks_the_mlflow_run_failed(dataset, tmp_path, mlflow_sqlite):
+    from mlflow import MlflowClient
+
+    from chest_ct.train import train_and_export
+
+    base_file = tmp_path / "base.keras"
+    build_model(SIZE, "none").save(base_file)
+    with pytest.raises(ValueError, match="epochs=0"):
+        train_and_export(dataset, base_file, tmp_path / "out", epochs=0)
+    (run,) = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("chest-ct").experiment_id])
+    assert run.info.status == "FAILED" and run.data.params["epochs"] == "0"
+    assert not (tmp_path / "out").exists()
