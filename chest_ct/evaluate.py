@@ -1,192 +1,149 @@
-"""Evaluate an exported model on held-out data and decide whether it may ship.
+"""The pipeline's evaluate step: score, decide, publish.
 
-Predictions come from the exported SavedModel's bytes signature, i.e. the exact
-graph the server will run, not from the Keras object used in training.
+1. **Score** (:mod:`chest_ct.scoring`): the exported model on the test images it
+   never saw (ingest already excluded copies of fitted pictures; the model's own
+   record of its fitted images is checked again), per image and per picture, at
+   the threshold the train step chose out-of-fold.
+2. **Decide** (:mod:`chest_ct.blessing`): per-group floors, and the champion
+   compared on test pictures neither model saw.
+3. **Publish** (:mod:`chest_ct.publishing`): MLflow, the registry, the champion alias.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import mlflow
-
-from chest_ct import registry
-from chest_ct.export import load_predictor, read_metadata, write_metadata
-from chest_ct.ingest import load_manifest
-from chest_ct.metrics import choose_threshold, classification_metrics, roc_points, save_plots
+from chest_ct import defaults, registry
+from chest_ct.blessing import BlessingPolicy, Decision, decide
+from chest_ct.export import read_metadata, write_metadata
+from chest_ct.metrics import roc_points
+from chest_ct.plots import save_plots
+from chest_ct.publishing import publish
+from chest_ct.records import EXCLUDED, TEST, TRAIN, Manifest
+from chest_ct.scoring import Comparison, Scores, compare_with_champion, score_model, scored_test_set
 from chest_ct.shortcut import shortcut_audit
 
-EVAL_SPLIT = "test"
-#: The threshold is chosen where the model was not fitted, but not on the split it
-#: is then scored on: choosing and scoring on the same images flatters sensitivity.
-THRESHOLD_SPLIT = "valid"
-
-
-@dataclass
-class Floors:
-    """Absolute minimums on the evaluation split; a model below any of them is not blessed."""
-
-    roc_auc: float = 0.80
-    sensitivity: float = 0.90
-    specificity: float = 0.50
-
-    def __post_init__(self) -> None:
-        for name, value in vars(self).items():
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"min_{name}={value}: expected a number between 0 and 1")
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class Evaluation:
-    metrics: dict[str, float]
-    threshold: float
-    valid_sensitivity: float
-    blessed: bool
-    reasons: list[str]
-    shortcut: dict
+    scores: Scores
+    decision: Decision
     model_version: str
-    roc: list[tuple[float, float, float]] = field(default_factory=list)
-    confusion: list[list[int]] = field(default_factory=list)
-    plots: dict[str, str] = field(default_factory=dict)
+    report: dict[str, Any]
+    plots: dict[str, str]
+
+    @property
+    def blessed(self) -> bool:
+        return self.decision.blessed
+
+    @property
+    def reasons(self) -> list[str]:
+        return self.decision.reasons
+
+    def roc(self) -> list[tuple[float, float, float]]:
+        """Per-picture ROC points (what the blessing uses)."""
+        return roc_points(*self.scores.group_level())
+
+    def confusion(self) -> list[list[int]]:
+        m = self.scores.per_group
+        return [[int(m["tn"]), int(m["fp"])], [int(m["fn"]), int(m["tp"])]]
 
 
-def blessing_decision(metrics: dict[str, float], floors: Floors, champion_metrics: dict[str, float] | None,
-                      max_auc_drop: float) -> tuple[bool, list[str]]:
-    """Bless only above every floor and without an AUC regression against the champion.
-
-    AUC is compared because it does not depend on either model's threshold; both
-    models are scored on the same evaluation images.
-    """
-    reasons = []
-    for name, floor in vars(floors).items():
-        if not metrics[name] >= floor:
-            reasons.append(f"{name} {metrics[name]:.4f} is below the floor {floor:.4f}")
-    if champion_metrics is not None:
-        if metrics["roc_auc"] < champion_metrics["roc_auc"] - max_auc_drop:
-            reasons.append(f"roc_auc {metrics['roc_auc']:.4f} regresses against the champion's "
-                           f"{champion_metrics['roc_auc']:.4f} on the same data (allowed drop {max_auc_drop})")
-    return not reasons, reasons
-
-
-def evaluate(
+def evaluate_model(
     model_dir: Path,
     dataset_dir: Path,
     out_model_dir: Path,
     plots_dir: Path,
     *,
     run_id: str,
-    target_sensitivity: float = 0.95,
-    floors: Floors | None = None,
-    max_auc_drop: float = 0.01,
-    registered_model_name: str = registry.DEFAULT_REGISTERED_MODEL,
-    experiment: str = registry.DEFAULT_EXPERIMENT,
+    policy: BlessingPolicy | None = None,
+    registered_model_name: str = defaults.REGISTERED_MODEL,
+    experiment: str = defaults.EXPERIMENT,
 ) -> Evaluation:
-    floors = floors or Floors()
-    if not 0.0 <= max_auc_drop <= 1.0:
-        raise ValueError(f"max_auc_drop={max_auc_drop}: expected a number between 0 and 1")
-    manifest = load_manifest(dataset_dir)
+    policy = policy or BlessingPolicy()
+    manifest = Manifest.load(dataset_dir)
     metadata = read_metadata(model_dir)
-    positive = metadata["positive_class"]
-    records = {split: [r for r in manifest["records"] if r["split"] == split]
-               for split in ("train", THRESHOLD_SPLIT, EVAL_SPLIT)}
-    for split in (THRESHOLD_SPLIT, EVAL_SPLIT):
-        if len({r["label"] for r in records[split]}) < 2:
-            raise ValueError(f"{dataset_dir}: the '{split}' split needs both classes to evaluate")
-    eval_records = records[EVAL_SPLIT]
-    encoded = [(Path(dataset_dir) / r["file"]).read_bytes() for r in eval_records]
-    y = [int(r["label"] == positive) for r in eval_records]
+    threshold = float(metadata["threshold"])
 
-    predict = load_predictor(model_dir)
-    y_valid = [int(r["label"] == positive) for r in records[THRESHOLD_SPLIT]]
-    prob_valid = predict([(Path(dataset_dir) / r["file"]).read_bytes() for r in records[THRESHOLD_SPLIT]])
-    threshold = choose_threshold(y_valid, prob_valid, target_sensitivity)
-    prob = predict(encoded)
-    metrics = classification_metrics(y, prob, threshold)
-    valid_sensitivity = classification_metrics(y_valid, prob_valid, threshold)["sensitivity"]
-    audit = shortcut_audit(records["train"], eval_records, positive, metrics["roc_auc"])
-    plots = save_plots(y, prob, threshold, metadata["class_names"], plots_dir)
+    scored, seen_here = scored_test_set(model_dir, manifest, manifest.role(TEST))
+    scores = score_model(model_dir, manifest, scored, threshold)
+    excluded = [{"path": r.path, "given_split": r.given_split, "label": r.label, "reason": r.exclusion}
+                for r in manifest.role(EXCLUDED)]
+    excluded += [{"path": r.path, "given_split": r.given_split, "label": r.label,
+                  "reason": f"{seen_here[r.path]} (this model's record)"}
+                 for r in manifest.role(TEST) if r.path in seen_here]
+    audit = shortcut_audit(manifest.role(TRAIN), scored, metadata["positive_class"], scores.per_image["roc_auc"])
+    plots = save_plots({"per_group": scores.group_level(), "per_image": (scores.y, scores.prob)}, threshold,
+                       metadata["class_names"], plots_dir)
 
-    # The evaluated model is the trained one plus the threshold chosen here.
+    # The evaluated model is the trained one plus what evaluation found.
     if Path(out_model_dir).exists():
         shutil.rmtree(out_model_dir)
     shutil.copytree(model_dir, out_model_dir)
-    metadata.update(threshold=threshold, mlflow_run_id=run_id,
-                    threshold_source=f"target_sensitivity={target_sensitivity} on the '{THRESHOLD_SPLIT}' split "
-                                     f"({len(y_valid)} images, sensitivity there {valid_sensitivity:.3f})",
-                    evaluation=metrics)
-    write_metadata(out_model_dir, metadata)
+    evaluation = {"per_image": scores.per_image, "per_group": scores.per_group, "scored_images": scores.images,
+                  "scored_groups": sum(scores.groups_per_class.values()), "excluded_images": len(excluded)}
+    write_metadata(out_model_dir, {**metadata, "mlflow_run_id": run_id, "evaluation": evaluation})
 
     registry.use_tracking(experiment)
-    champion_metrics, champion_note, champion_error = _champion_metrics(registered_model_name, encoded, y)
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
-        mlflow.log_metrics({"shortcut_statistics_auc": audit["statistics_auc"],
-                            "valid_sensitivity_at_threshold": valid_sensitivity})
-        mlflow.set_tags({"shortcut_warning": str(audit["warning"]).lower(), "shortcut_message": audit["message"][:5000]})
-        for path in plots.values():
-            mlflow.log_artifact(str(path), "plots")
-        mlflow.log_dict(audit, "evaluation/shortcut_audit.json")
-        mlflow.log_artifacts(str(out_model_dir), registry.SAVED_MODEL_ARTIFACT)
-        version = registry.register(registered_model_name, run_id, registry.CANDIDATE)
-        blessed, reasons = blessing_decision(metrics, floors, champion_metrics, max_auc_drop)
-        if champion_error:
-            blessed, reasons = False, [*reasons, champion_error]
-        if blessed:
-            registry.promote(registered_model_name, version)
-        summary = "blessed as champion" if blessed else "not blessed: " + "; ".join(reasons)
-        mlflow.set_tags({"blessed": str(blessed).lower(), "blessing": summary[:5000],
-                         "registered_version": version})
-        mlflow.log_dict({"blessed": blessed, "reasons": reasons, "champion": champion_note,
-                         "floors": vars(floors), "max_auc_drop": max_auc_drop}, "evaluation/blessing.json")
-
-    tn, fp, fn, tp = metrics["tn"], metrics["fp"], metrics["fn"], metrics["tp"]
-    return Evaluation(metrics=metrics, threshold=threshold, valid_sensitivity=valid_sensitivity, blessed=blessed,
-                      reasons=reasons, shortcut=audit,
-                      model_version=version, roc=roc_points(y, prob), confusion=[[tn, fp], [fn, tp]],
+    current = registry.champion(registered_model_name)
+    comparison = _compare(current, out_model_dir, scores, scored, manifest)
+    decision = decide(scores.per_group, policy, comparison)
+    report: dict[str, Any] = {
+        **evaluation, "groups_per_class": scores.groups_per_class, "threshold": threshold,
+        "threshold_source": metadata.get("threshold_source", ""), "excluded": excluded,
+        "champion": comparison.summary() if comparison else None, "shortcut": audit,
+        "decision": {"blessed": decision.blessed, "reasons": decision.reasons, "policy": policy.to_dict()},
+    }
+    version = publish(run_id, Path(out_model_dir), report, plots, decision,
+                      registered_model_name=registered_model_name, expected_champion=current[0] if current else None)
+    log.info("evaluation: %s", "blessed" if decision.blessed else "not blessed: " + "; ".join(decision.reasons))
+    return Evaluation(scores=scores, decision=decision, model_version=version, report=report,
                       plots={k: str(v) for k, v in plots.items()})
 
 
-def _champion_metrics(name: str, encoded: list[bytes], y: list[int]) -> tuple[dict | None, str, str | None]:
-    """Score the current champion on the same images: ``(metrics, note, error)``.
-
-    A champion that cannot be scored blocks promotion (error) rather than letting
-    an unchecked model replace it silently.
-    """
-    current = registry.champion(name)
+def _compare(current: tuple[str, str] | None, challenger_dir: Path, scores: Scores, scored: list[Any],
+             manifest: Manifest) -> Comparison | None:
+    """The champion on the pictures neither model saw; a champion that cannot be scored blocks promotion."""
     if current is None:
-        return None, "no champion yet", None
+        return None
     version, source = current
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            champ_dir = registry.download(source, Path(tmp))
-            champ_threshold = read_metadata(champ_dir)["threshold"]
-            prob = load_predictor(champ_dir)(encoded)
-        except Exception as exc:  # a broken champion must not break evaluation
-            error = f"cannot score champion version {version} ({source}): {exc}"
-            return None, error, error
-    return (classification_metrics(y, prob, champ_threshold),
-            f"champion version {version} scored on the same data", None)
+            champion_dir = registry.download(source, Path(tmp))
+            return compare_with_champion(version, champion_dir, scores, scored, manifest)
+        except Exception as exc:  # a broken champion must not break evaluation, nor be replaced unchecked
+            return Comparison(version, error=f"cannot score champion version {version} ({source}): {exc}")
 
 
-def evaluation_summary(result: Evaluation) -> str:
+def summary_markdown(result: Evaluation) -> str:
     """Markdown for the KFP UI."""
-    m = result.metrics
+    r, s = result.report, result.scores
+
+    def row(unit: str, m: dict[str, float]) -> str:
+        return (f"| {unit} | {m['sensitivity']:.3f} | {m['specificity']:.3f} | {m['roc_auc']:.3f} | "
+                f"{m['precision']:.3f} | {m['accuracy']:.3f} | {m['tp']:.0f}/{m['fp']:.0f}/{m['tn']:.0f}/{m['fn']:.0f} |")
+
     lines = [
-        "# chest-ct evaluation",
-        "",
+        "# chest-ct evaluation", "",
         f"**{'BLESSED (champion)' if result.blessed else 'NOT BLESSED'}**, registered version {result.model_version}",
-        *[f"- {r}" for r in result.reasons],
-        "",
-        f"Threshold {result.threshold:.4f}: sensitivity {m['sensitivity']:.3f}, specificity {m['specificity']:.3f}, "
-        f"precision {m['precision']:.3f}, F1 {m['f1']:.3f}, accuracy {m['accuracy']:.3f}, ROC AUC {m['roc_auc']:.3f}, "
-        f"loss {m['loss']:.4f}",
-        "",
-        ("## " if result.shortcut["warning"] else "") + result.shortcut["message"],
-        "",
-        "Single-statistic AUCs: " + json.dumps(result.shortcut["single_feature_auc"]),
+        *[f"- {reason}" for reason in result.reasons], "",
+        f"Scored **{r['scored_images']} test images ({r['scored_groups']} duplicate groups: "
+        + ", ".join(f"{n} {c}" for c, n in s.groups_per_class.items()) + f")** at threshold {s.threshold:.4f} "
+        f"({r['threshold_source'] or 'source unknown'}). Blessing uses the per-group row.", "",
+        "| unit | sensitivity | specificity | ROC AUC | precision | accuracy | tp/fp/tn/fn |",
+        "|---|---:|---:|---:|---:|---:|---|",
+        row("per group", s.per_group), row("per image", s.per_image), "",
+        f"**Excluded from the score: {r['excluded_images']}**",
+        *[f"- `{e['path']}`: {e['reason']}" for e in r["excluded"][:50]], "",
+        ("## " if r["shortcut"]["warning"] else "") + r["shortcut"]["message"], "",
+        "Single-statistic AUCs: " + json.dumps(r["shortcut"]["single_feature_auc"]),
     ]
     return "\n".join(lines) + "\n"

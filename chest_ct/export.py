@@ -15,10 +15,13 @@ the MLflow run the model came from. The serving code reads only this folder.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from chest_ct import CLASS_NAMES, POSITIVE_CLASS
@@ -30,7 +33,7 @@ BYTES_SIGNATURE = "serving_default"
 PIXELS_SIGNATURE = "serve_pixels"
 
 
-def export_saved_model(model: keras.Model, out_dir: Path, metadata: dict) -> Path:
+def export_saved_model(model: keras.Model, out_dir: Path, metadata: dict[str, Any]) -> Path:
     """Write the SavedModel and its metadata to ``out_dir``; return ``out_dir``."""
     out_dir = Path(out_dir)
     size = image_size_of(model)
@@ -65,27 +68,36 @@ def export_saved_model(model: keras.Model, out_dir: Path, metadata: dict) -> Pat
     return out_dir
 
 
-def read_metadata(model_dir: Path) -> dict:
+def read_metadata(model_dir: Path) -> dict[str, Any]:
     path = Path(model_dir) / METADATA_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{model_dir}: no {METADATA_FILE}; expected a model exported by chest-ct")
     return json.loads(path.read_text())
 
 
-def write_metadata(model_dir: Path, metadata: dict) -> None:
+def write_metadata(model_dir: Path, metadata: dict[str, Any]) -> None:
     (Path(model_dir) / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
 
 
-def load_predictor(model_dir: Path):
+def load_predictor(model_dir: Path) -> Callable[[list[bytes]], np.ndarray]:
     """The exported bytes signature: ``predict(list_of_encoded_images) -> np.ndarray``."""
-    loaded = tf.saved_model.load(str(model_dir))
-    fn = loaded.signatures[BYTES_SIGNATURE]
+    fn = tf.saved_model.load(str(model_dir)).signatures[BYTES_SIGNATURE]
 
-    def predict(encoded: list[bytes], batch_size: int = 32):
-        import numpy as np
-
+    def predict(encoded: list[bytes], batch_size: int = 32) -> np.ndarray:
         out = [fn(images=tf.constant(encoded[i:i + batch_size]))["probability"].numpy()
                for i in range(0, len(encoded), batch_size)]
         return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
     return predict
+
+
+def predict_files(model_dir: Path, files: Sequence[str], batch_size: int = 32) -> np.ndarray:
+    """Probabilities for image files, through the exported bytes signature, streamed batch by batch.
+
+    Only one batch of encoded images is in memory at a time, however many files there are.
+    """
+    fn = tf.saved_model.load(str(model_dir)).signatures[BYTES_SIGNATURE]
+    batches = (tf.data.Dataset.from_tensor_slices(list(files))
+               .map(tf.io.read_file, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(1))
+    out = [fn(images=batch)["probability"].numpy() for batch in batches]
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)

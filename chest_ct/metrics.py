@@ -1,28 +1,17 @@
-"""Classification metrics, the decision threshold, and their plots."""
+"""Classification metrics per image and per picture (duplicate group), and calibration."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sklearn import metrics as skm
-
-
-def choose_threshold(y_true: Sequence[int], prob: Sequence[float], target_sensitivity: float) -> float:
-    """The highest threshold whose sensitivity reaches ``target_sensitivity``.
-
-    Missing a cancer costs more than a second look at a normal scan, so the
-    sensitivity target comes first and specificity is maximised under it.
-    """
-    if not 0.0 < target_sensitivity <= 1.0:
-        raise ValueError(f"target_sensitivity={target_sensitivity}: expected a number in (0, 1]")
-    fpr, tpr, thresholds = skm.roc_curve(y_true, prob, drop_intermediate=False)
-    reaching = thresholds[(tpr >= target_sensitivity) & np.isfinite(thresholds)]
-    return float(np.max(reaching)) if reaching.size else float(np.min(prob))
+from sklearn.calibration import calibration_curve
 
 
 def classification_metrics(y_true: Sequence[int], prob: Sequence[float], threshold: float) -> dict[str, float]:
+    """Loss, accuracy, precision, sensitivity, specificity, F1, ROC AUC and the confusion counts."""
     y = np.asarray(y_true, dtype=int)
     p = np.asarray(prob, dtype=float)
     pred = (p >= threshold).astype(int)
@@ -35,9 +24,40 @@ def classification_metrics(y_true: Sequence[int], prob: Sequence[float], thresho
         "specificity": float(tn / (tn + fp)) if tn + fp else 0.0,
         "f1": float(skm.f1_score(y, pred, zero_division=0)),
         "roc_auc": float(skm.roc_auc_score(y, p)) if len(set(y.tolist())) == 2 else float("nan"),
+        "brier": float(skm.brier_score_loss(y, p, pos_label=1)) if len(y) else float("nan"),
         "threshold": float(threshold),
         "tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn),
     }
+
+
+def by_group(y_true: Sequence[int], prob: Sequence[float], groups: Sequence[int]
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One row per duplicate group: ``(label, mean probability, group id)``, groups in ascending order.
+
+    Copies of one picture are one piece of evidence, so per-picture metrics count
+    each group once. A group's members share one label (label conflicts never reach here).
+    """
+    y, p, g = np.asarray(y_true, dtype=int), np.asarray(prob, dtype=float), np.asarray(groups)
+    ids, inverse = np.unique(g, return_inverse=True)
+    counts = np.bincount(inverse, minlength=len(ids))
+    mean_p = np.bincount(inverse, weights=p, minlength=len(ids)) / counts
+    positives = np.bincount(inverse, weights=y, minlength=len(ids))
+    if np.any((positives != 0) & (positives != counts)):
+        raise ValueError("a duplicate group holds both labels; label conflicts must be excluded first")
+    return (positives > 0).astype(int), mean_p, ids
+
+
+def calibration(y_true: Sequence[int], prob: Sequence[float], bins: int = 10) -> dict[str, Any]:
+    """Brier score, expected calibration error (equal-width bins) and the reliability curve."""
+    y, p = np.asarray(y_true, dtype=int), np.asarray(prob, dtype=float)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+    ece = sum(abs(y[which == b].mean() - p[which == b].mean()) * (which == b).mean()
+              for b in range(bins) if (which == b).any())
+    frac_pos, mean_pred = calibration_curve(y, p, n_bins=bins, strategy="uniform")
+    return {"brier": float(skm.brier_score_loss(y, p, pos_label=1)), "ece": float(ece), "n": int(len(y)),
+            "reliability": {"mean_predicted": [round(float(v), 4) for v in mean_pred],
+                            "fraction_positive": [round(float(v), 4) for v in frac_pos]}}
 
 
 def roc_points(y_true: Sequence[int], prob: Sequence[float], max_points: int = 200) -> list[tuple[float, float, float]]:
@@ -46,34 +66,3 @@ def roc_points(y_true: Sequence[int], prob: Sequence[float], max_points: int = 2
     thr = np.where(np.isfinite(thr), thr, 1.0)
     idx = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), max_points)).astype(int))
     return [(float(fpr[i]), float(tpr[i]), float(thr[i])) for i in idx]
-
-
-def save_plots(y_true: Sequence[int], prob: Sequence[float], threshold: float, class_names: Sequence[str],
-               out_dir: Path) -> dict[str, Path]:
-    """Confusion matrix and ROC curve as PNG files; returns their paths by name."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pred = (np.asarray(prob) >= threshold).astype(int)
-    paths = {"confusion_matrix": out_dir / "confusion_matrix.png", "roc_curve": out_dir / "roc_curve.png"}
-
-    fig, ax = plt.subplots(figsize=(4.5, 4))
-    skm.ConfusionMatrixDisplay.from_predictions(y_true, pred, labels=[0, 1], display_labels=list(class_names),
-                                                ax=ax, colorbar=False)
-    ax.set_title(f"Confusion matrix (threshold {threshold:.3f})")
-    fig.tight_layout()
-    fig.savefig(paths["confusion_matrix"], dpi=100)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(4.5, 4))
-    skm.RocCurveDisplay.from_predictions(y_true, prob, ax=ax, name="chest-ct")
-    ax.plot([0, 1], [0, 1], linestyle="--", color="grey")
-    ax.set_title("ROC curve (positive: adenocarcinoma)")
-    fig.tight_layout()
-    fig.savefig(paths["roc_curve"], dpi=100)
-    plt.close(fig)
-    return paths

@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-DEFAULT_EXPERIMENT = "chest-ct"
-DEFAULT_REGISTERED_MODEL = "chest-ct"
+from chest_ct import defaults
+
 CANDIDATE, CHAMPION = "candidate", "champion"
 SAVED_MODEL_ARTIFACT = "saved_model"
 
 
-def use_tracking(experiment: str = DEFAULT_EXPERIMENT) -> str:
+def use_tracking(experiment: str = defaults.EXPERIMENT) -> str:
     """Point MLflow at ``MLFLOW_TRACKING_URI`` (its own default otherwise) and the experiment."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
         mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
@@ -28,7 +29,7 @@ def use_tracking(experiment: str = DEFAULT_EXPERIMENT) -> str:
     return mlflow.get_tracking_uri()
 
 
-def start_run(experiment: str, params: dict, tags: dict | None = None) -> str:
+def start_run(experiment: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> str:
     """Create the training run; later steps reopen it by id to add their results."""
     use_tracking(experiment)
     with mlflow.start_run(tags=tags or {}) as run:
@@ -66,5 +67,18 @@ def download(source: str, dst: Path) -> Path:
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst)))
 
 
-def promote(name: str, version: str) -> None:
+def promote_if_unchanged(name: str, version: str, expected_champion: str | None) -> str:
+    """Make ``version`` the champion unless the champion moved since it was compared against.
+
+    Returns "" when promoted, else why not. MLflow has no compare-and-set on
+    aliases, so the alias is re-read right before it is set: of two overlapping
+    runs compared against the same champion, the later one sees the change and
+    stands down instead of silently replacing a model it was never compared with.
+    """
+    current = champion(name)
+    now = current[0] if current else None
+    if now != expected_champion:
+        return (f"champion changed during evaluation (compared against {expected_champion or 'no champion'}, "
+                f"now version {now}): not promoted; evaluate again against the new champion")
     MlflowClient().set_registered_model_alias(name, CHAMPION, version)
+    return ""

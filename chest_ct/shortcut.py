@@ -8,26 +8,31 @@ sources, so this is a real risk, not a formality.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from chest_ct.records import ImageRecord
+
 FEATURES = ("brightness_mean", "brightness_std", "width", "height", "is_png")
 DEFAULT_MARGIN = 0.05
 
 
-def image_statistics(records: list[dict]) -> np.ndarray:
-    return np.array([[r["brightness_mean"], r["brightness_std"], r["width"], r["height"],
-                      1.0 if r["format"] == "PNG" else 0.0] for r in records], dtype=float)
+def image_statistics(records: Sequence[ImageRecord]) -> np.ndarray:
+    return np.array([[r.image.brightness_mean, r.image.brightness_std, r.image.width, r.image.height,
+                      1.0 if r.image.format == "PNG" else 0.0] for r in records], dtype=float)
 
 
-def shortcut_audit(train_records: list[dict], eval_records: list[dict], positive_class: str, model_auc: float,
-                   *, margin: float = DEFAULT_MARGIN) -> dict:
+def shortcut_audit(train_records: Sequence[ImageRecord], eval_records: Sequence[ImageRecord], positive_class: str,
+                   model_auc: float, *, margin: float = DEFAULT_MARGIN) -> dict[str, Any]:
     """Fit on ``train_records``' statistics, score on ``eval_records``; compare with ``model_auc``."""
-    y_train = [int(r["label"] == positive_class) for r in train_records]
-    y_eval = [int(r["label"] == positive_class) for r in eval_records]
+    y_train = [int(r.label == positive_class) for r in train_records]
+    y_eval = [int(r.label == positive_class) for r in eval_records]
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, class_weight="balanced"))
     clf.fit(image_statistics(train_records), y_train)
     auc = float(roc_auc_score(y_eval, clf.predict_proba(image_statistics(eval_records))[:, 1]))

@@ -5,13 +5,15 @@ from components.image import TRAIN_IMAGE
 
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
-def base_model(model: Output[Model], image_size: int = 224, base_weights: str = "imagenet"):
-    """VGG16 without top, frozen, plus a new classification head, saved as ``model.keras``."""
+def base_model(model: Output[Model], image_size: int, base_weights: str, seed: int):
+    """VGG16 without top, frozen, plus a new classification head (initialised from ``seed``), saved as ``model.keras``."""
     from pathlib import Path
 
+    from chest_ct.determinism import seed_everything
     from chest_ct.model import build_model
 
+    seed_everything(seed)
     out = Path(model.path)
     out.mkdir(parents=True, exist_ok=True)
     build_model(image_size, base_weights).save(out / "model.keras")
-    model.metadata.update(image_size=image_size, base_weights=base_weights, framework="keras")
+    model.metadata.update(image_size=image_size, base_weights=base_weights, seed=seed, framework="keras")

@@ -12,39 +12,48 @@ def evaluate(
     model: Input[Model],
     mlflow_run_id: str,
     evaluated_model: Output[Model],
-    metrics: Output[Metrics],
-    classification_metrics: Output[ClassificationMetrics],
+    test_metrics: Output[Metrics],
+    test_roc_confusion: Output[ClassificationMetrics],
     evaluation_summary: Output[Markdown],
+    evaluation_report: Output[Artifact],
     plots: Output[Artifact],
-    target_sensitivity: float = 0.95,
-    min_auc: float = 0.8,
-    min_sensitivity: float = 0.9,
-    min_specificity: float = 0.5,
-    max_auc_drop: float = 0.01,
-    registered_model_name: str = "chest-ct",
-    experiment: str = "chest-ct",
+    min_auc: float,
+    min_sensitivity: float,
+    min_specificity: float,
+    max_auc_drop: float,
+    min_compare_per_class: int,
+    registered_model_name: str,
+    experiment: str,
 ) -> NamedTuple("EvaluateOutputs", [("blessed", bool), ("reasons", str), ("model_version", str)]):
-    """Score on held-out data, pick the threshold, audit shortcuts, register and maybe bless."""
+    """Score on test images the model never saw, audit shortcuts, register, and bless on per-group metrics."""
+    import json
     from pathlib import Path
 
-    from chest_ct import CLASS_NAMES
-    from chest_ct.evaluate import Floors, evaluate as run_evaluation, evaluation_summary as summarise
+    from chest_ct import CLASS_NAMES, show_progress
+    from chest_ct.blessing import BlessingPolicy
+    from chest_ct.evaluate import evaluate_model, summary_markdown
 
-    result = run_evaluation(
+    show_progress()
+    result = evaluate_model(
         Path(model.path), Path(dataset.path), Path(evaluated_model.path), Path(plots.path),
-        run_id=mlflow_run_id, target_sensitivity=target_sensitivity,
-        floors=Floors(roc_auc=min_auc, sensitivity=min_sensitivity, specificity=min_specificity),
-        max_auc_drop=max_auc_drop, registered_model_name=registered_model_name, experiment=experiment,
+        run_id=mlflow_run_id, registered_model_name=registered_model_name, experiment=experiment,
+        policy=BlessingPolicy(min_auc=min_auc, min_sensitivity=min_sensitivity, min_specificity=min_specificity,
+                              max_auc_drop=max_auc_drop, min_compare_per_class=min_compare_per_class),
     )
-    for name, value in result.metrics.items():
-        metrics.log_metric(name, value)
-    metrics.log_metric("shortcut_statistics_auc", result.shortcut["statistics_auc"])
-    fpr, tpr, thresholds = (list(col) for col in zip(*result.roc))
-    classification_metrics.log_roc_curve(fpr, tpr, thresholds)
-    classification_metrics.log_confusion_matrix(list(CLASS_NAMES), result.confusion)
-    summary = summarise(result)
+    for unit in ("per_group", "per_image"):
+        for name, value in result.report[unit].items():
+            test_metrics.log_metric(f"{unit}_{name}", value)
+    for name in ("scored_images", "scored_groups", "excluded_images", "threshold"):
+        test_metrics.log_metric(name, result.report[name])
+    test_metrics.log_metric("shortcut_statistics_auc", result.report["shortcut"]["statistics_auc"])
+    fpr, tpr, thresholds = (list(col) for col in zip(*result.roc()))
+    test_roc_confusion.log_roc_curve(fpr, tpr, thresholds)  # per picture, as the blessing
+    test_roc_confusion.log_confusion_matrix(list(CLASS_NAMES), result.confusion())
+    summary = summary_markdown(result)
     Path(evaluation_summary.path).write_text(summary)
-    evaluated_model.metadata.update(mlflow_run_id=mlflow_run_id, threshold=result.threshold, blessed=result.blessed,
-                                    registered_version=result.model_version, plots=result.plots)
+    Path(evaluation_report.path).write_text(json.dumps(result.report, indent=2))
+    evaluated_model.metadata.update(mlflow_run_id=mlflow_run_id, threshold=result.scores.threshold,
+                                    blessed=result.blessed, registered_version=result.model_version,
+                                    plots=result.plots)
     print(summary, flush=True)
     return (result.blessed, "; ".join(result.reasons), result.model_version)

@@ -12,19 +12,22 @@ def ingest(
     dataset: Output[Dataset],
     validation_report: Output[Artifact],
     validation_summary: Output[Markdown],
-    seed: int = 42,
-    valid_fraction: float = 0.15,
-    test_fraction: float = 0.2,
-    s3_endpoint_url: str = "",
+    seed: int,
+    valid_fraction: float,
+    test_fraction: float,
+    s3_endpoint_url: str,
 ) -> NamedTuple("IngestOutputs", [("fingerprint", str), ("images", int)]):
-    """Fetch, validate, de-duplicate and split the dataset; report what was found."""
+    """Fetch, validate, de-duplicate and split the dataset; report where every file went."""
     import json
     import tempfile
     from pathlib import Path
 
-    from chest_ct.ingest import build_dataset, report_markdown
+    from chest_ct import show_progress
+    from chest_ct.ingest import build_dataset
+    from chest_ct.ingest_report import report_markdown
     from chest_ct.sources import fetch
 
+    show_progress()
     with tempfile.TemporaryDirectory() as tmp:
         root = fetch(data_uri, Path(tmp), s3_endpoint_url=s3_endpoint_url or None)
         report = build_dataset(root, Path(dataset.path), seed=seed, valid_fraction=valid_fraction,
@@ -32,7 +35,7 @@ def ingest(
     Path(validation_report.path).write_text(json.dumps(report, indent=2))
     Path(validation_summary.path).write_text(report_markdown(report))
     dataset.metadata.update(fingerprint=report["fingerprint"], images=report["images"], counts=report["counts"])
-    validation_report.metadata.update(quarantined=len(report["quarantined"]), leaks=len(report["leaks"]),
-                                      duplicate_groups=len(report["duplicate_groups"]))
+    validation_report.metadata.update(files=report["files"], leaks=len(report["leaks"]),
+                                      excluded=len(report["excluded"]), duplicate_groups=len(report["duplicate_groups"]))
     print(report_markdown(report), flush=True)
     return (report["fingerprint"], report["images"])

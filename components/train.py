@@ -12,27 +12,33 @@ def train(
     base_model: Input[Model],
     validation_report: Input[Artifact],
     model: Output[Model],
-    epochs: int = 10,
-    batch_size: int = 32,
-    learning_rate: float = 0.001,
-    augment_copies: int = 0,
-    patience: int = 3,
-    seed: int = 42,
-    fine_tune_epochs: int = 0,
-    experiment: str = "chest-ct",
-    pipeline_run: str = "",
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    augment_copies: int,
+    patience: int,
+    seed: int,
+    fine_tune_epochs: int,
+    deterministic: bool,
+    target_sensitivity: float,
+    threshold_folds: int,
+    experiment: str,
+    pipeline_run: str,
 ) -> NamedTuple("TrainOutputs", [("mlflow_run_id", str)]):
-    """Train the head on the frozen base, log to MLflow, export the SavedModel."""
+    """Train the head on the frozen base, choose the threshold out-of-fold, log to MLflow, export the SavedModel."""
     from pathlib import Path
 
+    from chest_ct import show_progress
     from chest_ct.train import train_and_export
 
+    show_progress()
     run_id = train_and_export(
         Path(dataset.path), Path(base_model.path) / "model.keras", Path(model.path),
         experiment=experiment, tags={"kfp_run": pipeline_run} if pipeline_run else None,
         extra_artifacts={"validation_report.json": Path(validation_report.path)},
-        epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-        augment_copies=augment_copies, patience=patience, seed=seed, fine_tune_epochs=fine_tune_epochs,
+        target_sensitivity=target_sensitivity, threshold_folds=threshold_folds,
+        epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, augment_copies=augment_copies,
+        patience=patience, seed=seed, fine_tune_epochs=fine_tune_epochs, deterministic=deterministic,
     )
     model.metadata.update(mlflow_run_id=run_id, format="tf-savedmodel")
     return (run_id,)

@@ -1,7 +1,9 @@
 """The chest-ct training pipeline: ingest -> base model -> train -> evaluate.
 
-This file only wires components; every parameter's default lives here, in the
-pipeline signature, which is what the Kubeflow UI shows when starting a run.
+This file only wires components. The pipeline signature, which is what the
+Kubeflow UI shows when starting a run, is the only signature with defaults; the
+training and evaluation defaults are the constants of ``chest_ct.defaults``, which
+the library functions use too.
 """
 
 from typing import NamedTuple
@@ -9,13 +11,14 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Artifact, Model
 
+from chest_ct import defaults as d
 from components import base_model, deploy, evaluate, ingest, train
 from pipelines.cluster import INGEST_RETRIES, configure
 
 PIPELINE_NAME = "chest-ct"
-#: The public zip the original tutorials download (adenocarcinoma and normal, train/test).
 PipelineOutputs = NamedTuple("PipelineOutputs", model=Model, validation_report=Artifact, mlflow_run_id=str,
                              blessed=bool)
+#: The public zip the original tutorials download (adenocarcinoma and normal, train/test).
 DEFAULT_DATA_URI = "https://drive.google.com/file/d/1z0mreUtRmR-P-magILsDR3T7M6IkGXtY/view?usp=sharing"
 
 
@@ -23,24 +26,27 @@ DEFAULT_DATA_URI = "https://drive.google.com/file/d/1z0mreUtRmR-P-magILsDR3T7M6I
                                               "(adenocarcinoma vs normal) on a frozen VGG16 base.")
 def chest_ct_pipeline(
     data_uri: str = DEFAULT_DATA_URI,
-    image_size: int = 224,
-    epochs: int = 10,
-    batch_size: int = 32,
-    learning_rate: float = 0.001,
-    base_weights: str = "imagenet",
-    target_sensitivity: float = 0.95,
-    seed: int = 42,
-    augment_copies: int = 0,
-    fine_tune_epochs: int = 0,
-    patience: int = 3,
-    valid_fraction: float = 0.15,
-    test_fraction: float = 0.2,
-    min_auc: float = 0.8,
-    min_sensitivity: float = 0.9,
-    min_specificity: float = 0.5,
-    max_auc_drop: float = 0.01,
-    registered_model_name: str = "chest-ct",
-    experiment: str = "chest-ct",
+    image_size: int = d.IMAGE_SIZE,
+    epochs: int = d.EPOCHS,
+    batch_size: int = d.BATCH_SIZE,
+    learning_rate: float = d.LEARNING_RATE,
+    base_weights: str = d.BASE_WEIGHTS,
+    target_sensitivity: float = d.TARGET_SENSITIVITY,
+    threshold_folds: int = d.THRESHOLD_FOLDS,
+    seed: int = d.SEED,
+    deterministic: bool = d.DETERMINISTIC,
+    augment_copies: int = d.AUGMENT_COPIES,
+    fine_tune_epochs: int = d.FINE_TUNE_EPOCHS,
+    patience: int = d.PATIENCE,
+    valid_fraction: float = d.VALID_FRACTION,
+    test_fraction: float = d.TEST_FRACTION,
+    min_auc: float = d.MIN_AUC,
+    min_sensitivity: float = d.MIN_SENSITIVITY,
+    min_specificity: float = d.MIN_SPECIFICITY,
+    max_auc_drop: float = d.MAX_AUC_DROP,
+    min_compare_per_class: int = d.MIN_COMPARE_PER_CLASS,
+    registered_model_name: str = d.REGISTERED_MODEL,
+    experiment: str = d.EXPERIMENT,
     s3_endpoint_url: str = "",
     deploy_model: bool = True,
     model_store_uri: str = "s3://chest-ct-models/chest-ct",
@@ -53,21 +59,21 @@ def chest_ct_pipeline(
     ingest_task = ingest(data_uri=data_uri, seed=seed, valid_fraction=valid_fraction, test_fraction=test_fraction,
                          s3_endpoint_url=s3_endpoint_url).set_display_name("ingest")
     configure(ingest_task, "ingest", cache=False, retries=INGEST_RETRIES)
-    base_task = base_model(image_size=image_size, base_weights=base_weights).set_display_name("base model")
+    base_task = base_model(image_size=image_size, base_weights=base_weights, seed=seed).set_display_name("base model")
     configure(base_task, "base-model")
     train_task = train(
         dataset=ingest_task.outputs["dataset"], base_model=base_task.outputs["model"],
         validation_report=ingest_task.outputs["validation_report"], epochs=epochs, batch_size=batch_size,
         learning_rate=learning_rate, augment_copies=augment_copies, fine_tune_epochs=fine_tune_epochs,
-        patience=patience, seed=seed,
-        experiment=experiment, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+        patience=patience, seed=seed, deterministic=deterministic, target_sensitivity=target_sensitivity,
+        threshold_folds=threshold_folds, experiment=experiment, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
     ).set_display_name("train")
     configure(train_task, "train", gpu=True)
     eval_task = evaluate(
         dataset=ingest_task.outputs["dataset"], model=train_task.outputs["model"],
-        mlflow_run_id=train_task.outputs["mlflow_run_id"], target_sensitivity=target_sensitivity,
-        min_auc=min_auc, min_sensitivity=min_sensitivity, min_specificity=min_specificity,
-        max_auc_drop=max_auc_drop, registered_model_name=registered_model_name, experiment=experiment,
+        mlflow_run_id=train_task.outputs["mlflow_run_id"], min_auc=min_auc, min_sensitivity=min_sensitivity,
+        min_specificity=min_specificity, max_auc_drop=max_auc_drop, min_compare_per_class=min_compare_per_class,
+        registered_model_name=registered_model_name, experiment=experiment,
     ).set_display_name("evaluate")
     configure(eval_task, "evaluate", cache=False)  # talks to the model registry: always run
     with dsl.If(eval_task.outputs["blessed"] == True, name="blessed"):  # noqa: E712 (KFP condition)

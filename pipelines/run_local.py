@@ -52,11 +52,11 @@ def prepare_mlflow() -> str:
     uri = os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{PROJECT / 'mlflow.db'}")
     import mlflow
 
-    from chest_ct.registry import DEFAULT_EXPERIMENT
+    from chest_ct.defaults import EXPERIMENT
 
     mlflow.set_tracking_uri(uri)
-    if uri.startswith("sqlite:") and mlflow.get_experiment_by_name(DEFAULT_EXPERIMENT) is None:
-        mlflow.create_experiment(DEFAULT_EXPERIMENT, artifact_location=(PROJECT / "mlartifacts").as_uri())
+    if uri.startswith("sqlite:") and mlflow.get_experiment_by_name(EXPERIMENT) is None:
+        mlflow.create_experiment(EXPERIMENT, artifact_location=(PROJECT / "mlartifacts").as_uri())
     return uri
 
 
@@ -91,19 +91,26 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     model_dir = Path(outputs["model"].path)
     metadata = json.loads((model_dir / "model_metadata.json").read_text())
+    evaluation = metadata.get("evaluation", {})
     result = {
         "model_dir": str(model_dir),
         "mlflow_run_id": outputs["mlflow_run_id"],
         "mlflow_tracking_uri": tracking_uri,
         "blessed": outputs["blessed"],
-        "metrics": metadata.get("evaluation", {}),
+        # The score's basis: test images scored (and distinct pictures), images kept out of it.
+        "scored_images": evaluation.get("scored_images"),
+        "scored_groups": evaluation.get("scored_groups"),
+        "excluded_images": evaluation.get("excluded_images"),
+        "metrics": {unit: evaluation.get(unit, {}) for unit in ("per_group", "per_image")},
         "threshold": metadata["threshold"],
         "plots": str(model_dir.parent / "plots"),
+        "evaluation_report": str(model_dir.parent / "evaluation_report"),
         "validation_report": outputs["validation_report"].path,
     }
     runs_dir.mkdir(parents=True, exist_ok=True)
     (runs_dir / "latest.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nmodel (SavedModel): {result['model_dir']}\nplots: {result['plots']}\n"
+          f"evaluation report: {result['evaluation_report']}\n"
           f"validation report: {result['validation_report']}\nMLflow: {tracking_uri} run {result['mlflow_run_id']} "
           f"(mlflow ui --backend-store-uri {tracking_uri})\nserve it: make serve", file=sys.stderr)
     print(json.dumps(result))

@@ -1,0 +1,45 @@
+"""Every default of the pipeline, written once.
+
+The pipeline signature (what the Kubeflow UI shows), the library functions and the
+benchmarks all refer to these names; the components take no defaults of their own,
+as the pipeline always passes every value.
+"""
+
+from __future__ import annotations
+
+# Data and splits
+SEED = 42
+#: Shares of the whole dataset's duplicate groups (distinct pictures), per class,
+#: held out when the pipeline has to make the split itself.
+VALID_FRACTION = 0.15
+TEST_FRACTION = 0.2
+
+# Model and training
+IMAGE_SIZE = 224
+BASE_WEIGHTS = "imagenet"
+EPOCHS = 10
+BATCH_SIZE = 32
+LEARNING_RATE = 1e-3
+AUGMENT_COPIES = 0
+PATIENCE = 3
+FINE_TUNE_EPOCHS = 0
+FINE_TUNE_LEARNING_RATE = 1e-5
+#: Off by default: TF op determinism slows some GPU kernels; CPU runs are repeatable without it.
+DETERMINISTIC = False
+
+# Decision threshold (chosen out-of-fold on the fitting data)
+TARGET_SENSITIVITY = 0.95
+THRESHOLD_FOLDS = 5
+
+# Blessing
+MIN_AUC = 0.8
+MIN_SENSITIVITY = 0.9
+MIN_SPECIFICITY = 0.5
+MAX_AUC_DROP = 0.01
+#: Fewer distinct test pictures per class than this, seen by neither model, make the
+#: champion comparison inconclusive (the floors alone decide).
+MIN_COMPARE_PER_CLASS = 5
+
+# MLflow
+EXPERIMENT = "chest-ct"
+REGISTERED_MODEL = "chest-ct"
