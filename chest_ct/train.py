@@ -17,6 +17,7 @@ import keras
 import mlflow
 
 from chest_ct import CLASS_NAMES, POSITIVE_CLASS, defaults, registry
+from chest_ct.determinism import seed_everything
 from chest_ct.export import export_saved_model, read_metadata, write_metadata
 from chest_ct.fitting import FINE_TUNED, Examples, TrainResult, fit_classifier, head_fit_predict
 from chest_ct.model import image_size_of
@@ -54,6 +55,8 @@ def train_and_export(
     manifest = Manifest.load(dataset_dir)
     check_class_order(manifest)
     check_target(target_sensitivity)
+    # Seeded before loading: layers draw their random-state seeds when they are created.
+    seed_everything(hyper.get("seed", defaults.SEED), hyper.get("deterministic", defaults.DETERMINISTIC))
     model = keras.models.load_model(base_model_file)
     train, valid = Examples.of_role(manifest, TRAIN), Examples.of_role(manifest, VALID)
     params = {**hyper, "target_sensitivity": target_sensitivity, "threshold_folds": threshold_folds,

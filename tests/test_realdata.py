@@ -1,10 +1,13 @@
 """Checks on the real chest CT data in ../shared/data/chest-ct (skipped where it is absent)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
+from chest_ct.defaults import MIN_AUC, MIN_SENSITIVITY, MIN_SPECIFICITY, VALID_FRACTION
 from chest_ct.ingest import build_dataset
+from chest_ct.records import Manifest
 from tests.conftest import SHARED_DATA
 from tests.test_pipeline_local import FAST, run_local
 
@@ -13,29 +16,46 @@ pytestmark = [
     pytest.mark.skipif(not (SHARED_DATA / "train").is_dir(),
                        reason=f"real data not found at {SHARED_DATA} (it lives in ../shared beside the checkout)"),
 ]
+KNOWN_LEAKS = {"valid/normal/5.png", "valid/adenocarcinoma/000110 (7).png"}
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    return build_dataset(SHARED_DATA, tmp_path_factory.mktemp("real") / "out", source_uri=str(SHARED_DATA))
+def ingested(tmp_path_factory):
+    out = tmp_path_factory.mktemp("real") / "out"
+    return build_dataset(SHARED_DATA, out, source_uri=str(SHARED_DATA)), Manifest.load(out)
 
 
-def test_all_images_decode_and_counts_match_the_data_readme(report):
-    assert report["quarantined"] == []
-    assert report["images"] == 258
-    totals = {split: sum(c.values()) for split, c in report["counts"].items()}
-    assert totals["test"] == 12, "the given valid split (8 + 4) is kept whole for evaluation"
-    assert report["counts"]["test"] == {"normal": 4, "adenocarcinoma": 8}
-    assert totals["train"] + totals["valid"] == 246
+def test_every_file_is_accounted_for(ingested):
+    report, _ = ingested
+    on_disk = sum(1 for p in SHARED_DATA.rglob("*") if p.is_file())
+    assert report["files"] == {"found": on_disk, "images": 258, "quarantined": 0, "ignored": on_disk - 258}
+    assert {i["path"] for i in report["ignored"]} >= {"README.md", "SHA256SUMS", "manifest.csv"}
 
 
-def test_known_leaks_between_train_and_valid_are_reported(report):
-    leaked = {m["path"] for leak in report["leaks"] for m in leak["members"] if m["source_split"] == "valid"}
-    assert "valid/normal/5.png" in leaked
-    assert "valid/adenocarcinoma/000110 (7).png" in leaked
+def test_known_leaks_are_reported_and_kept_out_of_the_score(ingested):
+    report, _ = ingested
+    leaked = {m["path"] for leak in report["leaks"] for m in leak["members"] if m["given_split"] == "valid"}
+    assert KNOWN_LEAKS <= leaked
+    assert KNOWN_LEAKS <= {e["path"] for e in report["excluded"]}
+    # The given valid folder (8 + 4) is the test role, less the copies of pictures the model sees.
+    assert report["counts"]["test"] == {"normal": 3, "adenocarcinoma": 7}
 
 
-def test_normal_class_is_mostly_copies(report):
+def test_no_test_image_shares_a_group_with_fitting_data(ingested):
+    _, manifest = ingested
+    fitting = {r.group for r in manifest.records if r.split in ("train", "valid")}
+    assert not fitting & {r.group for r in manifest.role("test")}
+
+
+def test_valid_is_a_share_of_all_distinct_pictures(ingested):
+    report, manifest = ingested
+    for label in manifest.classes:
+        groups = {r.group for r in manifest.records if r.label == label}
+        assert report["pictures"]["valid"][label] == max(1, round(VALID_FRACTION * len(groups)))
+
+
+def test_normal_class_is_mostly_copies(ingested):
+    report, _ = ingested
     normal_groups = {tuple(sorted(m["path"] for m in g["members"])) for g in report["duplicate_groups"]
                      if g["members"][0]["label"] == "normal"}
     copies = sum(len(g) for g in normal_groups)
@@ -43,10 +63,18 @@ def test_normal_class_is_mostly_copies(report):
 
 
 @pytest.mark.slow
-def test_pipeline_on_real_data_flags_the_shortcut(tmp_path):
-    proc = run_local(tmp_path, str(SHARED_DATA), *FAST)
+def test_pipeline_on_real_data_scores_only_unseen_pictures_and_blesses_per_group(tmp_path):
+    params = [p for p in FAST if not p.startswith("min_")]  # the default floors
+    proc = run_local(tmp_path, str(SHARED_DATA), *params)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert 0.0 <= result["metrics"]["roc_auc"] <= 1.0
+    assert (result["scored_images"], result["scored_groups"]) == (10, 10) and result["excluded_images"] >= 2
+    evaluation = json.loads(Path(result["evaluation_report"]).read_text())
+    assert KNOWN_LEAKS <= {e["path"] for e in evaluation["excluded"]}
+    floors = {"roc_auc": MIN_AUC, "sensitivity": MIN_SENSITIVITY, "specificity": MIN_SPECIFICITY}
+    below = [name for name, floor in floors.items() if not evaluation["per_group"][name] >= floor]
+    assert result["blessed"] == (not below)
+    for name in below:
+        assert any(r.startswith(f"per-group {name} ") for r in evaluation["decision"]["reasons"])
     # On this data image statistics alone separate the classes (see the data README).
     assert "image statistics alone" in proc.stdout + proc.stderr
