@@ -3,9 +3,10 @@
     python -m bench.quality [--model-dir DIR --dataset-dir DIR] [--image-size 224] [--bootstrap 2000]
 
 Without ``--model-dir`` it first runs the whole pipeline locally on
-../shared/data/chest-ct (``pipelines.run_local``). The evaluation split is the
-data's given ``valid`` folder (the pipeline's ``test`` role), scored at the
-threshold stored with the model.
+../shared/data/chest-ct (``pipelines.run_local``). The evaluation set is what the
+pipeline scores: the ``test`` role (here the data's given ``valid`` folder, less
+the copies of pictures the model was fitted or early-stopped on), at the
+threshold stored with the model (chosen out-of-fold on the fitting data).
 
 Per image, every file counts once. Per duplicate group (ingest's groups of exact
 and near copies), each group counts once with its mean probability: on this data
@@ -29,6 +30,7 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from bench.report import PROJECT, SHARED_DATA, emit, machine, table, vgg16_weights, write_section  # noqa: E402
+from chest_ct import defaults  # noqa: E402
 
 METRICS = ("sensitivity", "specificity", "roc_auc")
 
@@ -57,15 +59,6 @@ def bootstrap(y: np.ndarray, p: np.ndarray, threshold: float, rounds: int, seed:
     return {name: tuple(np.nanpercentile(values, [2.5, 97.5])) for name, values in draws.items()}
 
 
-def by_group(records: list[dict], prob: np.ndarray, positive: str) -> tuple[np.ndarray, np.ndarray]:
-    groups: dict[int, list[int]] = defaultdict(list)
-    for i, r in enumerate(records):
-        groups[r["group"]].append(i)
-    y = np.array([int(records[idx[0]]["label"] == positive) for idx in groups.values()])
-    p = np.array([prob[idx].mean() for idx in groups.values()])
-    return y, p
-
-
 def run_pipeline(image_size: int, tmp: Path) -> tuple[Path, Path]:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"}
     params = [f"image_size={image_size}", f"base_weights={vgg16_weights()}", "min_auc=0", "min_sensitivity=0",
@@ -82,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, help="an evaluated SavedModel; default: train one now")
     parser.add_argument("--dataset-dir", type=Path, help="the ingest output the model was evaluated with")
-    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--image-size", type=int, default=defaults.IMAGE_SIZE)
     parser.add_argument("--bootstrap", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
@@ -91,8 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"SKIPPED: real data not found at {SHARED_DATA} and no --model-dir given")
         return 0
 
-    from chest_ct.export import load_predictor, read_metadata
-    from chest_ct.ingest import load_manifest
+    from chest_ct.export import predict_files, read_metadata
+    from chest_ct.metrics import by_group
+    from chest_ct.records import TEST, TRAIN, Manifest
+    from chest_ct.scoring import scored_test_set
     from chest_ct.shortcut import shortcut_audit
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,15 +96,18 @@ def main(argv: list[str] | None = None) -> int:
         if dataset_dir is None:
             sys.exit("--dataset-dir is required with --model-dir")
         meta = read_metadata(model_dir)
-        manifest = load_manifest(dataset_dir)
-        records = [r for r in manifest["records"] if r["split"] == "test"]
+        manifest = Manifest.load(dataset_dir)
+        records, _ = scored_test_set(model_dir, manifest, manifest.role(TEST))
         positive, threshold = meta["positive_class"], float(meta["threshold"])
-        prob = load_predictor(model_dir)([(dataset_dir / r["file"]).read_bytes() for r in records])
-        train_records = [r for r in manifest["records"] if r["split"] == "train"]
+        prob = predict_files(model_dir, [manifest.file(r) for r in records])
+        train_records = manifest.role(TRAIN)
 
-    y_img = np.array([int(r["label"] == positive) for r in records])
-    units = {"per image": (y_img, prob), "per duplicate group": by_group(records, prob, positive)}
-    rows, figures = [], {"threshold": threshold, "image_size": meta["image_size"],
+    y_img = np.array([manifest.label_index(r) for r in records])
+    y_grp, p_grp, _ = by_group(y_img, prob, [r.group for r in records])
+    units = {"per image": (y_img, prob), "per duplicate group": (y_grp, p_grp)}
+    rows, figures = [], {"threshold": threshold, "threshold_source": meta.get("threshold_source", ""),
+                         "excluded_images": len(manifest.role("excluded")) + len(manifest.role(TEST)) - len(records),
+                         "image_size": meta["image_size"],
                          "base_weights": Path(vgg16_weights()).name if not args.model_dir else "given model"}
     for unit, (y, p) in units.items():
         point, ci = point_metrics(y, p, threshold), bootstrap(y, p, threshold, args.bootstrap, args.seed)
@@ -125,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print(audit["message"])
     if not args.no_write:
-        write_section("quality", f"## Quality on the real data (valid split, threshold {threshold:.4f} stored "
-                                 f"with the model, {args.bootstrap} bootstrap rounds)\n\nMachine: {machine()}\n\n"
+        write_section("quality", f"## Quality on the real data (given valid folder less copies of fitted pictures, "
+                                 f"threshold {threshold:.4f} stored with the model, {args.bootstrap} bootstrap "
+                                 f"rounds)\n\nThreshold: {figures['threshold_source']}\n\nMachine: {machine()}\n\n"
                                  f"{text}\n\nShortcut audit: {audit['message']}\n\n"
                                  f"```json\n{json.dumps(figures)}\n```")
     emit(figures)

@@ -5,7 +5,8 @@
 - floor: one VGG16 forward pass over the training images, in process (the least
   any VGG16-based training can do: every image must go through the base once);
 - chest-ct: the pipeline's train step (``train_and_export``: features once, head
-  fitted on them, MLflow logging, SavedModel export) with pipeline defaults;
+  fitted on them, the out-of-fold threshold, MLflow logging, SavedModel export)
+  with pipeline defaults;
 - baseline: the original tutorials' way, Keras ``fit`` on a Python generator
   that decodes the images and runs the whole model, frozen VGG16 included, on
   every image every epoch;
@@ -31,6 +32,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from bench.report import SHARED_DATA, emit, machine, table, vgg16_weights, write_section  # noqa: E402
+from chest_ct import defaults  # noqa: E402
 
 
 def timed(fn) -> tuple[float, object]:
@@ -69,9 +71,9 @@ def tutorial_baseline(model_file: Path, files: list[str], labels: list[int], val
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=SHARED_DATA)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=defaults.IMAGE_SIZE)
+    parser.add_argument("--epochs", type=int, default=defaults.EPOCHS)
+    parser.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE)
     parser.add_argument("--fine-tune-epochs", type=int, default=3, help="0 skips the fine-tuning row")
     parser.add_argument("--augment-copies", type=int, default=2, help="0 skips the augmentation row")
     parser.add_argument("--repeats", type=int, default=2, help="chest-ct runs, alternated with repeats+1 floor runs")
@@ -84,16 +86,19 @@ def main(argv: list[str] | None = None) -> int:
     import keras
     import mlflow
 
-    from chest_ct.ingest import build_dataset, split_files
+    from chest_ct.ingest import build_dataset
+    from chest_ct.inputs import extract_features
     from chest_ct.model import build_model, split_model
-    from chest_ct.train import extract_features, train_and_export
+    from chest_ct.records import TRAIN, VALID, Manifest
+    from chest_ct.train import train_and_export
 
     weights = vgg16_weights()
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
         build_dataset(args.data, tmp / "data")
-        files, labels = split_files(tmp / "data", "train")
-        valid_files, valid_labels = split_files(tmp / "data", "valid")
+        manifest = Manifest.load(tmp / "data")
+        files, labels = manifest.files_and_labels(TRAIN)
+        valid_files, valid_labels = manifest.files_and_labels(VALID)
         model_file = tmp / "base.keras"
         build_model(args.image_size, weights).save(model_file)
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
@@ -142,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     text = table(["what", "seconds", "images/s", "x floor", "speedup vs baseline", "runs (s)"], rows)
     figures = {"floor_runs_s": [round(v, 2) for v in floors], "chest_ct_runs_s": [round(v, 2) for v in ours],
                "floor_s": round(floor_s, 2), "chest_ct_s": round(chest_ct_s, 2), "baseline_s": round(baseline_s, 2),
-               "ratio_vs_floor": round(chest_ct_s / floor_s, 3), "speedup_vs_baseline": round(baseline_s / chest_ct_s, 2),
+               "ratio_vs_floor": round(chest_ct_s / floor_s, 3),
+               "speedup_vs_baseline": round(baseline_s / chest_ct_s, 2),
                "images": n, "epochs": args.epochs, "image_size": args.image_size, "base_weights": Path(weights).name,
                **{f"option_{i}_s": round(s, 2) for i, (_, s) in enumerate(options)}}
     verdict = (f"targets: chest-ct <= 1.5x floor: {'met' if figures['ratio_vs_floor'] <= 1.5 else 'MISSED'}; "

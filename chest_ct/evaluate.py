@@ -128,8 +128,9 @@ def summary_markdown(result: Evaluation) -> str:
     r, s = result.report, result.scores
 
     def row(unit: str, m: dict[str, float]) -> str:
+        counts = "/".join(f"{m[k]:.0f}" for k in ("tp", "fp", "tn", "fn"))
         return (f"| {unit} | {m['sensitivity']:.3f} | {m['specificity']:.3f} | {m['roc_auc']:.3f} | "
-                f"{m['precision']:.3f} | {m['accuracy']:.3f} | {m['tp']:.0f}/{m['fp']:.0f}/{m['tn']:.0f}/{m['fn']:.0f} |")
+                f"{m['precision']:.3f} | {m['accuracy']:.3f} | {counts} |")
 
     lines = [
         "# chest-ct evaluation", "",

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,7 @@ def export_saved_model(model: keras.Model, out_dir: Path, metadata: dict[str, An
         "threshold_source": "default (not yet evaluated)",
         "signatures": {BYTES_SIGNATURE: "images: encoded PNG/JPEG bytes [N]",
                        PIXELS_SIGNATURE: "pixels: float32 RGB 0..255 [N, H, W, 3]"},
-        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
         **metadata,
     })
     return out_dir

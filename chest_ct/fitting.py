@@ -56,9 +56,9 @@ def picture_weights(labels: Sequence[int], groups: Sequence[int]) -> np.ndarray:
     A picture with 8 copies gives each copy 1/8 of its weight. Mean weight is 1.
     """
     y, g = np.asarray(labels), np.asarray(groups)
-    size = Counter(zip(y.tolist(), g.tolist()))
+    size = Counter(zip(y.tolist(), g.tolist(), strict=True))
     pictures_per_class = Counter(label for label, _ in size)
-    w = np.array([1.0 / size[(yi, gi)] / pictures_per_class[yi] for yi, gi in zip(y.tolist(), g.tolist())])
+    w = np.array([1.0 / size[(yi, gi)] / pictures_per_class[yi] for yi, gi in zip(y.tolist(), g.tolist(), strict=True)])
     return (w / w.mean()).astype(np.float32)
 
 
@@ -88,7 +88,7 @@ class TrainResult:
 
 
 def validate_params(epochs: int, batch_size: int, learning_rate: float, augment_copies: int, patience: int,
-                    fine_tune_epochs: int = 0, fine_tune_learning_rate: float = 1e-5) -> None:
+                    fine_tune_epochs: int, fine_tune_learning_rate: float) -> None:
     def is_int(v: object) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
 
@@ -209,7 +209,8 @@ def _fine_tune(result: TrainResult, train: Examples, valid: Examples, w_valid: n
     result.fine_tune_history = history
     best = int(np.argmin(history["val_loss"]))
     if history["val_loss"][best] < result.best_val_loss:
-        result.best_epoch, result.best_val_loss, result.exported_stage = offset + best + 1, history["val_loss"][best], FINE_TUNED
+        result.best_epoch, result.best_val_loss = offset + best + 1, history["val_loss"][best]
+        result.exported_stage = FINE_TUNED
     else:  # fine-tuning did not help: export the head-only model, as the logged best epoch says
         for variable, value in head_only:
             variable.assign(value)

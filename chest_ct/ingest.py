@@ -64,8 +64,8 @@ def build_dataset(
 
     records: list[ImageRecord] = []
     quarantined: list[QuarantinedFile] = []
-    for cand, result in zip(found.candidates, validate_images([c.file for c in found.candidates],
-                                                              max_pixels=max_pixels)):
+    results = validate_images([c.file for c in found.candidates], max_pixels=max_pixels)
+    for cand, result in zip(found.candidates, results, strict=True):
         if isinstance(result, InvalidImage):
             quarantined.append(QuarantinedFile(cand.path, cand.given_split, cand.label, str(result)))
             _copy(cand.file, out_dir / QUARANTINE_DIR / cand.path)
@@ -76,7 +76,7 @@ def build_dataset(
                            f"({len(quarantined)} quarantined)")
 
     groups = group_duplicates([r.sha256 for r in records], [r.phash for r in records], max_distance=phash_distance)
-    records = [replace(r, group=g) for r, g in zip(records, groups)]
+    records = [replace(r, group=g) for r, g in zip(records, groups, strict=True)]
     records = assign_roles(records, seed=seed, valid_fraction=valid_fraction, test_fraction=test_fraction)
     for rec in records:
         _copy(root / rec.path, out_dir / rec.stored_as)

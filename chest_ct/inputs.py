@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import keras
 import numpy as np
+import numpy.typing as npt
 import tensorflow as tf
 
 from chest_ct.augment import augment_image
@@ -18,7 +19,7 @@ from chest_ct.preprocess import decode_and_resize, to_model_input
 
 
 def image_dataset(files: Sequence[str], image_size: int, batch_size: int, *,
-                  labels: Sequence[int] | None = None, weights: Sequence[float] | None = None,
+                  labels: npt.ArrayLike | None = None, weights: npt.ArrayLike | None = None,
                   augment_seed: int | None = None, shuffle_seed: int | None = None) -> tf.data.Dataset:
     """Batches of model-ready images, or ``(images, labels[, weights])`` when labels are given.
 

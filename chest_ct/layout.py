@@ -101,7 +101,8 @@ def _split_folders(data_root: Path) -> tuple[dict[str, str], dict[str, str]]:
         names.sort(key=lambda n: (n.lower() != split, n))  # the canonical name first, then alphabetical
         chosen[split] = names[0]
         for other in names[1:]:
-            second[other] = f"second folder for split '{split}': '{other}/' beside '{names[0]}/' (only '{names[0]}/' is used)"
+            second[other] = (f"second folder for split '{split}': '{other}/' beside '{names[0]}/' "
+                             f"(only '{names[0]}/' is used)")
     return chosen, second
 
 
@@ -126,7 +127,7 @@ def scan(root: Path, classes: tuple[str, ...] = CLASS_NAMES) -> Scan:
     if chosen and TRAIN not in chosen:
         raise DatasetError(f"{data_root}: split folders {sorted(chosen)} found but no train/ folder")
     split_dirs = {name: split for split, name in chosen.items()} if chosen else {"": ALL}
-    for name, split in split_dirs.items():
+    for name in split_dirs:
         folder = data_root / name
         _check_classes(folder, {normalise_class_name(d.name) for d in _visible_dirs(folder)}, classes, not chosen)
 

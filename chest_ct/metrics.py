@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
 
-def classification_metrics(y_true: Sequence[int], prob: Sequence[float], threshold: float) -> dict[str, float]:
+def classification_metrics(y_true: npt.ArrayLike, prob: npt.ArrayLike, threshold: float) -> dict[str, float]:
     """Loss, accuracy, precision, sensitivity, specificity, F1, ROC AUC and the confusion counts."""
     y = np.asarray(y_true, dtype=int)
     p = np.asarray(prob, dtype=float)
@@ -30,7 +30,7 @@ def classification_metrics(y_true: Sequence[int], prob: Sequence[float], thresho
     }
 
 
-def by_group(y_true: Sequence[int], prob: Sequence[float], groups: Sequence[int]
+def by_group(y_true: npt.ArrayLike, prob: npt.ArrayLike, groups: npt.ArrayLike
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One row per duplicate group: ``(label, mean probability, group id)``, groups in ascending order.
 
@@ -47,7 +47,7 @@ def by_group(y_true: Sequence[int], prob: Sequence[float], groups: Sequence[int]
     return (positives > 0).astype(int), mean_p, ids
 
 
-def calibration(y_true: Sequence[int], prob: Sequence[float], bins: int = 10) -> dict[str, Any]:
+def calibration(y_true: npt.ArrayLike, prob: npt.ArrayLike, bins: int = 10) -> dict[str, Any]:
     """Brier score, expected calibration error (equal-width bins) and the reliability curve."""
     y, p = np.asarray(y_true, dtype=int), np.asarray(prob, dtype=float)
     edges = np.linspace(0.0, 1.0, bins + 1)
@@ -60,7 +60,7 @@ def calibration(y_true: Sequence[int], prob: Sequence[float], bins: int = 10) ->
                             "fraction_positive": [round(float(v), 4) for v in frac_pos]}}
 
 
-def roc_points(y_true: Sequence[int], prob: Sequence[float], max_points: int = 200) -> list[tuple[float, float, float]]:
+def roc_points(y_true: npt.ArrayLike, prob: npt.ArrayLike, max_points: int = 200) -> list[tuple[float, float, float]]:
     """(fpr, tpr, threshold) triples, thinned for the KFP ClassificationMetrics artifact."""
     fpr, tpr, thr = skm.roc_curve(y_true, prob)
     thr = np.where(np.isfinite(thr), thr, 1.0)

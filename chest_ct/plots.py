@@ -6,9 +6,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 from sklearn import metrics as skm
 
-Unit = tuple[Sequence[int], Sequence[float]]  # (labels, probabilities)
+Unit = tuple[npt.ArrayLike, npt.ArrayLike]  # (labels, probabilities)
 
 
 def save_plots(units: dict[str, Unit], threshold: float, class_names: Sequence[str], out_dir: Path) -> dict[str, Path]:

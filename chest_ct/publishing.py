@@ -12,7 +12,8 @@ from chest_ct.blessing import Decision
 
 
 def _numbers(prefix: str, values: dict[str, Any]) -> dict[str, float]:
-    return {f"{prefix}{k}": float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {f"{prefix}{k}": float(v) for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def publish(run_id: str, evaluated_model_dir: Path, report: dict[str, Any], plots: dict[str, Path],

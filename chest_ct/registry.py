@@ -60,7 +60,7 @@ def champion(name: str) -> tuple[str, str] | None:
         version = MlflowClient().get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return None
-    return str(version.version), version.source
+    return str(version.version), version.source or ""
 
 
 def download(source: str, dst: Path) -> Path:

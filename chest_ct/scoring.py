@@ -51,14 +51,13 @@ def scores_from_predictions(y: np.ndarray, prob: np.ndarray, groups: np.ndarray,
                   per_group=classification_metrics(yg, pg, threshold), y=y, prob=prob, groups=groups)
 
 
-def score_model(model_dir: Path, manifest: Manifest, records: list[ImageRecord], threshold: float,
-                batch_size: int = 32) -> Scores:
+def score_model(model_dir: Path, manifest: Manifest, records: list[ImageRecord], threshold: float) -> Scores:
     """Predict ``records`` with the SavedModel in ``model_dir`` and score them at ``threshold``."""
     y = np.array([manifest.label_index(r) for r in records], dtype=int)
     if len(set(y.tolist())) < 2:
         raise ValueError(f"{manifest.root}: the test images left to score hold only "
                          f"{sorted({r.label for r in records})}; both classes are needed to evaluate")
-    prob = predict_files(model_dir, [manifest.file(r) for r in records], batch_size)
+    prob = predict_files(model_dir, [manifest.file(r) for r in records])
     return scores_from_predictions(y, prob, np.array([r.group for r in records]), threshold, manifest.classes)
 
 
@@ -76,14 +75,16 @@ class Comparison:
     error: str = ""        # the champion could not be scored: blocks promotion
 
     def conclusive(self, min_per_class: int) -> bool:
-        return not (self.error or self.unavailable) and bool(self.groups_per_class) and min(self.groups_per_class.values()) >= min_per_class
+        if self.error or self.unavailable or not self.groups_per_class:
+            return False
+        return min(self.groups_per_class.values()) >= min_per_class
 
     def summary(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items()}
 
 
 def compare_with_champion(version: str, champion_dir: Path, challenger: Scores, scored: list[ImageRecord],
-                          manifest: Manifest, batch_size: int = 32) -> Comparison:
+                          manifest: Manifest) -> Comparison:
     """Score the champion on the challenger's scored images that the champion never saw either."""
     seen: list[SeenImage] | None = read_seen(champion_dir)
     if seen is None:
@@ -98,14 +99,15 @@ def compare_with_champion(version: str, champion_dir: Path, challenger: Scores, 
     if min(comparison.groups_per_class.values()) == 0:
         return comparison
     threshold = float(read_metadata(champion_dir)["threshold"])
-    champ = scores_from_predictions(y, predict_files(champion_dir, [manifest.file(r) for r in common], batch_size),
+    champ = scores_from_predictions(y, predict_files(champion_dir, [manifest.file(r) for r in common]),
                                     g, threshold, manifest.classes)
     mine = scores_from_predictions(y, challenger.prob[keep], g, challenger.threshold, manifest.classes)
     comparison.challenger_auc, comparison.champion_auc = mine.per_group["roc_auc"], champ.per_group["roc_auc"]
     return comparison
 
 
-def scored_test_set(model_dir: Path, manifest: Manifest, test: list[ImageRecord]) -> tuple[list[ImageRecord], dict[str, str]]:
+def scored_test_set(model_dir: Path, manifest: Manifest,
+                    test: list[ImageRecord]) -> tuple[list[ImageRecord], dict[str, str]]:
     """The test records the model never saw (checked against its own record), and why others were left out."""
     seen = read_seen(model_dir)
     if seen is None:

@@ -56,10 +56,10 @@ def split_unseen(candidates: Sequence[ImageRecord], seen: Sequence[SeenImage], *
                               [s.phash for s in seen] + [r.phash for r in candidates], max_distance=max_distance)
     seen_in: dict[int, set[str]] = defaultdict(set)
     exact = {s.sha256 for s in seen}
-    for s, g in zip(seen, groups):
+    for s, g in zip(seen, groups[:len(seen)], strict=True):
         seen_in[g].add(s.split)
     kept, excluded = [], {}
-    for r, g in zip(candidates, groups[len(seen):]):
+    for r, g in zip(candidates, groups[len(seen):], strict=True):
         if g in seen_in:
             kind = "same file as" if r.sha256 in exact else "near copy of"
             excluded[r.path] = f"{kind} an image it saw in {'/'.join(sorted(seen_in[g]))}"

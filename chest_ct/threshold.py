@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from sklearn import metrics as skm
 from sklearn.model_selection import StratifiedGroupKFold
 
@@ -30,7 +31,7 @@ from chest_ct.metrics import by_group, calibration
 FitPredict = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
-def choose_threshold(y_true: Sequence[int], prob: Sequence[float], target_sensitivity: float) -> float:
+def choose_threshold(y_true: npt.ArrayLike, prob: npt.ArrayLike, target_sensitivity: float) -> float:
     """The highest threshold whose sensitivity reaches ``target_sensitivity``.
 
     Missing a cancer costs more than a second look at a normal scan, so the
@@ -69,7 +70,8 @@ class ThresholdChoice:
     def source(self) -> str:
         """One line for the model metadata (``threshold_source``), shown by the server."""
         return (f"out-of-fold: {self.folds}-fold grouped CV over {self.images} fitting images "
-                f"({sum(self.groups_per_class.values())} pictures), per-group sensitivity >= {self.target_sensitivity}; "
+                f"({sum(self.groups_per_class.values())} pictures), "
+                f"per-group sensitivity >= {self.target_sensitivity}; "
                 f"fold thresholds {np.nanmin(self.fold_thresholds):.3f}-{np.nanmax(self.fold_thresholds):.3f}"
                 + (f"; {self.note}" if self.note else ""))
 
@@ -77,7 +79,7 @@ class ThresholdChoice:
         return {**asdict(self), "spread": self.spread, "source": self.source()}
 
 
-def out_of_fold_threshold(labels: Sequence[int], groups: Sequence[int], fit_predict: FitPredict, *,
+def out_of_fold_threshold(labels: npt.ArrayLike, groups: npt.ArrayLike, fit_predict: FitPredict, *,
                           target_sensitivity: float = defaults.TARGET_SENSITIVITY,
                           folds: int = defaults.THRESHOLD_FOLDS, seed: int = defaults.SEED,
                           class_names: Sequence[str] = ("negative", "positive")) -> ThresholdChoice:
@@ -111,7 +113,8 @@ def out_of_fold_threshold(labels: Sequence[int], groups: Sequence[int], fit_pred
         fold_thresholds=[float(t) for t in fold_thresholds], fold_metrics=fold_metrics,
         oof_sensitivity_where_chosen=pooled["sensitivity"], oof_specificity_where_chosen=pooled["specificity"],
         calibration={"per_image": calibration(y, oof), "per_group": calibration(yg, pg)},
-        note="" if k == folds else f"{folds} folds asked, {k} possible with {min(pictures.values())} pictures in a class",
+        note="" if k == folds else
+        f"{folds} folds asked, {k} possible with {min(pictures.values())} pictures in a class",
     )
 
 

@@ -80,7 +80,8 @@ def train_and_export(
             target_sensitivity=target_sensitivity, folds=threshold_folds, seed=hyper.get("seed", defaults.SEED),
             class_names=manifest.classes)
         if result.exported_stage == FINE_TUNED:
-            choice.note = "; ".join(filter(None, [choice.note, "folds fit the head only, the exported model is fine-tuned"]))
+            choice.note = "; ".join(filter(None, [choice.note,
+                                                  "folds fit the head only, the exported model is fine-tuned"]))
         summary = _export(result, choice, manifest, out_dir, run_id)
         mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                             "best_val_loss": result.best_val_loss, "threshold": choice.threshold,

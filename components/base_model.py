@@ -6,7 +6,7 @@ from components.image import TRAIN_IMAGE
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
 def base_model(model: Output[Model], image_size: int, base_weights: str, seed: int):
-    """VGG16 without top, frozen, plus a new classification head (initialised from ``seed``), saved as ``model.keras``."""
+    """VGG16 without top, frozen, plus a new head (initialised from ``seed``), saved as ``model.keras``."""
     from pathlib import Path
 
     from chest_ct.determinism import seed_everything

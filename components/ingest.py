@@ -36,6 +36,7 @@ def ingest(
     Path(validation_summary.path).write_text(report_markdown(report))
     dataset.metadata.update(fingerprint=report["fingerprint"], images=report["images"], counts=report["counts"])
     validation_report.metadata.update(files=report["files"], leaks=len(report["leaks"]),
-                                      excluded=len(report["excluded"]), duplicate_groups=len(report["duplicate_groups"]))
+                                      excluded=len(report["excluded"]),
+                                      duplicate_groups=len(report["duplicate_groups"]))
     print(report_markdown(report), flush=True)
     return (report["fingerprint"], report["images"])

@@ -11,13 +11,20 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Artifact, Model
 
-from chest_ct import defaults as d
+from chest_ct import defaults
 from components import base_model, deploy, evaluate, ingest, train
 from pipelines.cluster import INGEST_RETRIES, configure
 
 PIPELINE_NAME = "chest-ct"
-PipelineOutputs = NamedTuple("PipelineOutputs", model=Model, validation_report=Artifact, mlflow_run_id=str,
-                             blessed=bool)
+
+
+class PipelineOutputs(NamedTuple):
+    model: Model
+    validation_report: Artifact
+    mlflow_run_id: str
+    blessed: bool
+
+
 #: The public zip the original tutorials download (adenocarcinoma and normal, train/test).
 DEFAULT_DATA_URI = "https://drive.google.com/file/d/1z0mreUtRmR-P-magILsDR3T7M6IkGXtY/view?usp=sharing"
 
@@ -26,27 +33,27 @@ DEFAULT_DATA_URI = "https://drive.google.com/file/d/1z0mreUtRmR-P-magILsDR3T7M6I
                                               "(adenocarcinoma vs normal) on a frozen VGG16 base.")
 def chest_ct_pipeline(
     data_uri: str = DEFAULT_DATA_URI,
-    image_size: int = d.IMAGE_SIZE,
-    epochs: int = d.EPOCHS,
-    batch_size: int = d.BATCH_SIZE,
-    learning_rate: float = d.LEARNING_RATE,
-    base_weights: str = d.BASE_WEIGHTS,
-    target_sensitivity: float = d.TARGET_SENSITIVITY,
-    threshold_folds: int = d.THRESHOLD_FOLDS,
-    seed: int = d.SEED,
-    deterministic: bool = d.DETERMINISTIC,
-    augment_copies: int = d.AUGMENT_COPIES,
-    fine_tune_epochs: int = d.FINE_TUNE_EPOCHS,
-    patience: int = d.PATIENCE,
-    valid_fraction: float = d.VALID_FRACTION,
-    test_fraction: float = d.TEST_FRACTION,
-    min_auc: float = d.MIN_AUC,
-    min_sensitivity: float = d.MIN_SENSITIVITY,
-    min_specificity: float = d.MIN_SPECIFICITY,
-    max_auc_drop: float = d.MAX_AUC_DROP,
-    min_compare_per_class: int = d.MIN_COMPARE_PER_CLASS,
-    registered_model_name: str = d.REGISTERED_MODEL,
-    experiment: str = d.EXPERIMENT,
+    image_size: int = defaults.IMAGE_SIZE,
+    epochs: int = defaults.EPOCHS,
+    batch_size: int = defaults.BATCH_SIZE,
+    learning_rate: float = defaults.LEARNING_RATE,
+    base_weights: str = defaults.BASE_WEIGHTS,
+    target_sensitivity: float = defaults.TARGET_SENSITIVITY,
+    threshold_folds: int = defaults.THRESHOLD_FOLDS,
+    seed: int = defaults.SEED,
+    deterministic: bool = defaults.DETERMINISTIC,
+    augment_copies: int = defaults.AUGMENT_COPIES,
+    fine_tune_epochs: int = defaults.FINE_TUNE_EPOCHS,
+    patience: int = defaults.PATIENCE,
+    valid_fraction: float = defaults.VALID_FRACTION,
+    test_fraction: float = defaults.TEST_FRACTION,
+    min_auc: float = defaults.MIN_AUC,
+    min_sensitivity: float = defaults.MIN_SENSITIVITY,
+    min_specificity: float = defaults.MIN_SPECIFICITY,
+    max_auc_drop: float = defaults.MAX_AUC_DROP,
+    min_compare_per_class: int = defaults.MIN_COMPARE_PER_CLASS,
+    registered_model_name: str = defaults.REGISTERED_MODEL,
+    experiment: str = defaults.EXPERIMENT,
     s3_endpoint_url: str = "",
     deploy_model: bool = True,
     model_store_uri: str = "s3://chest-ct-models/chest-ct",

@@ -47,8 +47,10 @@ def test_normalise_class_name(folder, expected):
 def test_presplit_layout_keeps_given_splits(tmp_path, presplit_dataset):
     report = build_dataset(presplit_dataset, tmp_path / "out", source_uri="local")
     assert report["layout"] == "pre-split"
-    assert report["counts"] == {"train": {"normal": 12, "adenocarcinoma": 14}, "valid": {"normal": 6, "adenocarcinoma": 6},
-                                "test": {"normal": 6, "adenocarcinoma": 6}, "excluded": {"normal": 0, "adenocarcinoma": 0}}
+    assert report["counts"] == {"train": {"normal": 12, "adenocarcinoma": 14},
+                                "valid": {"normal": 6, "adenocarcinoma": 6},
+                                "test": {"normal": 6, "adenocarcinoma": 6},
+                                "excluded": {"normal": 0, "adenocarcinoma": 0}}
     assert report["files"] == {"found": 50, "images": 50, "quarantined": 0, "ignored": 0}
     assert report["quarantined"] == [] and report["leaks"] == [] and report["excluded"] == []
     manifest = Manifest.load(tmp_path / "out")
@@ -217,13 +219,15 @@ def test_missing_class_folders(tmp_path):
     root = tmp_path / "d"
     (root / "images").mkdir(parents=True)
     (root / "labels").mkdir(parents=True)
-    with pytest.raises(DatasetError, match=r"no class folders for normal, adenocarcinoma \(found \['images', 'labels'\]\)"):
+    expected = r"no class folders for normal, adenocarcinoma \(found \['images', 'labels'\]\)"
+    with pytest.raises(DatasetError, match=expected):
         build_dataset(root, tmp_path / "out")
 
 
 def test_single_class(tmp_path):
     root = write_dataset(tmp_path / "d", {"train": {"adenocarcinoma": 3, "normal": 3}, "valid": {"normal": 3}})
-    with pytest.raises(DatasetError, match=r"d/valid: only \['normal'\] present, missing class folder\(s\) \['adenocarcinoma'\]"):
+    expected = r"d/valid: only \['normal'\] present, missing class folder\(s\) \['adenocarcinoma'\]"
+    with pytest.raises(DatasetError, match=expected):
         build_dataset(root, tmp_path / "out")
 
 

@@ -100,7 +100,7 @@ def test_the_seed_fixes_the_initial_weights():
         return build_model(SIZE, "none").get_weights()
 
     a, b, c = weights(5), weights(5), weights(6)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     assert not np.array_equal(a[0], c[0])
     with pytest.raises(ValueError, match="seed=-1"):
         seed_everything(-1)
@@ -131,7 +131,7 @@ def test_same_seed_same_run(manifest, trained):
     first, _ = trained
     again = fit(manifest, augment_copies=1)
     assert again.history == first.history
-    for x, y in zip(again.model.get_weights(), first.model.get_weights()):
+    for x, y in zip(again.model.get_weights(), first.model.get_weights(), strict=True):
         np.testing.assert_array_equal(x, y)
     np.testing.assert_array_equal(again.features.train_augmented[0], first.features.train_augmented[0])
     assert fit(manifest, seed=2, augment_copies=1).history != first.history
@@ -227,7 +227,7 @@ def test_fine_tuning_that_does_not_help_is_discarded(manifest):
     assert tuned.exported_stage == "head"
     assert (tuned.best_epoch, tuned.best_val_loss) == (head_only.best_epoch, head_only.best_val_loss), \
         "the logged best epoch describes the exported model"
-    for x, y in zip(tuned.model.get_weights(), head_only.model.get_weights()):
+    for x, y in zip(tuned.model.get_weights(), head_only.model.get_weights(), strict=True):
         np.testing.assert_array_equal(x, y)
 
 
@@ -264,7 +264,8 @@ def test_class_order_must_match_the_exported_names(tmp_path, presplit_dataset, m
 
     build_dataset(presplit_dataset, tmp_path / "data", classes=("adenocarcinoma", "normal"))
     build_model(SIZE, "none").save(tmp_path / "base.keras")
-    with pytest.raises(ValueError, match=r"dataset classes \['adenocarcinoma', 'normal'\] are not in the exported order"):
+    expected = r"dataset classes \['adenocarcinoma', 'normal'\] are not in the exported order"
+    with pytest.raises(ValueError, match=expected):
         train_and_export(tmp_path / "data", tmp_path / "base.keras", tmp_path / "out")
 
 

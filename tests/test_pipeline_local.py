@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from chest_ct.records import Manifest
 from pipelines.pipeline import chest_ct_pipeline
 from pipelines.run_local import declared_inputs, parse_params
-from chest_ct.records import Manifest
 from tests.conftest import write_dataset
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -56,11 +56,13 @@ def test_whole_pipeline_runs_locally(tmp_path):
     assert meta["mlflow_run_id"] == result["mlflow_run_id"] and meta["threshold"] == result["threshold"]
     assert meta["threshold_source"].startswith("out-of-fold")
     for unit in ("per_group", "per_image"):
-        assert {"roc_auc", "sensitivity", "specificity", "precision", "f1", "accuracy", "loss"} <= set(result["metrics"][unit])
+        assert {"roc_auc", "sensitivity", "specificity", "precision", "f1", "accuracy", "loss"} <= set(
+            result["metrics"][unit])
     report = json.loads(Path(result["validation_report"]).read_text())
     assert report["counts"]["test"] == {"normal": 5, "adenocarcinoma": 5}
     evaluation = json.loads(Path(result["evaluation_report"]).read_text())
-    assert evaluation["per_group"] == result["metrics"]["per_group"] and evaluation["decision"]["blessed"] == result["blessed"]
+    assert evaluation["per_group"] == result["metrics"]["per_group"]
+    assert evaluation["decision"]["blessed"] == result["blessed"]
     assert sorted(p.name for p in Path(result["plots"]).iterdir()) == [
         "confusion_matrix_per_group.png", "confusion_matrix_per_image.png", "roc_curve.png"]
     assert json.loads((tmp_path / "runs" / "latest.json").read_text()) == result
@@ -91,7 +93,8 @@ def test_reruns_repeat_and_a_moved_split_hides_the_champions_training_images(tmp
     assert again["metrics"] == first["metrics"] and again["threshold"] == first["threshold"], "same seed, same run"
     assert again["evaluation"]["champion"]["excluded_as_seen_by_champion"] == {}, "same split: nothing to hide"
 
-    champion_saw = {i["sha256"] for i in json.loads((Path(again["model_dir"]) / "fitted_images.json").read_text())["images"]}
+    record = json.loads((Path(again["model_dir"]) / "fitted_images.json").read_text())
+    champion_saw = {i["sha256"] for i in record["images"]}
     test = [r for r in Manifest.load(moved["dataset"]).role("test")]
     expected_hidden = {r.path for r in test if r.sha256 in champion_saw}
     champion = moved["evaluation"]["champion"]
