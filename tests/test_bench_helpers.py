@@ -1,10 +1,9 @@
 """The statistics and report plumbing of the benchmark scripts (the timings themselves are not tests)."""
 
 import numpy as np
-import pytest
 
 from bench import report
-from bench.quality import bootstrap, by_group, point_metrics
+from bench.quality import bootstrap, point_metrics
 
 
 def test_point_metrics_and_bootstrap_interval():
@@ -18,13 +17,6 @@ def test_point_metrics_and_bootstrap_interval():
         assert low <= point[name] <= high and 0 <= low <= high <= 1
     assert point_metrics(np.array([1, 1, 0]), np.array([0.9, 0.2, 0.1]), 0.5) == {
         "sensitivity": 0.5, "specificity": 1.0, "roc_auc": 1.0}
-
-
-def test_duplicate_groups_count_once_with_their_mean_probability():
-    records = [{"group": 0, "label": "adenocarcinoma"}, {"group": 0, "label": "adenocarcinoma"},
-               {"group": 1, "label": "normal"}]
-    y, p = by_group(records, np.array([0.2, 0.6, 0.3]), "adenocarcinoma")
-    assert y.tolist() == [1, 0] and p.tolist() == pytest.approx([0.4, 0.3])
 
 
 def test_write_section_replaces_only_its_own_block(tmp_path, monkeypatch):
