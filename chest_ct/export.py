@@ -1,11 +1,17 @@
 """Export the trained model as a self-contained TensorFlow SavedModel for serving.
 
-Signatures (both return ``{"probability": float32 [N]}``, the probability of the
-positive class):
+Every signature is one *input kind* followed by one *head*, so what train and
+serve must agree on (decoding, resizing, VGG16 preprocessing, and everything a
+head computes) is written once, here and in :mod:`chest_ct.preprocess`:
 
 - ``serving_default(images: string [N])``: encoded PNG/JPEG files; decoding,
   resizing and VGG16 preprocessing happen in the graph.
 - ``serve_pixels(pixels: float32 [N, H, W, 3])``: RGB pixels in 0..255 of any size.
+
+Both return ``probability`` (float32 ``[N]``, of the positive class).
+
+Adding an input kind (:data:`INPUT_KINDS`) or a head (:data:`HEADS`) adds its
+signatures for every combination; the names are listed in :data:`SIGNATURES`.
 
 ``model_metadata.json`` beside ``saved_model.pb`` holds what a server needs to
 turn probabilities into labels: class names, image size, decision threshold and
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,29 +36,68 @@ from chest_ct.model import image_size_of
 from chest_ct.preprocess import decode_and_resize, resize, to_model_input
 
 METADATA_FILE = "model_metadata.json"
-BYTES_SIGNATURE = "serving_default"
-PIXELS_SIGNATURE = "serve_pixels"
+#: Images decoded at once inside the bytes signature's map: bounds the decoded full-size images held in memory.
+DECODE_PARALLELISM = 2
+
+
+@dataclass(frozen=True)
+class InputKind:
+    """How one kind of request input becomes RGB pixels (float32 0..255) at the model's input size."""
+
+    argument: str
+    spec: tf.TensorSpec
+    describe: str
+    to_pixels: Callable[[tf.Tensor, int], tf.Tensor]
+
+
+def _decode_batch(images: tf.Tensor, size: int) -> tf.Tensor:
+    return tf.map_fn(lambda b: decode_and_resize(b, size), images, parallel_iterations=DECODE_PARALLELISM,
+                     fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
+
+
+INPUT_KINDS: dict[str, InputKind] = {
+    "images": InputKind("images", tf.TensorSpec([None], tf.string, name="images"),
+                        "encoded PNG/JPEG bytes [N]", _decode_batch),
+    "pixels": InputKind("pixels", tf.TensorSpec([None, None, None, 3], tf.float32, name="pixels"),
+                        "float32 RGB 0..255 [N, H, W, 3]", resize),
+}
+
+#: A head maps ``(model, model_input)`` to the signature's named outputs.
+Head = Callable[[keras.Model, tf.Tensor], dict[str, tf.Tensor]]
+
+
+def predict_head(model: keras.Model, model_input: tf.Tensor) -> dict[str, tf.Tensor]:
+    """The probability of the positive class, ``[N]``."""
+    return {"probability": tf.reshape(model(model_input, training=False), [-1])}
+
+
+HEADS: dict[str, Head] = {"predict": predict_head}
+
+#: (input kind, head) -> signature name. ``serving_default`` is what generic TF tooling calls.
+SIGNATURES: dict[tuple[str, str], str] = {
+    ("images", "predict"): "serving_default",
+    ("pixels", "predict"): "serve_pixels",
+}
+BYTES_SIGNATURE = SIGNATURES["images", "predict"]
+PIXELS_SIGNATURE = SIGNATURES["pixels", "predict"]
+
+
+def _signature(model: keras.Model, kind: InputKind, head: Head, size: int) -> tf.types.experimental.GenericFunction:
+    @tf.function(input_signature=[kind.spec])
+    def serve(batch: tf.Tensor) -> dict[str, tf.Tensor]:
+        return head(model, to_model_input(kind.to_pixels(batch, size)))
+
+    return serve
 
 
 def export_saved_model(model: keras.Model, out_dir: Path, metadata: dict[str, Any]) -> Path:
-    """Write the SavedModel and its metadata to ``out_dir``; return ``out_dir``."""
+    """Write the SavedModel with every signature of :data:`SIGNATURES` and its metadata; return ``out_dir``."""
     out_dir = Path(out_dir)
     size = image_size_of(model)
-
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
-    def serve_bytes(images: tf.Tensor) -> dict[str, tf.Tensor]:
-        pixels = tf.map_fn(lambda b: decode_and_resize(b, size), images,
-                           fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
-        return {"probability": tf.reshape(model(to_model_input(pixels), training=False), [-1])}
-
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="pixels")])
-    def serve_pixels(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
-        return {"probability": tf.reshape(model(to_model_input(resize(pixels, size)), training=False), [-1])}
-
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint(BYTES_SIGNATURE, serve_bytes)
-    archive.add_endpoint(PIXELS_SIGNATURE, serve_pixels)
+    for (kind_name, head_name), signature in SIGNATURES.items():
+        archive.add_endpoint(signature, _signature(model, INPUT_KINDS[kind_name], HEADS[head_name], size))
     archive.write_out(str(out_dir), verbose=False)
     write_metadata(out_dir, {
         "format_version": 1,
@@ -60,8 +106,8 @@ def export_saved_model(model: keras.Model, out_dir: Path, metadata: dict[str, An
         "image_size": size,
         "threshold": 0.5,
         "threshold_source": "default (not yet evaluated)",
-        "signatures": {BYTES_SIGNATURE: "images: encoded PNG/JPEG bytes [N]",
-                       PIXELS_SIGNATURE: "pixels: float32 RGB 0..255 [N, H, W, 3]"},
+        "signatures": {signature: f"{INPUT_KINDS[kind].argument}: {INPUT_KINDS[kind].describe} -> {head}"
+                       for (kind, head), signature in SIGNATURES.items()},
         "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
         **metadata,
     })
