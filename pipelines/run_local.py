@@ -16,35 +16,18 @@ import sys
 import warnings
 from pathlib import Path
 
+from pipelines import params
+from pipelines.params import declared_inputs
+
 PROJECT = Path(__file__).resolve().parent.parent
-TYPES = {"String": str, "Integer": int, "Float": float}
 
 
 def parse_params(pairs: list[str], declared: dict[str, str]) -> dict:
-    """``name=value`` strings -> typed pipeline arguments, checked against the pipeline's inputs."""
-    out: dict = {}
-    for pair in pairs:
-        name, sep, raw = pair.partition("=")
-        name = name.strip()
-        if not sep or not name:
-            raise SystemExit(f"parameter {pair!r}: expected name=value")
-        if name not in declared:
-            raise SystemExit(f"parameter {name!r}: unknown; the pipeline takes {', '.join(sorted(declared))}")
-        kind = declared[name]
-        if kind == "Boolean":
-            if raw.lower() not in {"true", "false", "1", "0", "yes", "no"}:
-                raise SystemExit(f"parameter {name}={raw!r}: expected true or false")
-            out[name] = raw.lower() in {"true", "1", "yes"}
-            continue
-        try:
-            out[name] = TYPES[kind](raw)
-        except ValueError:
-            raise SystemExit(f"parameter {name}={raw!r}: expected {TYPES[kind].__name__}") from None
-    return out
-
-
-def declared_inputs(pipeline) -> dict[str, str]:
-    return {name: spec.type for name, spec in pipeline.component_spec.inputs.items()}
+    """``name=value`` strings -> typed pipeline arguments (the parser ``pipelines.submit`` uses too)."""
+    try:
+        return params.parse_params(pairs, declared)
+    except params.ParameterError as err:
+        raise SystemExit(str(err)) from None
 
 
 def prepare_mlflow() -> str:
