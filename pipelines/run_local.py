@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # kfp.local honours retry policies: a bad data_uri should fail now, not after minutes of backoff.
     os.environ.setdefault("CHEST_CT_INGEST_RETRIES", "0")
+    # No GPU node pool here: the train step must not expect one (pipelines/cluster.py, chest_ct/devices.py).
+    os.environ.setdefault("CHEST_CT_GPU_COUNT", "0")
     # kfp.local warns that the components name a container image; here they run in this venv on purpose.
     warnings.filterwarnings("ignore", message=".*non-Python base image.*")
     from kfp import local
