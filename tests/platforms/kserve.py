@@ -112,6 +112,12 @@ class Release:
                           + ", ".join(f'"{m}"' for m in sorted(_SCALE_METRICS)))
         return unknown
 
+    def unknown_fields_of(self, obj: dict[str, Any], type_name: str) -> list[str]:
+        """Unknown field paths of ``obj`` read as the release's API type ``type_name``."""
+        unknown: list[str] = []
+        self._walk(obj, type_name, "", unknown)
+        return unknown
+
     def prune(self, obj: dict[str, Any], paths: list[str]) -> dict[str, Any]:
         pruned = copy.deepcopy(obj)
         for path in paths:
@@ -138,7 +144,7 @@ class Release:
             inner = type_name[type_name.index(",") + 1:-1].strip()
             quantity = path.endswith((".limits", ".requests")) or inner == "ResourceQuantity"
             for key, item in value.items():
-                self._walk(item, "quantity" if quantity else inner, f"{path}.{key}", unknown)
+                self._walk(item, "quantity" if quantity else inner, _join(path, key), unknown)
             return
         primitive = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "datetime": (str,),
                      "date": (str,), "object": (object,), "quantity": (str, int, float),
@@ -156,9 +162,9 @@ class Release:
         by_key = {key: attr for attr, key in attribute_map.items()}
         for key, item in value.items():
             if key not in by_key or (type_name == "V1beta1PredictorSpec" and key == "ephemeralContainers"):
-                unknown.append(f"{path}.{key}")
+                unknown.append(_join(path, key))
             else:
-                self._walk(item, types[by_key[key]], f"{path}.{key}", unknown)
+                self._walk(item, types[by_key[key]], _join(path, key), unknown)
 
     def _model(self, type_name: str) -> tuple[dict[str, str], dict[str, str]]:
         kserve = sdk_models(self.version).get(type_name)
@@ -225,6 +231,10 @@ class Release:
 
     def is_knative(self, mode: str) -> bool:
         return mode in ("Serverless", "Knative")
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
 
 
 @dataclass

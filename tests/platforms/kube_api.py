@@ -85,7 +85,7 @@ class FakeKubeApi:
         warnings: list[str] = []
         try:
             namespace, name = self._route(path)
-            record.user = self._authorize(method, headers, namespace, name)
+            self._authorize(method, headers, namespace, name)
             if method == "GET" and name:
                 return 200, self._get(namespace, name), warnings
             if method == "POST" and not name:
@@ -116,6 +116,7 @@ class FakeKubeApi:
         user = self.tokens.get(token)
         if user is None:
             raise _Failure(401, "Unauthorized", "Unauthorized")
+        self.requests[-1].user = user
         verb = {"GET": "get", "POST": "create", "PATCH": "patch"}.get(method, method.lower())
         request = RbacRequest(user, verb, namespace, "serving.kserve.io", "inferenceservices", name)
         if not self.authorizer.allowed(request):
