@@ -9,9 +9,13 @@ def base_model(model: Output[Model], image_size: int = 224, base_weights: str = 
     """VGG16 without top, frozen, plus a new classification head, saved as ``model.keras``."""
     from pathlib import Path
 
-    from chest_ct.model import build_model
+    from chest_ct.model import WeightsDownloadError, build_model
 
     out = Path(model.path)
     out.mkdir(parents=True, exist_ok=True)
-    build_model(image_size, base_weights).save(out / "model.keras")
+    try:
+        built = build_model(image_size, base_weights)
+    except WeightsDownloadError as err:  # one line naming the URL and what to pass instead, no traceback
+        raise SystemExit(f"base model: {err}") from None
+    built.save(out / "model.keras")
     model.metadata.update(image_size=image_size, base_weights=base_weights, framework="keras")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -28,6 +29,29 @@ def parse_params(pairs: list[str], declared: dict[str, str]) -> dict:
         return params.parse_params(pairs, declared)
     except params.ParameterError as err:
         raise SystemExit(str(err)) from None
+
+
+class _StepOutput:
+    """A stdout that keeps the last line each failed step wrote (kfp.local prints steps and its log here)."""
+
+    _LOG = re.compile(r"^\d\d:\d\d:\d\d\.\d+ - [A-Z]+ - (.*)")
+    _FAILED = re.compile(r"Task '([^']+)' finished with status FAILURE")
+
+    def __init__(self, stream):
+        self.stream, self.last, self.failed = stream, "(no output)", {}
+
+    def write(self, text: str) -> int:
+        for line in re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines():
+            log = self._LOG.match(line)
+            failed = self._FAILED.search(log.group(1)) if log else None
+            if failed:
+                self.failed.setdefault(failed.group(1), self.last)
+            elif not log and line.strip(" -="):
+                self.last = line.strip()
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
 
 
 def prepare_mlflow() -> str:
@@ -69,11 +93,19 @@ def main(argv: list[str] | None = None) -> int:
     runs_dir = Path(args.runs_dir).resolve()
     tracking_uri = prepare_mlflow()
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(runs_dir))
+    steps_output = _StepOutput(sys.stdout)
     try:
+        sys.stdout = steps_output
         outputs = chest_ct_pipeline(data_uri=data, **params).outputs
     except RuntimeError as exc:
-        print(f"pipeline failed: {exc} (the failing step's error is printed above)", file=sys.stderr)
+        # End on one line: the failed step's last words (components exit with one line on download
+        # failures), not kfp's "Inner task failed" summary.
+        step = re.search(r"Inner task failed: '([^']+)'", re.sub(r"\x1b\[[0-9;]*m", "", str(exc)))
+        name = step.group(1) if step else next(iter(steps_output.failed), "?")
+        print(f"pipeline failed at step {name!r}: {steps_output.failed.get(name, exc)}", file=sys.stderr)
         return 1
+    finally:
+        sys.stdout = steps_output.stream
     model_dir = Path(outputs["model"].path)
     metadata = json.loads((model_dir / "model_metadata.json").read_text())
     result = {
