@@ -84,7 +84,7 @@ class Status:
     def of(cls, obj: Mapping[str, Any]) -> Status:
         status = obj.get("status") or {}
         predictor = (status.get("components") or {}).get("predictor") or {}
-        ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+        ready: dict[str, Any] = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
         return cls(
             generation=int((obj.get("metadata") or {}).get("generation") or 0),
             observed_generation=int(status.get("observedGeneration") or 0),

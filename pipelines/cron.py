@@ -64,7 +64,7 @@ def validate_cron(expression: str) -> str:
     if len(fields) != 6:
         raise CronError(f"cron: expected 6 space-separated fields ({' '.join(FIELDS)}) or a descriptor such as "
                         f"@daily, got {len(fields)} in {expression!r}")
-    for value, name in zip(fields, FIELDS):
+    for value, name in zip(fields, FIELDS, strict=True):
         _check_field(value, name)
     next_runs(text, 1)  # croniter: anything it still cannot schedule (e.g. 31 February)
     return text

@@ -153,7 +153,7 @@ def test_the_portable_spec_says_the_same_as_kfp_kubernetes(default, tmp_path):
     _, theirs = yaml.safe_load_all(plain.read_text())
     theirs = theirs["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     for executor, config in theirs.items():
-        for original, portable in zip(config["secretAsEnv"], ours[executor]["secretAsEnv"]):
+        for original, portable in zip(config["secretAsEnv"], ours[executor]["secretAsEnv"], strict=True):
             assert original["optional"] is False  # the default, so dropping it changes nothing
             assert original["secretNameParameter"] == {"runtimeValue": {"constant": original["secretName"]}}
             assert portable == {k: v for k, v in original.items() if k not in ("optional", "secretNameParameter")}

@@ -178,8 +178,8 @@ def test_every_workload_pod_is_admitted_under_restricted(overlay):
     _, docs = overlay
     pods = [*workload_pods(docs), *workload_pods(kustomize(MANIFESTS / "gpu-smoke-test"))]
     assert {label for label, _, _ in pods} == {"Deployment/mlflow", "Job/gpu-smoke-test"}
-    for label, pod, annotations in pods:
-        assert pod_security.violations(pod, annotations) == [], label
+    for label, pod, pod_annotations in pods:
+        assert pod_security.violations(pod, pod_annotations) == [], label
 
 
 @pytest.mark.parametrize("version", RELEASES)
@@ -190,12 +190,12 @@ def test_the_complete_model_server_pod_is_admitted_under_restricted(version, mod
     release = Release(version)
     obj = isvc.inference_service("s3://chest-ct-models/chest-ct/run-1", kserve_version=version, deployment_mode=mode)
     accounts = {sa["metadata"]["name"]: sa for sa in by_kind(docs, "ServiceAccount")}
-    pod, annotations = serving_pod(obj, release, [storage_container], accounts)
+    pod, pod_annotations = serving_pod(obj, release, [storage_container], accounts)
 
     names = [c["name"] for c in pod_security.containers(pod)]
     expected = ["storage-initializer", "kserve-container"] + (["queue-proxy"] if mode == "Knative" else [])
     assert names == expected
-    assert pod_security.violations(pod, annotations) == []
+    assert pod_security.violations(pod, pod_annotations) == []
     [initializer] = pod["initContainers"]
     assert "image" not in storage_container["spec"]["container"]  # KServe keeps its own release's image
     assert initializer["image"] == f"kserve/storage-initializer:v{version}"
@@ -207,8 +207,8 @@ def test_with_kserves_default_storage_container_the_pod_is_rejected(version):
     """Defect 1: the pod KServe creates by default fails "restricted" on its storage initializer."""
     release = Release(version)
     obj = isvc.inference_service("s3://chest-ct-models/chest-ct/run-1", kserve_version=version)
-    pod, annotations = serving_pod(obj, release, [kserve_default_storage_container(version)])
-    problems = pod_security.violations(pod, annotations)
+    pod, pod_annotations = serving_pod(obj, release, [kserve_default_storage_container(version)])
+    problems = pod_security.violations(pod, pod_annotations)
     assert problems and all("storage-initializer" in p for p in problems)
     assert any(p.startswith("allowPrivilegeEscalation") for p in problems)
 

@@ -326,7 +326,7 @@ class Controller:
         if latest.state == "False":
             condition.update(reason="RevisionFailed", message=latest.message)
         elif latest.state == "Unknown":
-            condition.update(reason="RevisionMissing", message=f"Configuration is waiting for a Revision to become ready.")
+            condition.update(reason="RevisionMissing", message="Configuration is waiting for a Revision to become ready.")
         obj["status"]["conditions"] = [condition]
         obj["status"]["observedGeneration"] = obj["metadata"]["generation"]
         if latest.state == "True":

@@ -137,7 +137,7 @@ class FakeKubeApi:
         try:
             unknown = self.release.unknown_fields(obj)
         except Invalid as err:
-            raise _Failure(422, "Invalid", f'InferenceService.serving.kserve.io "{name}" is invalid: {err.message}')
+            raise _Failure(422, "Invalid", f'InferenceService.serving.kserve.io "{name}" is invalid: {err.message}') from None
         if unknown and query.get("fieldValidation") == "Strict":
             fields = ", ".join(f'unknown field "{u}"' for u in unknown)
             raise _Failure(400, "BadRequest", 'InferenceService in version "v1beta1" cannot be handled as a '
@@ -149,7 +149,7 @@ class FakeKubeApi:
         try:
             self.release.admit(new, old)
         except Invalid as err:
-            raise _Failure(403, "Forbidden", f'admission webhook "{WEBHOOK}" denied the request: {err.message}')
+            raise _Failure(403, "Forbidden", f'admission webhook "{WEBHOOK}" denied the request: {err.message}') from None
 
     def _create(self, namespace: str, body: Any, query: dict[str, str], warnings: list[str]) -> dict:
         if not isinstance(body, dict) or not body.get("metadata", {}).get("name"):
