@@ -148,7 +148,7 @@ class FakeKfp:
         if route == ("GET", "/apis/v2beta1/pipelines"):
             namespace = self._namespace(q.get("namespace"))
             self._authorize(request, namespace)
-            visible = [p for p in self.pipelines.values() if p["namespace"] in ("", namespace)]
+            visible = [p for p in self.pipelines.values() if p["namespace"] == namespace]  # "" lists shared ones
             return {"pipelines": [_public(p) for p in _filtered(visible, q.get("filter"))]}
         if route == ("POST", "/apis/v2beta1/pipelines/upload"):
             namespace = self._namespace(q.get("namespace"))

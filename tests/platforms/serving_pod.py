@@ -9,8 +9,9 @@ Ported from the sources of the versions Kubeflow 1.10/1.11 ship:
   ``[<uri>, /mnt/models]``; no securityContext), then strategic-merged with the
   first enabled ClusterStorageContainer whose ``supportedUriFormats`` match the
   URI (``mergeContainerSpecs``); an emptyDir ``kserve-provision-location``
-  mounted read-only on /mnt/models in ``kserve-container``; S3 credentials from
-  the service account's Secrets as env vars. Which ClusterStorageContainer
+  mounted read-only on /mnt/models in ``kserve-container``, whose STORAGE_URI
+  then reads /mnt/models; S3 credentials from the service account's Secrets
+  as env vars. Which ClusterStorageContainer
   matches first is the order of a cached List, which is not sorted, so only
   a cluster with one matching container is predictable.
 - Knative Serving v1.16.2 (Kubeflow 1.10.x/1.11.0; pkg/reconciler/revision/
@@ -152,6 +153,9 @@ def serving_pod(obj: Mapping[str, Any], release: Release, storage_containers: Se
         pod["volumes"] = [*pod.get("volumes", []), {"name": "kserve-provision-location", "emptyDir": {}}]
         user["volumeMounts"] = [*user.get("volumeMounts", []),
                                 {"name": "kserve-provision-location", "mountPath": "/mnt/models", "readOnly": True}]
+        for env in user.get("env") or []:  # the server reads the local copy
+            if env["name"] == "STORAGE_URI":
+                env["value"] = "/mnt/models"
         annotations["internal.serving.kserve.io/storage-initializer-sourceuri"] = uri
     return pod, annotations
 
