@@ -7,6 +7,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CHECKOV_VENV := .venv-checkov
 CHECKOV_VERSION ?= 3.3.30
+# Platform packages the tests read (KFP backend protos, KServe API types), downloaded, never installed.
+PLATFORMS := .venv-platforms
 
 # The public zip of the original tutorials; on a machine without internet use a local copy:
 #   make run DATA=../shared/data/chest-ct
@@ -19,11 +21,20 @@ PYTEST_ARGS ?=
 
 .PHONY: venv run serve test compile bench upload submit schedule clean
 
-$(VENV)/.installed: requirements.lock pyproject.toml
+# Runtime lock (what the training image installs) plus the test-only lock.
+$(VENV)/.installed: requirements.lock requirements-test.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet -r requirements.lock -r requirements-test.lock
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+# One pip download per line: the file pins several versions of the same package on purpose.
+$(PLATFORMS)/.downloaded: requirements-platforms.lock $(VENV)/.installed
+	mkdir -p $(PLATFORMS)
+	grep -v '^#' requirements-platforms.lock | grep . | while read -r pin; do \
+		$(PY) -m pip download --quiet --no-deps --require-hashes --dest $(PLATFORMS) -r <(echo "$$pin") || exit 1; \
+	done
 	touch $@
 
 # checkov pins packaging<24, which breaks pytest in the same env: it gets its own venv.
@@ -41,7 +52,7 @@ serve: $(VENV)/.installed
 	@test -n "$(MODEL_DIR)" || { echo "no model: run 'make run' first or pass MODEL_DIR=<SavedModel dir>" >&2; exit 2; }
 	$(PY) -m serving --model_dir "$(MODEL_DIR)" --http_port $(HTTP_PORT) --grpc_port $(GRPC_PORT)
 
-test: $(VENV)/.installed $(CHECKOV_VENV)/.installed
+test: $(VENV)/.installed $(CHECKOV_VENV)/.installed $(PLATFORMS)/.downloaded
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Benchmarks on ../shared/data/chest-ct (each prints a table and a JSON line, and updates docs/benchmarks.md).
@@ -64,4 +75,4 @@ schedule: $(VENV)/.installed
 	$(PY) -m pipelines.submit schedule --cron "$(CRON)" $(foreach p,$(PARAMS),--param $(p))
 
 clean:
-	rm -rf runs mlartifacts mlflow.db .pytest_cache
+	rm -rf runs mlartifacts mlflow.db .pytest_cache $(PLATFORMS)

@@ -12,6 +12,8 @@ from chest_ct.archive import extract_zip
 
 DRIVE_HOSTS = {"drive.google.com", "docs.google.com"}
 SUPPORTED = "gdrive://FILE_ID, https://drive.google.com/..., s3://bucket/key, file://path or a local path"
+#: What to pass instead when a download fails (no internet, air-gapped cluster).
+OFFLINE_HINT = "pass a local folder or zip (make run DATA=../shared/data/chest-ct) or s3://<bucket>/<key> instead"
 
 
 class DataSourceError(ValueError):
@@ -39,7 +41,8 @@ def _download_drive(uri: str, workdir: Path) -> Path:
     try:
         result = gdown.download(id=file_id, output=str(target), quiet=True)
     except Exception as exc:  # gdown raises many types: network, quota, permission
-        raise DataSourceError(f"data_uri {uri!r}: Google Drive download of file {file_id} failed: {exc}") from exc
+        raise DataSourceError(f"data_uri {uri!r}: Google Drive download of file {file_id} failed "
+                              f"({' '.join(str(exc).split())}); {OFFLINE_HINT}") from exc
     if not result or not target.exists():
         raise DataSourceError(f"data_uri {uri!r}: Google Drive returned no file for id {file_id} (is it shared publicly?)")
     return target
@@ -77,7 +80,8 @@ def _download_s3(uri: str, workdir: Path, endpoint_url: str | None) -> Path:
             raise DataSourceError(f"data_uri {uri!r}: no objects under s3://{bucket}/{prefix}")
         return root
     except (BotoCoreError, ClientError) as exc:
-        raise DataSourceError(f"data_uri {uri!r}: S3 download failed: {exc}") from exc
+        raise DataSourceError(f"data_uri {uri!r}: S3 download failed ({' '.join(str(exc).split())}); check "
+                              "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_ENDPOINT_URL") from exc
 
 
 def fetch(uri: str, workdir: Path, *, s3_endpoint_url: str | None = None, max_files: int | None = None,

@@ -10,10 +10,14 @@ def base_model(model: Output[Model], image_size: int, base_weights: str, seed: i
     from pathlib import Path
 
     from chest_ct.determinism import seed_everything
-    from chest_ct.model import build_model
+    from chest_ct.model import WeightsDownloadError, build_model
 
     seed_everything(seed)
     out = Path(model.path)
     out.mkdir(parents=True, exist_ok=True)
-    build_model(image_size, base_weights).save(out / "model.keras")
+    try:
+        built = build_model(image_size, base_weights)
+    except WeightsDownloadError as err:  # one line naming the URL and what to pass instead, no traceback
+        raise SystemExit(f"base model: {err}") from None
+    built.save(out / "model.keras")
     model.metadata.update(image_size=image_size, base_weights=base_weights, seed=seed, framework="keras")

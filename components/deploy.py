@@ -12,20 +12,24 @@ def deploy(
     mlflow_run_id: str,
     model_store_uri: str,
     serving_image: str,
-    inference_service_name: str = "chest-ct",
-    namespace: str = "chest-ct",
-    canary_traffic_percent: int = 0,
-    s3_endpoint_url: str = "",
+    inference_service_name: str,
+    namespace: str,
+    canary_traffic_percent: int,
+    kserve_version: str,
+    ready_timeout_seconds: int,
+    s3_endpoint_url: str,
 ) -> NamedTuple("DeployOutputs", [("storage_uri", str)]):
-    """Upload the blessed SavedModel to the model store and roll the InferenceService to it."""
+    """Upload the blessed SavedModel, roll the InferenceService to it and wait until it serves."""
     from pathlib import Path
 
-    from chest_ct.deploy import apply_inference_service, inference_service, upload_model_dir
+    from chest_ct.deploy import deploy_model
 
-    storage_uri = upload_model_dir(Path(model.path), f"{model_store_uri.rstrip('/')}/{mlflow_run_id}",
-                                   s3_endpoint_url or None)
-    service = inference_service(inference_service_name, namespace, serving_image, storage_uri,
-                                canary_traffic_percent=canary_traffic_percent or None)
-    apply_inference_service(service, namespace)
-    print(f"InferenceService {namespace}/{inference_service_name} now serves {storage_uri}", flush=True)
-    return (storage_uri,)
+    done = deploy_model(
+        Path(model.path), model_store_uri=model_store_uri, version=mlflow_run_id, name=inference_service_name,
+        namespace=namespace, image=serving_image, kserve_version=kserve_version,
+        canary_traffic_percent=canary_traffic_percent or None, s3_endpoint_url=s3_endpoint_url or None,
+        ready_timeout_s=ready_timeout_seconds,
+    )
+    print(f"InferenceService {namespace}/{inference_service_name} {done.change.action}: {done.change.note}", flush=True)
+    print(f"serving {done.storage_uri}: {done.status.describe()}", flush=True)
+    return (done.storage_uri,)

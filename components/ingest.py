@@ -25,11 +25,14 @@ def ingest(
     from chest_ct import show_progress
     from chest_ct.ingest import build_dataset
     from chest_ct.ingest_report import report_markdown
-    from chest_ct.sources import fetch
+    from chest_ct.sources import DataSourceError, fetch
 
     show_progress()
     with tempfile.TemporaryDirectory() as tmp:
-        root = fetch(data_uri, Path(tmp), s3_endpoint_url=s3_endpoint_url or None)
+        try:
+            root = fetch(data_uri, Path(tmp), s3_endpoint_url=s3_endpoint_url or None)
+        except DataSourceError as err:  # one line naming the URI and what to pass instead, no traceback
+            raise SystemExit(f"ingest: {err}") from None
         report = build_dataset(root, Path(dataset.path), seed=seed, valid_fraction=valid_fraction,
                                test_fraction=test_fraction, source_uri=data_uri)
     Path(validation_report.path).write_text(json.dumps(report, indent=2))

@@ -29,9 +29,11 @@ def train(
     from pathlib import Path
 
     from chest_ct import show_progress
+    from chest_ct.devices import check_gpus, expected_gpus
     from chest_ct.train import train_and_export
 
     show_progress()
+    check_gpus(expected_gpus())  # GPUs requested but invisible to TensorFlow: stop now, not after hours on CPU
     run_id = train_and_export(
         Path(dataset.path), Path(base_model.path) / "model.keras", Path(model.path),
         experiment=experiment, tags={"kfp_run": pipeline_run} if pipeline_run else None,

@@ -19,6 +19,8 @@ import os
 from kfp import kubernetes
 from kfp.dsl import PipelineTask
 
+from chest_ct.devices import EXPECTED_GPUS_ENV
+
 GPU_COUNT = int(os.environ.get("CHEST_CT_GPU_COUNT", "1"))
 GPU_RESOURCE = os.environ.get("CHEST_CT_GPU_RESOURCE", "nvidia.com/gpu")
 GPU_NODE_SELECTOR = os.environ.get("CHEST_CT_GPU_NODE_SELECTOR", "cloud.google.com/gke-accelerator=nvidia-tesla-t4")
@@ -65,6 +67,8 @@ def configure(task: PipelineTask, step: str, *, gpu: bool = False, cache: bool =
             kubernetes.add_node_selector(task, label_key=key, label_value=value)
         if GPU_TOLERATION_KEY:
             kubernetes.add_toleration(task, key=GPU_TOLERATION_KEY, operator="Exists", effect="NoSchedule")
+        # The step checks TensorFlow sees them, rather than silently training on CPU (chest_ct/devices.py).
+        task.set_env_variable(EXPECTED_GPUS_ENV, str(GPU_COUNT))
     for secret, keys in SECRET_ENV.items():
         kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env={k: k for k in keys})
     return task

@@ -12,6 +12,8 @@ from kfp import dsl
 from kfp.dsl import Artifact, Model
 
 from chest_ct import defaults
+from chest_ct.deploy import DEFAULT_READY_TIMEOUT_S
+from chest_ct.inference_service import DEFAULT_IMAGE, DEFAULT_KSERVE_VERSION
 from components import base_model, deploy, evaluate, ingest, train
 from pipelines.cluster import INGEST_RETRIES, configure
 
@@ -57,10 +59,12 @@ def chest_ct_pipeline(
     s3_endpoint_url: str = "",
     deploy_model: bool = True,
     model_store_uri: str = "s3://chest-ct-models/chest-ct",
-    serving_image: str = "ghcr.io/chest-ct/chest-ct-serve:0.1.0",
+    serving_image: str = DEFAULT_IMAGE,
     inference_service_name: str = "chest-ct",
     serving_namespace: str = "chest-ct",
     canary_traffic_percent: int = 0,
+    kserve_version: str = DEFAULT_KSERVE_VERSION,
+    ready_timeout_seconds: int = DEFAULT_READY_TIMEOUT_S,
 ) -> PipelineOutputs:
     # The source behind a fixed URI changes between scheduled runs: never reuse a cached download.
     ingest_task = ingest(data_uri=data_uri, seed=seed, valid_fraction=valid_fraction, test_fraction=test_fraction,
@@ -89,7 +93,8 @@ def chest_ct_pipeline(
                 model=eval_task.outputs["evaluated_model"], mlflow_run_id=train_task.outputs["mlflow_run_id"],
                 model_store_uri=model_store_uri, serving_image=serving_image,
                 inference_service_name=inference_service_name, namespace=serving_namespace,
-                canary_traffic_percent=canary_traffic_percent, s3_endpoint_url=s3_endpoint_url,
+                canary_traffic_percent=canary_traffic_percent, kserve_version=kserve_version,
+                ready_timeout_seconds=ready_timeout_seconds, s3_endpoint_url=s3_endpoint_url,
             ).set_display_name("deploy")
             configure(deploy_task, "deploy", cache=False)
     return PipelineOutputs(model=eval_task.outputs["evaluated_model"],

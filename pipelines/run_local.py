@@ -12,39 +12,46 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
 
+from pipelines import params
+from pipelines.params import declared_inputs
+
 PROJECT = Path(__file__).resolve().parent.parent
-TYPES = {"String": str, "Integer": int, "Float": float}
 
 
 def parse_params(pairs: list[str], declared: dict[str, str]) -> dict:
-    """``name=value`` strings -> typed pipeline arguments, checked against the pipeline's inputs."""
-    out: dict = {}
-    for pair in pairs:
-        name, sep, raw = pair.partition("=")
-        name = name.strip()
-        if not sep or not name:
-            raise SystemExit(f"parameter {pair!r}: expected name=value")
-        if name not in declared:
-            raise SystemExit(f"parameter {name!r}: unknown; the pipeline takes {', '.join(sorted(declared))}")
-        kind = declared[name]
-        if kind == "Boolean":
-            if raw.lower() not in {"true", "false", "1", "0", "yes", "no"}:
-                raise SystemExit(f"parameter {name}={raw!r}: expected true or false")
-            out[name] = raw.lower() in {"true", "1", "yes"}
-            continue
-        try:
-            out[name] = TYPES[kind](raw)
-        except ValueError:
-            raise SystemExit(f"parameter {name}={raw!r}: expected {TYPES[kind].__name__}") from None
-    return out
+    """``name=value`` strings -> typed pipeline arguments (the parser ``pipelines.submit`` uses too)."""
+    try:
+        return params.parse_params(pairs, declared)
+    except params.ParameterError as err:
+        raise SystemExit(str(err)) from None
 
 
-def declared_inputs(pipeline) -> dict[str, str]:
-    return {name: spec.type for name, spec in pipeline.component_spec.inputs.items()}
+class _StepOutput:
+    """A stdout that keeps the last line each failed step wrote (kfp.local prints steps and its log here)."""
+
+    _LOG = re.compile(r"^\d\d:\d\d:\d\d\.\d+ - [A-Z]+ - (.*)")
+    _FAILED = re.compile(r"Task '([^']+)' finished with status FAILURE")
+
+    def __init__(self, stream):
+        self.stream, self.last, self.failed = stream, "(no output)", {}
+
+    def write(self, text: str) -> int:
+        for line in re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines():
+            log = self._LOG.match(line)
+            failed = self._FAILED.search(log.group(1)) if log else None
+            if failed:
+                self.failed.setdefault(failed.group(1), self.last)
+            elif not log and line.strip(" -="):
+                self.last = line.strip()
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
 
 
 def prepare_mlflow() -> str:
@@ -70,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # kfp.local honours retry policies: a bad data_uri should fail now, not after minutes of backoff.
     os.environ.setdefault("CHEST_CT_INGEST_RETRIES", "0")
+    # No GPU node pool here: the train step must not expect one (pipelines/cluster.py, chest_ct/devices.py).
+    os.environ.setdefault("CHEST_CT_GPU_COUNT", "0")
     # kfp.local warns that the components name a container image; here they run in this venv on purpose.
     warnings.filterwarnings("ignore", message=".*non-Python base image.*")
     from kfp import local
@@ -84,11 +93,19 @@ def main(argv: list[str] | None = None) -> int:
     runs_dir = Path(args.runs_dir).resolve()
     tracking_uri = prepare_mlflow()
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(runs_dir))
+    steps_output = _StepOutput(sys.stdout)
     try:
+        sys.stdout = steps_output
         outputs = chest_ct_pipeline(data_uri=data, **params).outputs
     except RuntimeError as exc:
-        print(f"pipeline failed: {exc} (the failing step's error is printed above)", file=sys.stderr)
+        # End on one line: the failed step's last words (components exit with one line on download
+        # failures), not kfp's "Inner task failed" summary.
+        step = re.search(r"Inner task failed: '([^']+)'", re.sub(r"\x1b\[[0-9;]*m", "", str(exc)))
+        name = step.group(1) if step else next(iter(steps_output.failed), "?")
+        print(f"pipeline failed at step {name!r}: {steps_output.failed.get(name, exc)}", file=sys.stderr)
         return 1
+    finally:
+        sys.stdout = steps_output.stream
     model_dir = Path(outputs["model"].path)
     metadata = json.loads((model_dir / "model_metadata.json").read_text())
     evaluation = metadata.get("evaluation", {})

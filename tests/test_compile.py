@@ -111,3 +111,92 @@ def test_bad_compile_settings_are_named(tmp_path):
     with pytest.raises(subprocess.CalledProcessError) as err:
         compile_with(tmp_path, CHEST_CT_GPU_NODE_SELECTOR="gpu-pool")
     assert "CHEST_CT_GPU_NODE_SELECTOR='gpu-pool': expected key=value" in err.value.stderr.decode()
+
+
+# ------------------------------------------------- what each supported backend parses
+
+
+@pytest.mark.parametrize("backend", ["2.4.1", "2.5.0", "2.15.0"])
+def test_every_supported_backend_parses_the_compiled_pipeline_strictly(default, backend):
+    """The API server (PipelineSpec, PlatformSpec) and the driver (KubernetesExecutorConfig), unknown fields failing."""
+    from tests.platforms.kfp_protos import backend as protos
+
+    path, _, _ = default
+    pipeline, platform = yaml.safe_load_all(path.read_text())
+    protos(backend).check_pipeline(pipeline, platform)
+
+
+@pytest.mark.parametrize("backend", ["2.4.1", "2.5.0"])
+def test_kfp_kubernetes_unmodified_output_is_what_older_backends_cannot_read(backend, tmp_path):
+    """Defect 2: what kfp-kubernetes 2.17 writes fails the older protos; pipelines/compile.py removes it."""
+    from google.protobuf.json_format import ParseError
+    from kfp import compiler
+
+    from pipelines.pipeline import chest_ct_pipeline
+    from tests.platforms.kfp_protos import backend as protos
+
+    plain = tmp_path / "plain.yaml"
+    compiler.Compiler().compile(chest_ct_pipeline, str(plain))
+    pipeline, platform = yaml.safe_load_all(plain.read_text())
+    with pytest.raises(ParseError, match='has no field named "optional"'):
+        protos(backend).check_pipeline(pipeline, platform)
+
+
+def test_the_portable_spec_says_the_same_as_kfp_kubernetes(default, tmp_path):
+    from kfp import compiler
+
+    from pipelines.pipeline import chest_ct_pipeline
+
+    plain = tmp_path / "plain.yaml"
+    compiler.Compiler().compile(chest_ct_pipeline, str(plain))
+    path, _, ours = default
+    _, theirs = yaml.safe_load_all(plain.read_text())
+    theirs = theirs["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for executor, config in theirs.items():
+        for original, portable in zip(config["secretAsEnv"], ours[executor]["secretAsEnv"], strict=True):
+            assert original["optional"] is False  # the default, so dropping it changes nothing
+            assert original["secretNameParameter"] == {"runtimeValue": {"constant": original["secretName"]}}
+            assert portable == {k: v for k, v in original.items() if k not in ("optional", "secretNameParameter")}
+
+
+def test_the_train_step_checks_for_the_gpus_it_requested(tmp_path):
+    spec, _ = compile_with(tmp_path, CHEST_CT_GPU_COUNT="2")
+    env = {e["name"]: e["value"] for e in spec["deploymentSpec"]["executors"]["exec-train"]["container"]["env"]}
+    assert env["CHEST_CT_EXPECTED_GPUS"] == "2"
+    spec, _ = compile_with(tmp_path, CHEST_CT_GPU_COUNT="0")
+    env = spec["deploymentSpec"]["executors"]["exec-train"]["container"].get("env", [])
+    assert "CHEST_CT_EXPECTED_GPUS" not in {e["name"] for e in env}
+
+
+def test_deploy_parameters_and_the_one_serving_image_default(default):
+    from chest_ct.deploy import DEFAULT_READY_TIMEOUT_S
+    from chest_ct.inference_service import DEFAULT_IMAGE, DEFAULT_KSERVE_VERSION
+
+    _, spec, _ = default
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["serving_image"]["defaultValue"] == DEFAULT_IMAGE
+    assert params["kserve_version"]["defaultValue"] == DEFAULT_KSERVE_VERSION
+    assert params["ready_timeout_seconds"]["defaultValue"] == DEFAULT_READY_TIMEOUT_S
+    sources = [p for p in PROJECT.rglob("*.py") if ".venv" not in p.parts and "tests" not in p.parts]
+    assert [p.relative_to(PROJECT).as_posix() for p in sources if DEFAULT_IMAGE in p.read_text()] == [
+        "chest_ct/inference_service.py"]
+
+
+@pytest.mark.parametrize("backend", ["2.4.1", "2.15.0"])
+def test_a_multi_user_kfp_server_of_each_backend_accepts_the_upload(default, backend):
+    import warnings
+
+    from pipelines import kfp_client
+    from tests.platforms.kfp_server import FakeKfp, serve
+
+    path, _, _ = default
+    fake = FakeKfp(multi_user=True, backend_version=backend, tokens={"t": ("alice", ("pipelines.kubeflow.org",))},
+                   access={"alice": {"team"}})
+    with serve(fake) as url, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        connection = kfp_client.connect(url, "team", "t")
+        kfp_client.upload(connection, path)
+        target = kfp_client.package_target(path)
+        kfp_client.start_run(connection, target, {"epochs": 1})
+    assert [p["namespace"] for p in fake.pipelines.values()] == ["team"]
+    assert len(fake.runs) == 1

