@@ -37,7 +37,7 @@ def export_saved_model(model: keras.Model, out_dir: Path, metadata: dict) -> Pat
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
     def serve_bytes(images: tf.Tensor) -> dict[str, tf.Tensor]:
-        pixels = tf.map_fn(lambda b: decode_and_resize(b, size), images,
+        pixels = tf.map_fn(lambda b: decode_and_resize(b, size), images, parallel_iterations=1,  # 1 decode in memory
                            fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
         return {"probability": tf.reshape(model(to_model_input(pixels), training=False), [-1])}
 
