@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 # Before anything imports TensorFlow: keep its C++ INFO/WARNING chatter out of the server log.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

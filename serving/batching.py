@@ -34,7 +34,8 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Sequence
+from collections.abc import Hashable, Sequence
+from typing import Any
 
 import numpy as np
 from kserve.logging import logger
@@ -102,7 +103,7 @@ class BatchingEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._queue: deque[_Job] = deque()
         self._active: set[_Work] = set()
-        self._wakeup: asyncio.Event | None = None
+        self._wakeup = asyncio.Event()  # bound to the running loop on first use (Python >= 3.10)
         self._worker: asyncio.Task | None = None
         self._call_started: float | None = None
         self._labels = {"model_name": model_name}
@@ -139,7 +140,7 @@ class BatchingEngine:
         self._enqueue_next(work)
         try:
             return await asyncio.wait_for(work.future, timeout=max(0.0, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             metrics.DROPPED.labels(reason="deadline_exceeded", **self._labels).inc()
             raise
         except asyncio.CancelledError:  # the client went away (REST disconnect, gRPC cancel) or shutdown
@@ -187,8 +188,6 @@ class BatchingEngine:
     # --- the loop ------------------------------------------------------------------------------
 
     def _ensure_worker(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._wakeup is None:
-            self._wakeup = asyncio.Event()
         if self._worker is None or self._worker.done():
             # A fresh context: the loop must not keep the first request's context variables alive.
             self._worker = loop.create_task(self._loop(), name="chest-ct-batcher", context=contextvars.Context())
@@ -222,7 +221,7 @@ class BatchingEngine:
             self._wakeup.clear()
             try:
                 await asyncio.wait_for(self._wakeup.wait(), timeout=remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return
 
     def _take_call(self) -> list[_Job]:
@@ -233,7 +232,7 @@ class BatchingEngine:
         now = time.monotonic()
         for job in self._queue:
             if not job.work.finished and job.work.deadline <= now:
-                job.work.future.set_exception(asyncio.TimeoutError())
+                job.work.future.set_exception(TimeoutError())
         live = [job for job in self._queue if not job.work.finished]
         if not live:
             self._queue.clear()
@@ -280,7 +279,7 @@ class BatchingEngine:
             self._deliver(job, result)
 
     def _report_stall(self, jobs: list[_Job]) -> None:
-        logger.error("A model call of %d image(s) (requests %s) has run for more than %.0f s: the model answers "
+        logger.error("A model call of %d image(s) (requests %s) has run for more than %.3g s: the model answers "
                      "not ready until it ends", sum(j.size for j in jobs),
                      ", ".join(sorted({j.work.request_id for j in jobs})), self.call_timeout_s)
 
@@ -294,8 +293,9 @@ class BatchingEngine:
             self._fail_internal([job], result, "the model call failed")
         else:
             work.results[job.index] = result
-            if all(r is not None for r in work.results):
-                answer = np.concatenate(work.results)
+            parts = [r for r in work.results if r is not None]
+            if len(parts) == len(work.results):
+                answer: np.ndarray = np.concatenate(parts)
                 if len(answer) != work.images:
                     self._fail_internal([job], RuntimeError(f"reassembled {len(answer)} results for "
                                                             f"{work.images} images"), "reassembly failed")

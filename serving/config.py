@@ -98,7 +98,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     """One ``--<name>`` flag per ServerConfig field, its default read from ``CHEST_CT_<NAME>`` when set."""
     for f in fields(ServerConfig):
         kind = _TYPES[str(f.type)]
-        parser.add_argument(f"--{f.name}", type=kind, default=_env_default(f.name, kind, f.default),
+        default = float(f.default)  # type: ignore[arg-type]  # every field has a numeric default
+        parser.add_argument(f"--{f.name}", type=kind, default=_env_default(f.name, kind, kind(default)),
                             help=f"{f.metadata['help']} (env {env_name(f.name)})")
 
 

@@ -13,7 +13,8 @@ import contextlib
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from kserve.errors import InvalidInput
 

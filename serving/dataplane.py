@@ -19,11 +19,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from kserve.errors import ModelNotFound, ModelNotReady
+from kserve.errors import ModelNotFound
 from kserve.model import BaseKServeModel
 from kserve.protocol.dataplane import DataPlane
 
-from serving.errors import clip
+from serving.errors import NotReady, clip
 
 PLATFORM = "tensorflow_savedmodel"
 #: v2 protocol extensions this server implements (the REST binary tensor data extension).
@@ -47,8 +47,8 @@ class ChestCtDataPlane(DataPlane):
     async def get_model(self, name: str) -> BaseKServeModel:
         model = self.get_model_from_registry(name)
         if not await self.model_registry.is_model_ready(name):
-            raise ModelNotReady(clip(name), "It is loading, or a model call has run past --model_call_timeout_s; "
-                                            "retry on another replica")
+            raise NotReady(name, "It is loading, or a model call has run past --model_call_timeout_s; "
+                                 "retry on another replica")
         return model
 
     async def model_ready(self, model_name: str, disable_predictor_health_check: bool = False) -> bool:

@@ -13,6 +13,7 @@ import uuid
 from typing import Any
 
 from grpc_interceptor import exceptions as grpc_errors
+from kserve.errors import ModelNotReady
 
 #: Longest user-supplied text (names, shapes, values) quoted in an error body or a log line.
 CLIP_CHARS = 200
@@ -80,3 +81,15 @@ class InternalError(grpc_errors.Internal):
         self.request_id = request_id
         super().__init__(f"internal error while serving request {request_id}; the server log has the details "
                          "under this id")
+
+
+class NotReady(ModelNotReady):
+    """kserve's ModelNotReady (503 / UNAVAILABLE), with the ``reason`` its gRPC interceptor reads.
+
+    kserve 0.21's interceptor answers ``ex.reason`` for ModelNotReady, which that class does not
+    have: a plain ModelNotReady reaches gRPC clients as UNKNOWN "AttributeError".
+    """
+
+    def __init__(self, model_name: str, detail: str | None = None):
+        super().__init__(clip(model_name), detail)
+        self.reason = self.error_msg

@@ -29,7 +29,8 @@ def image_pixels(encoded: bytes, index: int, max_pixels: int, input_name: str = 
         with Image.open(io.BytesIO(encoded)) as img:  # reads the header only
             fmt, (width, height) = img.format, img.size
     except Image.DecompressionBombError as exc:
-        raise InvalidInput(f"{where}: image is too large ({one_line(str(exc))}); the limit is {max_pixels} pixels") from exc
+        raise InvalidInput(f"{where}: image is too large ({one_line(str(exc))}); the limit is {max_pixels} "
+                           "pixels") from exc
     except UnidentifiedImageError as exc:
         raise InvalidInput(f"{where}: not a PNG or JPEG image (cannot identify the file format)") from exc
     except Exception as exc:  # Pillow raises assorted errors on hostile headers

@@ -23,7 +23,8 @@ import base64
 import binascii
 import struct
 from dataclasses import dataclass
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from kserve.errors import InvalidInput

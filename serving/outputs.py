@@ -10,7 +10,8 @@ is one spec plus, if the model computes something new, one field of Prediction.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from kserve.errors import InvalidInput

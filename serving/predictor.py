@@ -13,7 +13,7 @@ import asyncio
 import io
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -104,11 +104,10 @@ class ChestCtModel(Model):
         """Loaded, and no model call has run past ``--model_call_timeout_s`` (the watchdog)."""
         return self.ready and self.engine is not None and self.engine.stalled_for() == 0
 
-    def request_scope(self, headers: dict[str, str] | None, body_bytes: int, time_remaining: float | None = None):
+    def request_scope(self, headers: dict[str, str] | None, body_bytes: int,
+                      time_remaining: float | None = None) -> AbstractContextManager[context.RequestScope]:
         """See ``serving.context.request_scope``: opened by the transport when a request arrives."""
-        if self.admission is None:
-            raise RuntimeError("model is not loaded")
-        return context.request_scope(self.admission, headers, body_bytes, time_remaining)
+        return context.request_scope(self._running()[1], headers, body_bytes, time_remaining)
 
     # --- metadata ---------------------------------------------------------------------------
 
@@ -151,6 +150,14 @@ class ChestCtModel(Model):
             raise RuntimeError("model is not loaded")
         return self.info
 
+    def loaded_admission(self) -> Admission:
+        return self._running()[1]
+
+    def _running(self) -> tuple[BatchingEngine, Admission]:
+        if self.engine is None or self.admission is None:
+            raise RuntimeError("model is not loaded")
+        return self.engine, self.admission
+
     # --- inference --------------------------------------------------------------------------
 
     async def predict(self, payload: Any, headers: dict[str, str] | None = None,
@@ -167,17 +174,21 @@ class ChestCtModel(Model):
 
     async def _predict(self, request: InferRequest, scope: context.RequestScope, response_id: str,
                        log_id: str) -> InferResponse:
-        info, cfg, engine, admission = self._info(), self.config, self.engine, self.admission
+        info, cfg = self._info(), self.config
+        engine, admission = self._running()
         self.check_version(request.model_version)
         scope.shorten(context.client_timeout_s(_parameters(request)))
         outputs = parse_outputs(request)
+        loop = asyncio.get_running_loop()
         if scope.ticket.bytes > INLINE_PARSE_BYTES:
-            batch = await asyncio.get_running_loop().run_in_executor(self.parser, parse_inputs, request, cfg)
+            batch = await loop.run_in_executor(self.parser, parse_inputs, request, cfg)
         else:
             batch = parse_inputs(request, cfg)
+        payload: Any
         if isinstance(batch, ImageBatch):
-            name, kind, payload = "image", IMAGES, batch.encoded
-            pixels = [image_pixels(b, i, cfg.max_image_pixels) for i, b in enumerate(batch.encoded)]
+            encoded = batch.encoded
+            name, kind, payload = "image", IMAGES, encoded
+            pixels = [image_pixels(b, i, cfg.max_image_pixels) for i, b in enumerate(encoded)]
         else:
             n, height, width, _ = batch.pixels.shape
             name, kind, payload, pixels = "pixels", pixels_kind(height, width), batch.pixels, [height * width] * n
@@ -186,12 +197,11 @@ class ChestCtModel(Model):
         first_chunk = engine.chunk_bounds(pixels)[0][1]
         admission.admit(scope.ticket, len(pixels), first_chunk, sum(pixels), scope.time_left())
         if isinstance(batch, ImageBatch):
-            await asyncio.get_running_loop().run_in_executor(
-                None, lambda: [verify_image(b, i) for i, b in enumerate(batch.encoded)])
+            await loop.run_in_executor(None, _verify_all, batch.encoded)
         admission.queued(scope.ticket)
         try:
             probs = await engine.run(kind, payload, pixels, request_id=log_id, deadline=scope.deadline)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise DeadlineExceeded(scope.budget_s, "while the request waited for or ran in the model") from None
         except ModelInputError as exc:
             raise InvalidInput(f"input '{name}': {exc}") from exc
@@ -202,6 +212,11 @@ class ChestCtModel(Model):
         return build_response(request, outputs, prediction, model_name=self.name, model_version=info.version,
                               response_id=response_id,
                               parameters={"threshold": threshold, "positive_class": info.positive_class})
+
+
+def _verify_all(encoded: list[bytes]) -> None:
+    for i, data in enumerate(encoded):
+        verify_image(data, i)
 
 
 def _parameters(request: InferRequest) -> dict[str, Any]:

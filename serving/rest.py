@@ -31,7 +31,7 @@ from kserve.logging import logger
 
 from serving import context
 from serving.dataplane import ChestCtDataPlane
-from serving.errors import DeadlineExceeded, InternalError, Overloaded, clip, new_id
+from serving.errors import DeadlineExceeded, InternalError, NotReady, Overloaded, clip, new_id
 from serving.predictor import INLINE_PARSE_BYTES, ChestCtModel
 from serving.rest_codec import HEADER_LENGTH, RequestTooLarge, decode_request, encode_response, json_response, \
     read_body
@@ -98,9 +98,10 @@ def install(app: FastAPI, dataplane: ChestCtDataPlane, max_request_bytes: int) -
     async def internal(_: Request, exc: InternalError) -> Response:
         return _error(HTTPStatus.INTERNAL_SERVER_ERROR, exc.details)
 
-    for kind, handler in ((RequestTooLarge, too_large), (Overloaded, overloaded), (DeadlineExceeded, deadline),
-                          (InternalError, internal)):
-        app.add_exception_handler(kind, handler)
+    app.add_exception_handler(RequestTooLarge, too_large)  # type: ignore[arg-type]  # Starlette's loose typing
+    app.add_exception_handler(Overloaded, overloaded)  # type: ignore[arg-type]
+    app.add_exception_handler(DeadlineExceeded, deadline)  # type: ignore[arg-type]
+    app.add_exception_handler(InternalError, internal)  # type: ignore[arg-type]
 
     async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
         try:
@@ -118,7 +119,7 @@ def install(app: FastAPI, dataplane: ChestCtDataPlane, max_request_bytes: int) -
     async def ready_version(model_name: str, model_version: str) -> Response:
         dataplane.check_version(model_name, model_version)
         if not await dataplane.model_ready(model_name):
-            raise ModelNotReady(clip(model_name))
+            raise NotReady(model_name)
         return json_response({"name": model_name, "ready": True})
 
     for path, endpoint, methods in (
@@ -136,14 +137,14 @@ async def _infer(request: Request, dataplane: ChestCtDataPlane, model_name: str,
                  max_request_bytes: int) -> Response:
     dataplane.check_version(model_name, model_version)  # unknown model or version: 404
     if not await dataplane.model_ready(model_name):
-        raise ModelNotReady(clip(model_name))
+        raise NotReady(model_name)
     model = dataplane.get_model_from_registry(model_name)
     if not isinstance(model, ChestCtModel):
         raise NotImplementedError(f"model {clip(model_name)} is not served by this route")
     declared = request.headers.get("content-length", "")
     headers = dict(request.headers)
     with model.request_scope(headers, int(declared) if declared.isdigit() else 0) as scope:
-        admission = model.admission
+        admission = model.loaded_admission()
 
         def count(total: int) -> None:  # chunked bodies (no Content-Length) are counted as they arrive
             if total > scope.ticket.bytes:

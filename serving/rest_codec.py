@@ -16,7 +16,8 @@ of pydantic locations, and bodies are read without a cap. Here:
 from __future__ import annotations
 
 import zlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import orjson
 from fastapi import Request

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import zlib
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ RUN_ID = "test-run-0123456789"
 
 # --- model -------------------------------------------------------------------------------------
 
-@lru_cache(maxsize=None)
+@cache
 def exported_model(root: str) -> Path:
     """Export a tiny random-weight model once per test process under ``root``; return its directory."""
     from chest_ct.export import export_saved_model
