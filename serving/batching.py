@@ -1,5 +1,8 @@
 """Model calls: one thread, fed by a queue of chunk-sized jobs that take turns and merge.
 
+(Over 300 lines: the queue, the turns, merging, failure isolation and the watchdog share one state,
+the queue and the running call; split apart, each piece would reach into the others' internals.)
+
 TensorFlow calls block, so they run in one dedicated thread: the event loop stays
 free to answer health checks and to parse, validate and refuse other requests.
 
