@@ -83,6 +83,15 @@ class InternalError(grpc_errors.Internal):
                          "under this id")
 
 
+def unexpected(exc: BaseException, request_id: str | None = None) -> InternalError:
+    """Log an unexpected exception (a bug) with an id and turn it into the answer naming that id."""
+    from kserve.logging import logger
+
+    error_id = safe_id(request_id) or new_id()
+    logger.error("Request %s failed: %s: %s", error_id, type(exc).__name__, exc, exc_info=exc)
+    return InternalError(error_id)
+
+
 class NotReady(ModelNotReady):
     """kserve's ModelNotReady (503 / UNAVAILABLE), with the ``reason`` its gRPC interceptor reads.
 

@@ -16,7 +16,8 @@ from concurrent import futures
 from typing import Any
 
 from grpc import aio
-from kserve.errors import InvalidInput
+from grpc_interceptor.exceptions import GrpcException
+from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
@@ -26,7 +27,7 @@ from kserve.protocol.infer_type import InferInput, InferRequest, RequestedOutput
 from kserve.utils.utils import to_headers
 
 from serving.context import loggable
-from serving.errors import Overloaded, clip
+from serving.errors import Overloaded, clip, unexpected
 
 #: Typed ``contents`` field of each v2 datatype (kserve.protocol.infer_type.get_content, without the copy).
 _CONTENTS = {"BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
@@ -34,6 +35,8 @@ _CONTENTS = {"BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_
              "INT16": "int_contents", "INT32": "int_contents", "INT64": "int64_contents",
              "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents"}
 _MAX_TENSORS, _MAX_RANK = 8, 8
+#: Errors that are answers in their own right (kserve's interceptor maps them); anything else is a bug.
+ANSWERS = (InvalidInput, ModelNotFound, ModelNotReady, GrpcException, NotImplementedError)
 
 
 def request_from_grpc(request: pb.ModelInferRequest) -> InferRequest:
@@ -92,6 +95,10 @@ class ChestCtServicer(InferenceServicer):
             context.set_trailing_metadata((("retry-after", str(exc.retry_after_s)),
                                            ("grpc-retry-pushback-ms", str(exc.retry_after_s * 1000))))
             raise
+        except ANSWERS:
+            raise
+        except Exception as exc:  # a bug: INTERNAL with an id that finds it in the log, not with its text
+            raise unexpected(exc, headers.get("x-request-id") or request.id) from exc
         if response_headers:
             await context.send_initial_metadata(tuple((k.lower(), str(v)) for k, v in response_headers.items()))
         return response.to_grpc()

@@ -25,13 +25,14 @@ from http import HTTPStatus
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from starlette.requests import ClientDisconnect
 from grpc_interceptor.exceptions import GrpcException
 from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
 from kserve.logging import logger
 
 from serving import context
 from serving.dataplane import ChestCtDataPlane
-from serving.errors import DeadlineExceeded, InternalError, NotReady, Overloaded, clip, new_id
+from serving.errors import DeadlineExceeded, InternalError, NotReady, Overloaded, clip, unexpected
 from serving.predictor import INLINE_PARSE_BYTES, ChestCtModel
 from serving.rest_codec import HEADER_LENGTH, RequestTooLarge, decode_request, encode_response, json_response, \
     read_body
@@ -108,10 +109,10 @@ def install(app: FastAPI, dataplane: ChestCtDataPlane, max_request_bytes: int) -
             return await _infer(request, dataplane, model_name, model_version, max_request_bytes)
         except ANSWERS:
             raise
+        except ClientDisconnect:  # gone while sending its body: nobody to answer
+            return Response(status_code=499)
         except Exception as exc:  # a bug: answer with an id that finds it in the log, not with its text
-            error_id = new_id()
-            logger.error("Request %s failed: %s: %s", error_id, type(exc).__name__, exc, exc_info=exc)
-            raise InternalError(error_id) from exc
+            raise unexpected(exc, request.headers.get("x-request-id")) from exc
 
     async def metadata(model_name: str, model_version: str | None = None) -> Response:
         return json_response(await dataplane.model_metadata(model_name, model_version))
