@@ -8,7 +8,9 @@ Each budget counts work accepted and not yet answered:
 - **images** (``max_queued_images``): images waiting for a model call, i.e. the
   engine's queue plus the first chunks reserved by admitted requests still
   being checked. Each admitted request has at most one chunk waiting, so this
-  bounds how long a newcomer waits, whatever the size of the requests ahead;
+  bounds how long a newcomer waits, whatever the size of the requests ahead.
+  A request is admitted while there is room for one image; a large one enters
+  with a first chunk as big as the room, so it competes like a small one;
 - **pixels** (``max_queued_pixels``): decoded pixels of the images of admitted
   requests (pixel tensors are held as float32; encoded images are decoded to
   check them and again by the model), the memory side of large images;
@@ -93,12 +95,18 @@ class Admission:
 
     # --- after parsing (images and pixels known) -----------------------------------------------
 
-    def admit(self, ticket: Ticket, images: int, first_chunk: int, pixels: int, time_left_s: float) -> None:
-        """Admit a parsed request of ``images`` images (``pixels`` decoded pixels) or raise Overloaded."""
+    def admit(self, ticket: Ticket, images: int, first_chunk: int, pixels: int, time_left_s: float) -> int:
+        """Admit a parsed request of ``images`` images (``pixels`` decoded pixels) or raise Overloaded.
+
+        Returns how many images its first chunk may have: ``first_chunk``, or fewer when the queue has
+        room for fewer (a large request competes for a place like a small one, then takes turns).
+        """
         queued, cfg = self.queue_images, self.config
-        if queued > 0 and queued + first_chunk > cfg.max_queued_images:
-            raise self._refuse(f"{queued} image(s) are waiting for the model and this request adds {first_chunk}, "
-                               f"the limit is {cfg.max_queued_images} (--max_queued_images)", "queue_images")
+        if queued >= cfg.max_queued_images:
+            raise self._refuse(f"{queued} image(s) are waiting for the model, the limit is "
+                               f"{cfg.max_queued_images} (--max_queued_images)", "queue_images")
+        if queued > 0:
+            first_chunk = min(first_chunk, cfg.max_queued_images - queued)
         if self.held_pixels > 0 and self.held_pixels + pixels > cfg.max_queued_pixels:
             raise self._refuse(f"admitted requests hold {self.held_pixels} decoded pixels and this one has {pixels}, "
                                f"the limit is {cfg.max_queued_pixels} (--max_queued_pixels)", "queue_pixels")
@@ -116,6 +124,7 @@ class Admission:
         self.reserved_images += first_chunk
         self._reserved_requests.append(images)
         metrics.HELD_PIXELS.labels(**self._labels).set(self.held_pixels)
+        return first_chunk
 
     def queued(self, ticket: Ticket) -> None:
         """The request's first chunk is now in the engine's queue: its reservation ends."""

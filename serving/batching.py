@@ -129,14 +129,15 @@ class BatchingEngine:
     # --- requests ------------------------------------------------------------------------------
 
     async def run(self, kind: Hashable, payload: Any, pixels: Sequence[int], *, request_id: str,
-                  deadline: float) -> np.ndarray:
+                  deadline: float, first_chunk: int | None = None) -> np.ndarray:
         """Probabilities for ``payload`` (images or pixel rows, ``pixels`` decoded pixels each), in order.
 
-        Raises asyncio.TimeoutError when ``deadline`` (time.monotonic()) passes first; its work is dropped.
+        Raises TimeoutError when ``deadline`` (time.monotonic()) passes first; its work is dropped.
+        ``first_chunk`` caps the images of the first chunk (what admission had room for).
         """
         loop = asyncio.get_running_loop()
         work = _Work(kind, request_id, deadline, loop.create_future(), images=len(pixels))
-        work.chunks = self._split(work, payload, pixels)
+        work.chunks = self._split(work, payload, pixels, first_chunk)
         work.results = [None] * len(work.chunks)
         self._ensure_worker(loop)
         self._active.add(work)
@@ -152,21 +153,26 @@ class BatchingEngine:
         finally:
             self._forget(work)
 
-    def chunk_bounds(self, pixels: Sequence[int]) -> list[tuple[int, int, int]]:
-        """(first image, end, decoded pixels) of each chunk of a request whose images have ``pixels`` pixels."""
-        bounds, lo, n = [], 0, len(pixels)
+    def chunk_bounds(self, pixels: Sequence[int], first: int | None = None) -> list[tuple[int, int, int]]:
+        """(first image, end, decoded pixels) of each chunk of a request whose images have ``pixels`` pixels.
+
+        ``first`` caps the first chunk's images (admission may have room for fewer than a full chunk).
+        """
+        bounds: list[tuple[int, int, int]] = []
+        lo, n = 0, len(pixels)
         while lo < n:
+            size = self.max_batch_size if bounds or first is None else max(1, first)
             hi, total = lo + 1, pixels[lo]
-            while hi < n and hi - lo < self.max_batch_size and total + pixels[hi] <= self.max_call_pixels:
+            while hi < n and hi - lo < size and total + pixels[hi] <= self.max_call_pixels:
                 total += pixels[hi]
                 hi += 1
             bounds.append((lo, hi, total))
             lo = hi
         return bounds
 
-    def _split(self, work: _Work, payload: Any, pixels: Sequence[int]) -> list[_Job]:
+    def _split(self, work: _Work, payload: Any, pixels: Sequence[int], first: int | None) -> list[_Job]:
         return [_Job(work, i, lo, payload[lo:hi], hi - lo, total)
-                for i, (lo, hi, total) in enumerate(self.chunk_bounds(pixels))]
+                for i, (lo, hi, total) in enumerate(self.chunk_bounds(pixels, first))]
 
     def _enqueue_next(self, work: _Work) -> None:
         if work.next_chunk < len(work.chunks) and not work.finished:

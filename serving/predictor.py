@@ -194,13 +194,14 @@ class ChestCtModel(Model):
             name, kind, payload, pixels = "pixels", pixels_kind(height, width), batch.pixels, [height * width] * n
         if scope.time_left() <= 0:
             raise DeadlineExceeded(scope.budget_s, "before the request was admitted")
-        first_chunk = engine.chunk_bounds(pixels)[0][1]
-        admission.admit(scope.ticket, len(pixels), first_chunk, sum(pixels), scope.time_left())
+        first_chunk = admission.admit(scope.ticket, len(pixels), engine.chunk_bounds(pixels)[0][1], sum(pixels),
+                                      scope.time_left())
         if isinstance(batch, ImageBatch):
             await loop.run_in_executor(None, _verify_all, batch.encoded)
         admission.queued(scope.ticket)
         try:
-            probs = await engine.run(kind, payload, pixels, request_id=log_id, deadline=scope.deadline)
+            probs = await engine.run(kind, payload, pixels, request_id=log_id, deadline=scope.deadline,
+                                     first_chunk=first_chunk)
         except TimeoutError:
             raise DeadlineExceeded(scope.budget_s, "while the request waited for or ran in the model") from None
         except ModelInputError as exc:

@@ -98,6 +98,9 @@ def test_request_larger_than_the_batch_is_split_in_order(runner, reference):
 def test_chunks_are_sized_by_pixels_as_well_as_images(runner):
     engine = engine_for(runner, max_batch_size=8, max_call_pixels=1000)
     assert engine.chunk_bounds([400, 400, 400, 5000, 100]) == [(0, 2, 800), (2, 3, 400), (3, 4, 5000), (4, 5, 100)]
+    engine = engine_for(runner, max_batch_size=2)
+    assert engine.chunk_bounds([1] * 5) == [(0, 2, 2), (2, 4, 2), (4, 5, 1)]
+    assert engine.chunk_bounds([1] * 5, first=1) == [(0, 1, 1), (1, 3, 2), (3, 5, 2)]  # admission's room
 
 
 def test_a_bad_request_does_not_fail_the_requests_merged_with_it(runner, reference):
@@ -194,6 +197,23 @@ def test_admission_refuses_what_would_miss_its_deadline_at_the_current_pace(runn
     for ticket in (first, second):
         admission.release(ticket)
     assert (admission.inflight_bytes, admission.held_pixels, admission.queue_images) == (0, 0, 0)
+
+
+def test_a_large_request_enters_with_the_room_there_is(runner):
+    """One image waits and the limit is 2: a 64-image request is admitted with a first chunk of 1, not refused."""
+    from serving.admission import Admission
+    from serving.config import ServerConfig
+    from serving.errors import Overloaded
+
+    admission = Admission(ServerConfig(max_queued_images=2), engine_for(runner, max_batch_size=2), "test")
+    small = admission.enter(100)
+    assert admission.admit(small, images=1, first_chunk=1, pixels=10, time_left_s=30.0) == 1
+    large = admission.enter(100)
+    assert admission.admit(large, images=64, first_chunk=2, pixels=640, time_left_s=30.0) == 1
+    with pytest.raises(Overloaded):  # now full
+        admission.enter(100)
+    for ticket in (small, large):
+        admission.release(ticket)
 
 
 def test_the_exported_model_decodes_one_image_at_a_time(model_dir):
