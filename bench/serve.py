@@ -50,7 +50,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from bench import serve_overload  # noqa: E402
 from bench.report import emit, machine, pct, table, write_section  # noqa: E402
-from bench.serve_clients import GrpcClient, RestClient, interleaved_latency, throughput  # noqa: E402
+from bench.serve_clients import (GrpcClient, RestClient, interleaved_latency, rejected_by_reason,  # noqa: E402
+                                 throughput)
 from bench.serve_floor import IMAGE_SIZE, CpuShare, Floor, export_model, request_image, say  # noqa: E402
 from bench.serve_process import Server, pod_memory_limit  # noqa: E402
 
@@ -132,11 +133,14 @@ def main(argv: list[str] | None = None) -> int:
                 getattr(client, "close", lambda: None)()
             peak_before_overload, server.peak_rss = max(server.peak_rss, server.rss()), 0
             kinds = serve_overload.mix(image, cap, floor_best, cap_s, args.cap_images)
+            rejected_before = rejected_by_reason(server.url)
             start = time.perf_counter()
             outcomes, restarts = share.measure(
                 "overload", lambda: serve_overload.run(server, kinds, args.overload_clients, overload_s))
             overload_rss = max(server.peak_rss, server.rss())
             over = serve_overload.summarize(outcomes, kinds, start, overload_s, pct(times["rest"], 99))
+            over["rejected_by_reason"] = {k: int(v - rejected_before.get(k, 0))
+                                          for k, v in rejected_by_reason(server.url).items()}
             say(f"overload: {over}")
             alive = server.alive()
             peak_rss = max(peak_before_overload, overload_rss)
@@ -182,6 +186,7 @@ def report(args, extra, image_text, times, floor_ips, recheck, best_b, floor_bes
         "overload_small_p99_ms": round(over["small_p99_ms"], 1),
         "overload_admitted_ips": round(over["admitted_ips"], 2),
         "overload_statuses": over["statuses"], "overload_answered_by_kind": over["answered_by_kind"],
+        "overload_rejected_by_reason": over["rejected_by_reason"],
         "overload_clients": args.overload_clients, "overload_seconds": overload_s,
         "pod_memory_limit_mb": round(limit / 2**20), "background_cpu_max": round(max(share.phases.values()), 3),
         "quick": quick, "server_args": " ".join(extra),
@@ -207,6 +212,7 @@ def report(args, extra, image_text, times, floor_ips, recheck, best_b, floor_bes
          f"{args.overload_clients} x {overload_s:.0f}"],
         ["requests in the window, by status", json.dumps(over["statuses"])],
         ["answered (200) in the window, by kind", json.dumps(over["answered_by_kind"])],
+        ["refused (503) during the phase, by reason", json.dumps(over["rejected_by_reason"])],
         ["restarts (died, or killed at the pod's memory limit)", restarts],
         [f"peak resident memory, MiB (pod limit {limit / 2**20:.0f})", overload_rss / 2**20],
         ["admitted work, x floor best", over["admitted_ratio"]],

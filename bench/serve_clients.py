@@ -121,6 +121,19 @@ def call_stats(url: str) -> tuple[float, float]:
     return values["chest_ct_model_call_images_sum"], values["chest_ct_model_call_images_count"]
 
 
+def rejected_by_reason(url: str) -> dict[str, float]:
+    """The server's chest_ct_requests_rejected_total by reason (503s since it started)."""
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(requests.get(f"{url}/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name == "chest_ct_requests_rejected_total" and sample.labels.get("model_name") == MODEL_NAME:
+                found[sample.labels["reason"]] = sample.value
+    return found
+
+
 def throughput(url: str, image: bytes, clients: int, duration: float, max_per_client: int) -> dict:
     """``clients`` threads sending single-image requests back to back for ``duration`` seconds (bounded count).
 

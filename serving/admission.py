@@ -6,8 +6,8 @@ Each budget counts work accepted and not yet answered:
   from its Content-Length *before reading it* (or as a chunked body streams in),
   gRPC the message size;
 - **images** (``max_queued_images``): images waiting for a model call, i.e. the
-  engine's queue plus the first chunks reserved by admitted requests still
-  being checked. Each admitted request has at most one chunk waiting, so this
+  engine's queue plus the places kept for requests being parsed and checked
+  (a place is kept once the body is in, so requests keep their arrival order). Each admitted request has at most one chunk waiting, so this
   bounds how long a newcomer waits, whatever the size of the requests ahead.
   A request is admitted while there is room for one image; a large one enters
   with a first chunk as big as the room, so it competes like a small one;
@@ -73,13 +73,26 @@ class Admission:
 
     def enter(self, body_bytes: int) -> Ticket:
         """A ticket for a request that just arrived; Overloaded at once if it cannot be admitted anyway."""
-        queued = self.queue_images
-        if queued >= self.config.max_queued_images:
-            raise self._refuse(f"{queued} image(s) are waiting for the model, the limit is "
-                               f"{self.config.max_queued_images} (--max_queued_images)", "queue_images")
+        self._check_room(self.queue_images)
         ticket = Ticket()
         self.add_bytes(ticket, body_bytes)
         return ticket
+
+    def hold(self, ticket: Ticket) -> None:
+        """Keep a place in the queue for a request whose body is in but not yet parsed (Overloaded if none).
+
+        Requests then take their places in the order their bodies arrived, not in the order their parsing
+        ends: a large request's longer parse does not hand its place to the small ones behind it.
+        """
+        if ticket.reserved_images == 0:
+            self._check_room(self.queue_images)
+            ticket.reserved_images = 1
+            self.reserved_images += 1
+
+    def _check_room(self, queued: int) -> None:
+        if queued >= self.config.max_queued_images:
+            raise self._refuse(f"{queued} image(s) are waiting for the model, the limit is "
+                               f"{self.config.max_queued_images} (--max_queued_images)", "queue_images")
 
     def add_bytes(self, ticket: Ticket, more: int) -> None:
         """Count ``more`` body bytes for ``ticket`` (a chunked body as it streams in)."""
@@ -101,11 +114,11 @@ class Admission:
         Returns how many images its first chunk may have: ``first_chunk``, or fewer when the queue has
         room for fewer (a large request competes for a place like a small one, then takes turns).
         """
-        queued, cfg = self.queue_images, self.config
-        if queued >= cfg.max_queued_images:
-            raise self._refuse(f"{queued} image(s) are waiting for the model, the limit is "
-                               f"{cfg.max_queued_images} (--max_queued_images)", "queue_images")
+        cfg = self.config
+        self.hold(ticket)
+        queued = self.queue_images - ticket.reserved_images  # ahead of this request
         if queued > 0:
+            self._check_room(queued)
             first_chunk = min(first_chunk, cfg.max_queued_images - queued)
         if self.held_pixels > 0 and self.held_pixels + pixels > cfg.max_queued_pixels:
             raise self._refuse(f"admitted requests hold {self.held_pixels} decoded pixels and this one has {pixels}, "
@@ -120,18 +133,20 @@ class Admission:
                                    f"than the {time_left_s:.1f} s left before the request's deadline", "deadline")
         ticket.pixels = pixels
         self.held_pixels += pixels
+        self.reserved_images += first_chunk - ticket.reserved_images
         ticket.images, ticket.reserved_images = images, first_chunk
-        self.reserved_images += first_chunk
         self._reserved_requests.append(images)
         metrics.HELD_PIXELS.labels(**self._labels).set(self.held_pixels)
         return first_chunk
 
     def queued(self, ticket: Ticket) -> None:
-        """The request's first chunk is now in the engine's queue: its reservation ends."""
+        """The request's first chunk is now in the engine's queue (or it failed): its reservation ends."""
         if ticket.reserved_images:
             self.reserved_images -= ticket.reserved_images
             ticket.reserved_images = 0
+        if ticket.images and ticket.images in self._reserved_requests:
             self._reserved_requests.remove(ticket.images)
+            ticket.images = 0
 
     def release(self, ticket: Ticket) -> None:
         """Give back everything ``ticket`` holds (idempotent)."""

@@ -179,6 +179,7 @@ class ChestCtModel(Model):
         self.check_version(request.model_version)
         scope.shorten(context.client_timeout_s(_parameters(request)))
         outputs = parse_outputs(request)
+        admission.hold(scope.ticket)  # a place in the queue while it is parsed (REST holds one already)
         loop = asyncio.get_running_loop()
         if scope.ticket.bytes > INLINE_PARSE_BYTES:
             batch = await loop.run_in_executor(self.parser, parse_inputs, request, cfg)

@@ -152,6 +152,7 @@ async def _infer(request: Request, dataplane: ChestCtDataPlane, model_name: str,
                 admission.add_bytes(scope.ticket, total - scope.ticket.bytes)
 
         body = await read_body(request, max_request_bytes, count)
+        admission.hold(scope.ticket)  # its place in the queue, kept while it is parsed
         length = request.headers.get(HEADER_LENGTH)
         if len(body) > INLINE_PARSE_BYTES:  # large JSON: one at a time, off the event loop
             infer_request = await asyncio.get_running_loop().run_in_executor(
