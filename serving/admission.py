@@ -51,6 +51,7 @@ class Admission:
         self.config = config
         self.engine = engine
         self._labels = {"model_name": model_name}
+        metrics.create_series(model_name)
         self.inflight_bytes = 0
         self.held_pixels = 0
         self.reserved_images = 0

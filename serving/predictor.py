@@ -24,7 +24,7 @@ from kserve.logging import logger
 from kserve.protocol.infer_type import InferRequest, InferResponse, to_http_parameters
 from PIL import Image
 
-from serving import context
+from serving import context, metrics
 from serving.admission import Admission
 from serving.batching import IMAGES, BatchingEngine, pixels_kind
 from serving.config import ServerConfig
@@ -194,6 +194,7 @@ class ChestCtModel(Model):
             n, height, width, _ = batch.pixels.shape
             name, kind, payload, pixels = "pixels", pixels_kind(height, width), batch.pixels, [height * width] * n
         if scope.time_left() <= 0:
+            metrics.DROPPED.labels(model_name=self.name, reason="deadline_exceeded").inc()
             raise DeadlineExceeded(scope.budget_s, "before the request was admitted")
         first_chunk = admission.admit(scope.ticket, len(pixels), engine.chunk_bounds(pixels)[0][1], sum(pixels),
                                       scope.time_left())

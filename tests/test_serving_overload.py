@@ -119,6 +119,23 @@ def model_held(server, gate, pool):
     assert blocker.result().status_code == 200, blocker.result().text
 
 
+def read_response(sock: socket.socket) -> str:
+    """One whole HTTP response (headers and Content-Length body) read from ``sock``."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        assert chunk, f"connection closed after {data!r}"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(
+        b"content-length:")))
+    while len(body) < length:
+        chunk = sock.recv(4096)
+        assert chunk, "connection closed mid-body"
+        body += chunk
+    return (head + b"\r\n\r\n" + body).decode(errors="replace")
+
+
 def queue_images(server) -> float:
     return metric(server, "chest_ct_queue_images", **LABEL)
 
@@ -175,7 +192,7 @@ def test_byte_budget_refuses_a_body_before_reading_it(server, gate, stub, pool):
             sock.sendall((f"POST /v2/models/{MODEL_NAME}/infer HTTP/1.1\r\nHost: x\r\n"
                           f"Content-Type: application/json\r\nContent-Length: {BYTE_BUDGET + 1000}\r\n\r\n"
                           '{"inputs": [').encode())
-            head = sock.recv(4096).decode(errors="replace")
+            head = read_response(sock)
         assert head.startswith("HTTP/1.1 503"), head
         assert "retry-after:" in head.lower() and "--max_inflight_bytes" in head
         noise = np.random.default_rng(0).integers(0, 256, BYTE_BUDGET, dtype=np.uint8).tobytes()
@@ -399,14 +416,12 @@ def test_metrics_carry_queue_depth_call_seconds_and_rejections_by_reason(server)
     samples = {(s.name, tuple(sorted(s.labels.items()))) for f in text_string_to_metric_families(text)
                for s in f.samples}
     model = ("model_name", MODEL_NAME)
-    for name, labels in (("chest_ct_queue_images", ()), ("chest_ct_queued_pixels", ()),
-                         ("chest_ct_inflight_bytes", ()), ("chest_ct_model_call_seconds_count", ()),
-                         ("chest_ct_model_call_seconds_bucket", (("le", "0.005"),)),
-                         ("chest_ct_requests_rejected_total", (("reason", "queue_images"),)),
-                         ("chest_ct_requests_rejected_total", (("reason", "queue_pixels"),)),
-                         ("chest_ct_requests_rejected_total", (("reason", "inflight_bytes"),)),
-                         ("chest_ct_requests_dropped_total", (("reason", "cancelled"),)),
-                         ("chest_ct_requests_dropped_total", (("reason", "deadline_exceeded"),))):
+    expected = [("chest_ct_queue_images", ()), ("chest_ct_queued_pixels", ()), ("chest_ct_inflight_bytes", ()),
+                ("chest_ct_model_call_seconds_count", ()), ("chest_ct_model_call_seconds_bucket", (("le", "0.005"),))]
+    expected += [("chest_ct_requests_rejected_total", (("reason", r),))
+                 for r in ("queue_images", "queue_pixels", "inflight_bytes", "deadline")]
+    expected += [("chest_ct_requests_dropped_total", (("reason", r),)) for r in ("deadline_exceeded", "cancelled")]
+    for name, labels in expected:  # every series exists from the start (zeros, not gaps)
         assert (name, tuple(sorted((model, *labels)))) in samples, (name, labels)
     # Every budget is free again once the requests are answered.
     for name in ("chest_ct_queue_images", "chest_ct_queued_pixels", "chest_ct_inflight_bytes"):
