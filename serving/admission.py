@@ -6,11 +6,12 @@ Each budget counts work accepted and not yet answered:
   from its Content-Length *before reading it* (or as a chunked body streams in),
   gRPC the message size;
 - **images** (``max_queued_images``): images waiting for a model call, i.e. the
-  engine's queue plus the places kept for requests being parsed and checked
-  (a place is kept once the body is in, so requests keep their arrival order). Each admitted request has at most one chunk waiting, so this
-  bounds how long a newcomer waits, whatever the size of the requests ahead.
-  A request is admitted while there is room for one image; a large one enters
-  with a first chunk as big as the room, so it competes like a small one;
+  engine's queue plus the places kept for requests being parsed and checked (a
+  place is kept once the body is in, so requests keep their arrival order).
+  Each admitted request has at most one chunk waiting, so this bounds how long
+  a newcomer waits, whatever the size of the requests ahead. A request is
+  admitted while there is room for one image; a large one enters with a first
+  chunk as big as the room, so it competes like a small one;
 - **pixels** (``max_queued_pixels``): decoded pixels of the images of admitted
   requests (pixel tensors are held as float32; encoded images are decoded to
   check them and again by the model), the memory side of large images;
