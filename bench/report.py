@@ -46,6 +46,15 @@ def _installed(package: str) -> bool:
         return False
 
 
+def pct(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default) of ``values``."""
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
 def table(headers: list[str], rows: list[list]) -> str:
     cells = [[_fmt(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]

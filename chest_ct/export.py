@@ -36,8 +36,9 @@ from chest_ct.model import image_size_of
 from chest_ct.preprocess import decode_and_resize, resize, to_model_input
 
 METADATA_FILE = "model_metadata.json"
-#: Images decoded at once inside the bytes signature's map: bounds the decoded full-size images held in memory.
-DECODE_PARALLELISM = 2
+#: Images decoded at once inside the bytes signature's map. One: a full-size decode (up to the server's pixel
+#: cap, ~200 MB as float32) is held in memory at a time, at no measured cost in speed (bench/serve.py).
+DECODE_PARALLELISM = 1
 
 
 @dataclass(frozen=True)

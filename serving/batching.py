@@ -1,160 +1,352 @@
-"""Run model calls off the event loop and merge concurrent requests into one batch.
+"""Model calls: one thread, fed by a queue of chunk-sized jobs that take turns and merge.
 
-TensorFlow calls block, so they run in one dedicated thread: the event loop
-stays free to answer health checks and to parse/validate other requests while
-the model works, and on a small CPU allocation the calls do not fight over
-cores. Requests that arrive while the model is busy queue up and are merged
-into one call of up to ``max_batch_size`` images (server-side dynamic
-batching); ``max_wait_s`` > 0 additionally holds a lone request that long for
-company. Only requests of the same kind are merged: encoded images with
-encoded images, pixel tensors with pixel tensors of the same height and width.
+(Over 300 lines: the queue, the turns, merging, failure isolation and the watchdog share one state,
+the queue and the running call; split apart, each piece would reach into the others' internals.)
 
-If a merged call fails because of one request's data, each request is re-run
-alone so only the offending request gets the error.
+TensorFlow calls block, so they run in one dedicated thread: the event loop stays
+free to answer health checks and to parse, validate and refuse other requests.
+
+- **Chunks.** A request is cut into chunks of at most ``max_batch_size`` images
+  and ``max_call_pixels`` decoded pixels (one image over the pixel budget still
+  gets a chunk of its own), so no single model call allocates activations or
+  decoded images for a whole large request.
+- **Turns.** Each request has at most one chunk in the queue. When that chunk goes
+  into a model call, the request's next chunk joins the *back* of the queue, so
+  requests take turns: a one-image request waits for one chunk of each request
+  ahead of it, never for all 64 images of a large one (no head-of-line blocking).
+- **Merging.** A call takes queued chunks of the same kind (encoded images with
+  encoded images, pixel tensors of one height and width together) in queue order
+  while they fit in ``max_batch_size`` and ``max_call_pixels``; ``max_wait_s`` > 0
+  holds a lone chunk that long for company.
+- **Results** go back to each request in order; every chunk must get exactly as
+  many results as images it sent, and every request as many as it asked for.
+- **Failures.** If a merged call fails on input (TensorFlow cannot decode one
+  request's image), each chunk is re-run alone so only that request gets the
+  error; any other failure (out of memory, internal errors) is not retried and
+  fails the call's requests with an id that finds the traceback in the log.
+  The loop survives any exception, so later requests are still served.
+- **Watchdog.** ``stalled_for()`` says how long the running call has exceeded
+  ``call_timeout_s``; the model reports not ready while it is positive.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Sequence
+from collections.abc import Hashable, Sequence
+from typing import Any
 
 import numpy as np
-from prometheus_client import Histogram
+from kserve.logging import logger
 
-from serving.runner import SavedModelRunner
+from serving import metrics
+from serving.errors import InternalError
+from serving.runner import ModelInputError, SavedModelRunner
 
-BATCH_IMAGES = Histogram(
-    "chest_ct_model_call_images",
-    "Images per SavedModel call after merging concurrent requests",
-    buckets=(1, 2, 4, 8, 16, 32, 64),
-)
-BATCH_REQUESTS = Histogram(
-    "chest_ct_model_call_requests",
-    "Requests merged into one SavedModel call",
-    buckets=(1, 2, 4, 8, 16, 32),
-)
+IMAGES: Hashable = ("image",)
 
 
-@dataclass
+def pixels_kind(height: int, width: int) -> Hashable:
+    return ("pixels", height, width)
+
+
+@dataclass(eq=False)
 class _Job:
-    key: Hashable
-    payload: Any  # list[bytes] or float32 ndarray [n, H, W, 3]
+    """One chunk of a request: ``size`` consecutive images starting at ``offset``."""
+
+    work: _Work
+    index: int
+    offset: int
+    payload: Any  # list[bytes] or float32 ndarray [size, H, W, 3]
     size: int
+    pixels: int
+    enqueued: float = 0.0
+
+
+@dataclass(eq=False)
+class _Work:
+    """One request in the engine."""
+
+    kind: Hashable
+    request_id: str
+    deadline: float
     future: asyncio.Future
-    enqueued: float = field(default_factory=time.monotonic)
+    chunks: list[_Job] = field(default_factory=list)
+    results: list[np.ndarray | None] = field(default_factory=list)
+    next_chunk: int = 0
+    taken_images: int = 0
+    images: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.future.done()
+
+    @property
+    def remaining(self) -> int:
+        return self.images - self.taken_images
 
 
 class BatchingEngine:
-    """``await engine.images(list_of_bytes)`` / ``await engine.pixels(array)`` -> float32 probabilities."""
+    """``await engine.run(kind, payload, pixels, request_id=..., deadline=...)`` -> float32 probabilities."""
 
-    def __init__(self, runner: SavedModelRunner, max_batch_size: int = 8, max_wait_s: float = 0.0):
+    def __init__(self, runner: SavedModelRunner, *, model_name: str, max_batch_size: int, max_call_pixels: int,
+                 max_wait_s: float = 0.0, call_timeout_s: float = 60.0, seconds_per_image: float = 0.1):
         self._runner = runner
-        self.max_batch_size = max(1, int(max_batch_size))
-        self.max_wait_s = max(0.0, float(max_wait_s))
+        self.model_name = model_name
+        self.max_batch_size = max_batch_size
+        self.max_call_pixels = max_call_pixels
+        self.max_wait_s = max_wait_s
+        self.call_timeout_s = call_timeout_s
+        #: Model seconds per image, a moving average of the calls so far (admission's time estimates).
+        self.seconds_per_image = seconds_per_image
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        self._pending: deque[_Job] = deque()
-        self._wakeup: asyncio.Event | None = None
+        self._queue: deque[_Job] = deque()
+        self._active: set[_Work] = set()
+        self._wakeup = asyncio.Event()  # bound to the running loop on first use (Python >= 3.10)
         self._worker: asyncio.Task | None = None
+        self._call_started: float | None = None
+        self._labels = {"model_name": model_name}
 
-    async def images(self, encoded: Sequence[bytes]) -> np.ndarray:
-        return await self._submit(("image",), list(encoded), len(encoded))
+    # --- for admission and readiness -----------------------------------------------------------
 
-    async def pixels(self, pixels: np.ndarray) -> np.ndarray:
-        return await self._submit(("pixels", pixels.shape[1], pixels.shape[2]), pixels, len(pixels))
+    @property
+    def queue_images(self) -> int:
+        return sum(job.size for job in self._queue if not job.work.finished)
 
-    async def _submit(self, key: Hashable, payload: Any, size: int) -> np.ndarray:
+    def remaining_images(self) -> list[int]:
+        """Images not yet in a model call, per admitted request."""
+        return [w.remaining for w in self._active if not w.finished]
+
+    def stalled_for(self) -> float:
+        """Seconds the running model call is past ``call_timeout_s`` (0 when none is)."""
+        started = self._call_started
+        return 0.0 if started is None else max(0.0, time.monotonic() - started - self.call_timeout_s)
+
+    # --- requests ------------------------------------------------------------------------------
+
+    async def run(self, kind: Hashable, payload: Any, pixels: Sequence[int], *, request_id: str,
+                  deadline: float, first_chunk: int | None = None) -> np.ndarray:
+        """Probabilities for ``payload`` (images or pixel rows, ``pixels`` decoded pixels each), in order.
+
+        Raises TimeoutError when ``deadline`` (time.monotonic()) passes first; its work is dropped.
+        ``first_chunk`` caps the images of the first chunk (what admission had room for).
+        """
         loop = asyncio.get_running_loop()
-        if self._wakeup is None:
-            self._wakeup = asyncio.Event()
+        work = _Work(kind, request_id, deadline, loop.create_future(), images=len(pixels))
+        work.chunks = self._split(work, payload, pixels, first_chunk)
+        work.results = [None] * len(work.chunks)
+        self._ensure_worker(loop)
+        self._active.add(work)
+        self._enqueue_next(work)
+        try:
+            return await asyncio.wait_for(work.future, timeout=max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            metrics.DROPPED.labels(reason="deadline_exceeded", **self._labels).inc()
+            raise
+        except asyncio.CancelledError:  # the client went away (REST disconnect, gRPC cancel) or shutdown
+            metrics.DROPPED.labels(reason="cancelled", **self._labels).inc()
+            raise
+        finally:
+            self._forget(work)
+
+    def chunk_bounds(self, pixels: Sequence[int], first: int | None = None) -> list[tuple[int, int, int]]:
+        """(first image, end, decoded pixels) of each chunk of a request whose images have ``pixels`` pixels.
+
+        ``first`` caps the first chunk's images (admission may have room for fewer than a full chunk).
+        """
+        bounds: list[tuple[int, int, int]] = []
+        lo, n = 0, len(pixels)
+        while lo < n:
+            size = self.max_batch_size if bounds or first is None else max(1, first)
+            hi, total = lo + 1, pixels[lo]
+            while hi < n and hi - lo < size and total + pixels[hi] <= self.max_call_pixels:
+                total += pixels[hi]
+                hi += 1
+            bounds.append((lo, hi, total))
+            lo = hi
+        return bounds
+
+    def _split(self, work: _Work, payload: Any, pixels: Sequence[int], first: int | None) -> list[_Job]:
+        return [_Job(work, i, lo, payload[lo:hi], hi - lo, total)
+                for i, (lo, hi, total) in enumerate(self.chunk_bounds(pixels, first))]
+
+    def _enqueue_next(self, work: _Work) -> None:
+        if work.next_chunk < len(work.chunks) and not work.finished:
+            job = work.chunks[work.next_chunk]
+            job.enqueued = time.monotonic()
+            self._queue.append(job)
+            work.next_chunk += 1
+            self._wakeup.set()
+        self._update_gauge()
+
+    def _forget(self, work: _Work) -> None:
+        """Drop a request's queued chunk and stop feeding its others (answered, failed, expired or cancelled)."""
+        if not work.future.done():
+            work.future.cancel()
+        self._active.discard(work)
+        self._queue = deque(job for job in self._queue if job.work is not work)
+        self._update_gauge()
+
+    def _update_gauge(self) -> None:
+        metrics.QUEUE_IMAGES.labels(**self._labels).set(self.queue_images)
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def _ensure_worker(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._worker is None or self._worker.done():
-            self._worker = loop.create_task(self._work(), name="chest-ct-batcher")
-        job = _Job(key, payload, size, loop.create_future())
-        self._pending.append(job)
-        self._wakeup.set()
-        return await job.future
+            # A fresh context: the loop must not keep the first request's context variables alive.
+            self._worker = loop.create_task(self._loop(), name="chest-ct-batcher", context=contextvars.Context())
 
-    async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
+    async def _loop(self) -> None:
         while True:
-            while not self._pending:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            await self._wait_for_company()
-            jobs = self._take_batch()
-            if not jobs:
-                continue
+            jobs: list[_Job] = []
             try:
-                results = await loop.run_in_executor(self._executor, self._run, jobs)
-            except Exception as exc:  # never let the worker die: hand the error to the callers
-                results = [exc] * len(jobs)
-            for job, result in zip(jobs, results, strict=True):
-                if job.future.done():  # the caller went away (client disconnected)
-                    continue
-                if isinstance(result, BaseException):
-                    job.future.set_exception(result)
-                else:
-                    job.future.set_result(result)
+                while not self._queue:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                await self._wait_for_company()
+                jobs = self._take_call()
+                if jobs:
+                    await self._run_call(jobs)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug must not stop the server: fail this call's requests and go on
+                self._fail_internal(jobs, exc, "the batching loop failed")
 
     async def _wait_for_company(self) -> None:
-        """Hold the oldest request up to ``max_wait_s`` while its batch is not full."""
+        """Hold the oldest chunk up to ``max_wait_s`` while its call is not full."""
         if self.max_wait_s <= 0:
             return
-        first = self._pending[0]
-        while True:
-            queued = sum(j.size for j in self._pending if j.key == first.key)
+        first = self._queue[0]
+        while not first.work.finished:
+            queued = sum(j.size for j in self._queue if j.work.kind == first.work.kind and not j.work.finished)
             remaining = first.enqueued + self.max_wait_s - time.monotonic()
             if queued >= self.max_batch_size or remaining <= 0:
                 return
             self._wakeup.clear()
             try:
                 await asyncio.wait_for(self._wakeup.wait(), timeout=remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return
 
-    def _take_batch(self) -> list[_Job]:
-        """The oldest live request plus later ones of the same kind while they fit in ``max_batch_size``."""
-        while self._pending and self._pending[0].future.done():
-            self._pending.popleft()
-        if not self._pending:
+    def _take_call(self) -> list[_Job]:
+        """The oldest live chunk plus later ones of its kind while they fit; their requests' next chunks queue up.
+
+        Chunks whose request's deadline has passed are failed here rather than run.
+        """
+        now = time.monotonic()
+        for job in self._queue:
+            if not job.work.finished and job.work.deadline <= now:
+                job.work.future.set_exception(TimeoutError())
+        live = [job for job in self._queue if not job.work.finished]
+        if not live:
+            self._queue.clear()
+            self._update_gauge()
             return []
-        first = self._pending.popleft()
-        jobs, total, rest = [first], first.size, deque()
-        while self._pending:
-            job = self._pending.popleft()
-            if job.future.done():
-                continue
-            if job.key == first.key and total + job.size <= self.max_batch_size:
-                jobs.append(job)
-                total += job.size
+        first = live[0]
+        max_images, max_pixels = max(self.max_batch_size, first.size), max(self.max_call_pixels, first.pixels)
+        taken: list[_Job] = []
+        rest: deque[_Job] = deque()
+        images = pixels = 0
+        for job in live:
+            if job.work.kind == first.work.kind and images + job.size <= max_images and \
+                    pixels + job.pixels <= max_pixels:
+                taken.append(job)
+                images, pixels = images + job.size, pixels + job.pixels
             else:
                 rest.append(job)
-        self._pending = rest
-        return jobs
+        self._queue = rest
+        for job in taken:
+            job.work.taken_images += job.size
+            self._enqueue_next(job.work)
+        self._update_gauge()
+        return taken
 
-    def _run(self, jobs: list[_Job]) -> list[Any]:
-        """In the model thread: one call for all jobs; on failure, each job alone."""
-        BATCH_IMAGES.observe(sum(j.size for j in jobs))
-        BATCH_REQUESTS.observe(len(jobs))
+    async def _run_call(self, jobs: list[_Job]) -> None:
+        loop = asyncio.get_running_loop()
+        kind, images = jobs[0].work.kind, sum(job.size for job in jobs)
+        metrics.CALL_IMAGES.labels(**self._labels).observe(images)
+        metrics.CALL_REQUESTS.labels(**self._labels).observe(len({id(job.work) for job in jobs}))
+        started = self._call_started = time.monotonic()
+        watchdog = loop.call_later(self.call_timeout_s, self._report_stall, jobs)
         try:
-            probs = self._call(jobs[0].key, [j.payload for j in jobs])
-        except Exception as exc:
-            if len(jobs) == 1:
-                return [exc]
-            return [self._run_alone(job) for job in jobs]
-        bounds = np.cumsum([0] + [j.size for j in jobs])
+            results = await loop.run_in_executor(self._executor, self._call_guarded, kind, jobs)
+        finally:
+            watchdog.cancel()
+            self._call_started = None
+            elapsed = time.monotonic() - started
+            if elapsed > self.call_timeout_s:
+                logger.warning("The stalled model call ended after %.1f s; ready again", elapsed)
+        metrics.MODEL_CALL_SECONDS.labels(**self._labels).observe(elapsed)
+        if not any(isinstance(r, BaseException) for r in results):
+            self.seconds_per_image = 0.8 * self.seconds_per_image + 0.2 * elapsed / images
+        for job, result in zip(jobs, results, strict=True):
+            self._deliver(job, result)
+
+    def _report_stall(self, jobs: list[_Job]) -> None:
+        logger.error("A model call of %d image(s) (requests %s) has run for more than %.3g s: the model answers "
+                     "not ready until it ends", sum(j.size for j in jobs),
+                     ", ".join(sorted({j.work.request_id for j in jobs})), self.call_timeout_s)
+
+    def _deliver(self, job: _Job, result: np.ndarray | BaseException) -> None:
+        work = job.work
+        if work.finished:  # expired or cancelled meanwhile
+            return
+        if isinstance(result, ModelInputError):
+            work.future.set_exception(result)
+        elif isinstance(result, BaseException):
+            self._fail_internal([job], result, "the model call failed")
+        else:
+            work.results[job.index] = result
+            parts = [r for r in work.results if r is not None]
+            if len(parts) == len(work.results):
+                answer: np.ndarray = np.concatenate(parts)
+                if len(answer) != work.images:
+                    self._fail_internal([job], RuntimeError(f"reassembled {len(answer)} results for "
+                                                            f"{work.images} images"), "reassembly failed")
+                else:
+                    work.future.set_result(answer)
+
+    def _fail_internal(self, jobs: list[_Job], exc: BaseException, what: str) -> None:
+        works = {id(job.work): job.work for job in jobs if not job.work.finished}.values()
+        logger.error("%s for request(s) %s: %s: %s", what, ", ".join(w.request_id for w in works) or "-",
+                     type(exc).__name__, exc, exc_info=exc)
+        for work in works:
+            work.future.set_exception(InternalError(work.request_id))
+
+    # --- in the model thread -------------------------------------------------------------------
+
+    def _call_guarded(self, kind: Hashable, jobs: list[_Job]) -> list[np.ndarray | BaseException]:
+        """One call for all chunks; on an input error each chunk alone; each result checked against its size."""
+        try:
+            probs = self._call(kind, [job.payload for job in jobs])
+        except ModelInputError as exc:
+            if len(jobs) > 1:
+                return [self._call_guarded(kind, [job])[0] for job in jobs]
+            return [self._locate(kind, jobs[0], exc)]
+        except Exception as exc:  # out of memory, internal TF errors...: not the input's fault, no re-run
+            return [exc] * len(jobs)
+        expected = sum(job.size for job in jobs)
+        if probs.shape != (expected,):
+            return [RuntimeError(f"the model returned {probs.shape[0]} results for {expected} images")] * len(jobs)
+        bounds = np.cumsum([0] + [job.size for job in jobs])
         return [probs[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
 
-    def _run_alone(self, job: _Job) -> Any:
-        try:
-            return self._call(job.key, [job.payload])
-        except Exception as exc:
-            return exc
+    def _locate(self, kind: Hashable, job: _Job, exc: ModelInputError) -> ModelInputError:
+        """The input error of one chunk, naming the request's element when it is an encoded image."""
+        if kind == IMAGES:
+            found = self._runner.first_undecodable(job.payload)
+            if found is not None:
+                index, message = found
+                return ModelInputError(f"element {job.offset + index} cannot be decoded as an image: {message}",
+                                       index=job.offset + index)
+        return exc
 
-    def _call(self, key: Hashable, payloads: list[Any]) -> np.ndarray:
-        if key[0] == "image":
+    def _call(self, kind: Hashable, payloads: list[Any]) -> np.ndarray:
+        if kind == IMAGES:
             return self._runner.predict_images([b for p in payloads for b in p])
         return self._runner.predict_pixels(payloads[0] if len(payloads) == 1 else np.concatenate(payloads))

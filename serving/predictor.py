@@ -1,17 +1,19 @@
 """The KServe model: v2 inference requests in, adenocarcinoma probability and label out.
 
-``ChestCtModel`` is what ``kserve.ModelServer`` serves over REST and gRPC. It
-validates the request (``serving.validation``), runs the SavedModel through
-the batching engine (``serving.batching``) and builds the v2 response,
-honouring the protocol options real clients use: ``outputs`` selection,
-binary output data (REST) or raw output contents (gRPC), and the request id.
+``ChestCtModel`` is what ``kserve.ModelServer`` serves over REST and gRPC. Its
+``predict`` parses the request (``serving.inputs``, ``serving.outputs``), asks
+admission for room (``serving.admission``), checks image files with Pillow
+(``serving.images``), runs the SavedModel through the batching engine
+(``serving.batching``) within the request's deadline and builds the response.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
-import uuid
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -19,60 +21,73 @@ import numpy as np
 from kserve import Model
 from kserve.errors import InvalidInput, ModelNotFound
 from kserve.logging import logger
-from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse, RequestedOutput
+from kserve.protocol.infer_type import InferRequest, InferResponse, to_http_parameters
 from PIL import Image
 
-from serving.batching import BatchingEngine
+from serving import context, metrics
+from serving.admission import Admission
+from serving.batching import IMAGES, BatchingEngine, pixels_kind
+from serving.config import ServerConfig
+from serving.errors import DeadlineExceeded, clip, new_id, safe_id
+from serving.images import image_pixels, verify_image
+from serving.inputs import INPUTS, ImageBatch, parse_inputs
 from serving.model_dir import ModelInfo, ModelLoadError, check_model_dir, read_model_info
+from serving.outputs import OUTPUTS, Prediction, build_response, parse_outputs
 from serving.runner import ModelInputError, SavedModelRunner
-from serving.settings import ServingSettings
-from serving.validation import (IMAGE_INPUT, LABEL_OUTPUT, PIXEL_DATATYPES, PIXELS_INPUT, PROBABILITY_OUTPUT,
-                                ImageBatch, OutputRequest, check_image, parse_inputs, parse_outputs)
+
+#: Requests larger than this are parsed in the one parser thread, so at most one large body at a time is
+#: expanded into Python objects and numpy arrays; smaller ones are parsed on the event loop (sub-millisecond).
+INLINE_PARSE_BYTES = 1024 * 1024
 
 
 class VersionNotFound(ModelNotFound):
     """A request for a model version this server does not serve (404 / NOT_FOUND via kserve's handlers)."""
 
     def __init__(self, name: str, served: str, requested: str):
-        super().__init__(name)
-        self.reason = (f"model '{name}' has no version {requested!r}; it serves version {served!r}" if served else
-                       f"model '{name}' is unversioned; leave the version out of the request")
+        super().__init__(clip(name))
+        self.reason = (f"model {clip(name)} has no version {clip(requested)}; it serves version {served!r}" if served
+                       else f"model {clip(name)} is unversioned; leave the version out of the request")
 
 
 class ChestCtModel(Model):
     """Serves one exported chest-ct SavedModel under ``name``."""
 
-    def __init__(self, name: str, model_dir: str | Path, settings: ServingSettings | None = None):
-        super().__init__(name)
+    def __init__(self, name: str, model_dir: str | Path, config: ServerConfig | None = None):
+        super().__init__(name, return_response_headers=True)
         self.model_dir = Path(model_dir)
-        self.settings = settings or ServingSettings()
+        self.config = config or ServerConfig()
         self.info: ModelInfo | None = None
-        self._engine: BatchingEngine | None = None
+        self.engine: BatchingEngine | None = None
+        self.admission: Admission | None = None
+        self.parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parser")
 
     # --- lifecycle --------------------------------------------------------------------------
 
     def load(self) -> bool:
-        """Load the model, check its metadata and answer one warm-up call before reporting ready.
+        """Load the model, check its metadata and answer warm-up calls before reporting ready.
 
         Raises ModelLoadError with a readable message when the directory cannot be served.
         """
         path = check_model_dir(self.model_dir)
         info = read_model_info(path)
-        runner = SavedModelRunner(path, max_batch_size=self.settings.max_batch_size)
-        self._warm_up(runner, info)
+        runner = SavedModelRunner(path)
+        seconds_per_image = self._warm_up(runner, info)
         self.info = info
-        self._engine = BatchingEngine(runner, self.settings.max_batch_size,
-                                      self.settings.max_batch_wait_ms / 1000.0)
+        cfg = self.config
+        self.engine = BatchingEngine(runner, model_name=self.name, max_batch_size=cfg.max_batch_size,
+                                     max_call_pixels=cfg.max_call_pixels, max_wait_s=cfg.max_batch_wait_s,
+                                     call_timeout_s=cfg.model_call_timeout_s, seconds_per_image=seconds_per_image)
+        self.admission = Admission(cfg, self.engine, self.name)
         self.ready = True
         if runner.tf_threads:
             logger.info("TensorFlow thread pools sized to the container's CPU limit: %d", runner.tf_threads)
-        logger.info("Loaded %s (version %r, image size %d, threshold %.4f)", path, info.version or "unversioned",
-                    info.image_size, info.threshold)
+        logger.info("Loaded %s (version %r, image size %d, threshold %.4f, %.0f ms per image)", path,
+                    info.version or "unversioned", info.image_size, info.threshold, 1000 * seconds_per_image)
         return self.ready
 
     @staticmethod
-    def _warm_up(runner: SavedModelRunner, info: ModelInfo) -> None:
-        """Run both signatures once: traces/initialises them and proves the model answers sensibly."""
+    def _warm_up(runner: SavedModelRunner, info: ModelInfo) -> float:
+        """Run both signatures (traces them, proves the model answers sensibly); return seconds per image."""
         rgb = np.linspace(0, 255, info.image_size * info.image_size * 3).reshape(info.image_size, info.image_size, 3)
         buffer = io.BytesIO()
         Image.fromarray(rgb.astype(np.uint8)).save(buffer, "PNG")
@@ -81,39 +96,40 @@ class ChestCtModel(Model):
             if probs.shape != (1,) or not np.all(np.isfinite(probs)) or not 0.0 <= float(probs[0]) <= 1.0:
                 raise ModelLoadError(f"warm-up call of signature '{name}' returned {probs!r}; expected one "
                                      "probability in [0, 1]")
+        started = time.monotonic()
+        runner.predict_images([buffer.getvalue()])
+        return max(1e-4, time.monotonic() - started)
+
+    async def healthy(self) -> bool:
+        """Loaded, and no model call has run past ``--model_call_timeout_s`` (the watchdog)."""
+        return self.ready and self.engine is not None and self.engine.stalled_for() == 0
+
+    def request_scope(self, headers: dict[str, str] | None, body_bytes: int,
+                      time_remaining: float | None = None) -> AbstractContextManager[context.RequestScope]:
+        """See ``serving.context.request_scope``: opened by the transport when a request arrives."""
+        return context.request_scope(self._running()[1], headers, body_bytes, time_remaining)
 
     # --- metadata ---------------------------------------------------------------------------
 
     def get_input_types(self) -> list[dict]:
-        return [
-            {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
-            {"name": PIXELS_INPUT, "datatype": "FP32", "shape": [-1, -1, -1, 3]},
-        ]
+        return [spec.metadata() for spec in INPUTS]
 
     def get_output_types(self) -> list[dict]:
-        return [
-            {"name": PROBABILITY_OUTPUT, "datatype": "FP32", "shape": [-1]},
-            {"name": LABEL_OUTPUT, "datatype": "BYTES", "shape": [-1]},
-        ]
+        return [spec.metadata() for spec in OUTPUTS]
 
     def metadata_parameters(self) -> dict[str, Any]:
-        """Model facts for the REST metadata endpoint (v2 parameters: scalar values only)."""
-        info = self._info()
+        """Model facts and server limits for the REST metadata endpoint (v2 parameters: scalar values only)."""
+        info, cfg = self._info(), self.config
         params: dict[str, Any] = {
-            "model_version": info.version,
-            "mlflow_run_id": info.mlflow_run_id,
-            "class_names": ",".join(info.class_names),
-            "positive_class": info.positive_class,
-            "negative_class": info.negative_class,
-            "threshold": info.threshold,
-            "threshold_source": info.threshold_source,
-            "image_size": info.image_size,
-            "pixels_datatypes": ",".join(PIXEL_DATATYPES),
-            "image_formats": "PNG,JPEG",
-            "max_images": self.settings.limits.max_images,
-            "max_image_pixels": self.settings.limits.max_image_pixels,
-            "max_request_bytes": self.settings.max_request_bytes,
+            "class_names": ",".join(info.class_names), "positive_class": info.positive_class,
+            "negative_class": info.negative_class, "threshold": info.threshold,
+            "threshold_source": info.threshold_source, "image_size": info.image_size,
+            "pixels_datatypes": "UINT8,FP32", "image_formats": "PNG,JPEG",
+            "max_images": cfg.max_images, "max_image_pixels": cfg.max_image_pixels,
+            "max_request_bytes": cfg.max_request_bytes, "deadline_ms": cfg.deadline_ms,
         }
+        if info.version:
+            params["model_version"] = params["mlflow_run_id"] = info.version
         for key in ("dataset_fingerprint", "exported_at", "format_version"):
             value = info.extra.get(key)
             if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -134,59 +150,77 @@ class ChestCtModel(Model):
             raise RuntimeError("model is not loaded")
         return self.info
 
+    def loaded_admission(self) -> Admission:
+        return self._running()[1]
+
+    def _running(self) -> tuple[BatchingEngine, Admission]:
+        if self.engine is None or self.admission is None:
+            raise RuntimeError("model is not loaded")
+        return self.engine, self.admission
+
     # --- inference --------------------------------------------------------------------------
 
     async def predict(self, payload: Any, headers: dict[str, str] | None = None,
                       response_headers: dict[str, str] | None = None) -> InferResponse:
         if not isinstance(payload, InferRequest):
-            raise InvalidInput(f"model '{self.name}' speaks the v2 inference protocol: "
+            raise InvalidInput(f"model {clip(self.name)} speaks the v2 inference protocol: "
                                f"POST /v2/models/{self.name}/infer (or gRPC ModelInfer)")
-        info = self._info()
-        self.check_version(payload.model_version)
-        outputs = parse_outputs(payload)
-        # Off the event loop: turning a large JSON tensor into numpy takes a while.
+        scope = context.current()
+        with self.request_scope(headers, 0) if scope is None else nullcontext(scope) as scope:
+            response_id = payload.id or scope.header_id or new_id()
+            if response_headers is not None:
+                response_headers["x-request-id"] = response_id
+            return await self._predict(payload, scope, response_id, safe_id(response_id) or new_id())
+
+    async def _predict(self, request: InferRequest, scope: context.RequestScope, response_id: str,
+                       log_id: str) -> InferResponse:
+        info, cfg = self._info(), self.config
+        engine, admission = self._running()
+        self.check_version(request.model_version)
+        scope.shorten(context.client_timeout_s(_parameters(request)))
+        outputs = parse_outputs(request)
+        admission.hold(scope.ticket)  # a place in the queue while it is parsed (REST holds one already)
         loop = asyncio.get_running_loop()
-        batch = await loop.run_in_executor(None, parse_inputs, payload, self.settings.limits)
+        if scope.ticket.bytes > INLINE_PARSE_BYTES:
+            batch = await loop.run_in_executor(self.parser, parse_inputs, request, cfg)
+        else:
+            batch = parse_inputs(request, cfg)
+        payload: Any
+        if isinstance(batch, ImageBatch):
+            encoded = batch.encoded
+            name, kind, payload = "image", IMAGES, encoded
+            pixels = [image_pixels(b, i, cfg.max_image_pixels) for i, b in enumerate(encoded)]
+        else:
+            n, height, width, _ = batch.pixels.shape
+            name, kind, payload, pixels = "pixels", pixels_kind(height, width), batch.pixels, [height * width] * n
+        if scope.time_left() <= 0:
+            metrics.DROPPED.labels(model_name=self.name, reason="deadline_exceeded").inc()
+            raise DeadlineExceeded(scope.budget_s, "before the request was admitted")
+        first_chunk = admission.admit(scope.ticket, len(pixels), engine.chunk_bounds(pixels)[0][1], sum(pixels),
+                                      scope.time_left())
+        if isinstance(batch, ImageBatch):
+            await loop.run_in_executor(None, _verify_all, batch.encoded)
+        admission.queued(scope.ticket)
         try:
-            if isinstance(batch, ImageBatch):
-                await self._check_images(batch.encoded)
-                probs = await self._engine.images(batch.encoded)
-            else:
-                probs = await self._engine.pixels(batch.pixels)
+            probs = await engine.run(kind, payload, pixels, request_id=log_id, deadline=scope.deadline,
+                                     first_chunk=first_chunk)
+        except TimeoutError:
+            raise DeadlineExceeded(scope.budget_s, "while the request waited for or ran in the model") from None
         except ModelInputError as exc:
-            name = IMAGE_INPUT if isinstance(batch, ImageBatch) else PIXELS_INPUT
             raise InvalidInput(f"input '{name}': {exc}") from exc
         probs = np.asarray(probs, dtype=np.float32).reshape(-1)
-        labels = [info.label_for(float(p)) for p in probs]
-        return self._response(payload, outputs, probs, labels)
-
-    async def _check_images(self, encoded: list[bytes]) -> None:
-        """Pillow checks, off the event loop: decoding large images takes milliseconds each."""
-        loop = asyncio.get_running_loop()
-        limits = self.settings.limits
-        await loop.run_in_executor(None, lambda: [check_image(b, i, limits) for i, b in enumerate(encoded)])
-
-    def _response(self, request: InferRequest, outputs: OutputRequest, probs: np.ndarray,
-                  labels: list[str]) -> InferResponse:
-        info = self._info()
-        n = len(probs)
-        # kserve's to_grpc() only accepts lists safely; to_rest() takes numpy and honours binary_data.
-        as_list = bool(request.from_grpc)
-        values = {
-            PROBABILITY_OUTPUT: ("FP32", probs.tolist() if as_list else probs),
-            LABEL_OUTPUT: ("BYTES", labels if as_list else np.array(labels, dtype=np.object_)),
-        }
-        infer_outputs = [InferOutput(name=name, shape=[n], datatype=values[name][0], data=values[name][1])
-                         for name in outputs.names]
-        requested = [RequestedOutput(name, {"binary_data": outputs.binary[name]}) for name in outputs.names]
+        prediction = Prediction(probs, [info.label_for(float(p)) for p in probs])
         # gRPC parameters carry only bool/int/string, so the threshold travels as text there.
         threshold = str(info.threshold) if request.from_grpc else info.threshold
-        return InferResponse(
-            response_id=request.id or str(uuid.uuid4()),
-            model_name=self.name,
-            model_version=info.version or None,
-            infer_outputs=infer_outputs,
-            parameters={"threshold": threshold, "positive_class": info.positive_class},
-            use_binary_outputs=request.use_binary_outputs,
-            requested_outputs=None if request.from_grpc else requested,
-        )
+        return build_response(request, outputs, prediction, model_name=self.name, model_version=info.version,
+                              response_id=response_id,
+                              parameters={"threshold": threshold, "positive_class": info.positive_class})
+
+
+def _verify_all(encoded: list[bytes]) -> None:
+    for i, data in enumerate(encoded):
+        verify_image(data, i)
+
+
+def _parameters(request: InferRequest) -> dict[str, Any]:
+    return to_http_parameters(request.parameters) if request.parameters else {}

@@ -1,18 +1,19 @@
 """The SavedModel's two signatures as plain, synchronous numpy functions.
 
-This is the only module that imports TensorFlow. Calls are split into chunks of
-at most ``max_batch_size`` images so one large request cannot allocate
-activations for, say, 64 images at once; the chunking does not change the
-results because the model has no cross-example operations.
+This is the only module that imports TensorFlow. One call here is one
+SavedModel call: ``serving.batching`` sizes the chunks (by images and pixels).
+TensorFlow's ``InvalidArgumentError`` is the only error treated as the input's
+fault (``ModelInputError``); every other error (out of memory, internal errors)
+propagates as it is.
 """
 
 from __future__ import annotations
 
-import math
 import os
+import re
 import sys
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -40,13 +41,12 @@ class ModelInputError(ValueError):
 class SavedModelRunner:
     """Loads the SavedModel and calls ``serving_default`` / ``serve_pixels`` on numpy data."""
 
-    def __init__(self, model_dir: str | Path, max_batch_size: int = 8):
+    def __init__(self, model_dir: str | Path):
         tf = import_tensorflow()
 
         self._tf = tf
         #: TensorFlow's intra-/inter-op pool sizes when set from the container's CPU limit, else None.
         self.tf_threads = fit_threads_to_cpu_limit(tf)
-        self.max_batch_size = max(1, int(max_batch_size))
         try:
             self._loaded = tf.saved_model.load(str(model_dir))
         except Exception as exc:  # TF raises many types (OSError, DecodeError, InvalidArgumentError...)
@@ -57,30 +57,27 @@ class SavedModelRunner:
         self._pixels_fn = _signature(signatures, PIXELS_SIGNATURE, PIXELS_ARG, tf.float32, 4, model_dir)
 
     def predict_images(self, encoded: Sequence[bytes]) -> np.ndarray:
-        """Probabilities for encoded PNG/JPEG files; ModelInputError names the first file TF cannot decode."""
+        """Probabilities for encoded PNG/JPEG files (one call)."""
         try:
-            return self._chunked(self._bytes_fn, BYTES_ARG, lambda lo, hi: list(encoded[lo:hi]), len(encoded))
+            return self._call(self._bytes_fn, BYTES_ARG, list(encoded))
         except self._tf.errors.InvalidArgumentError as exc:
-            for i, one in enumerate(encoded):  # find the culprit so the error can name it
-                try:
-                    self._call(self._bytes_fn, BYTES_ARG, [one])
-                except self._tf.errors.InvalidArgumentError as one_exc:
-                    raise ModelInputError(f"element {i} cannot be decoded as an image: "
-                                          f"{_tf_message(one_exc)}", index=i) from one_exc
             raise ModelInputError(f"the model rejected the images: {_tf_message(exc)}") from exc
 
+    def first_undecodable(self, encoded: Sequence[bytes]) -> tuple[int, str] | None:
+        """(index, TensorFlow's reason) of the first file the model cannot decode on its own, or None."""
+        for i, one in enumerate(encoded):
+            try:
+                self._call(self._bytes_fn, BYTES_ARG, [one])
+            except self._tf.errors.InvalidArgumentError as exc:
+                return i, _tf_message(exc)
+        return None
+
     def predict_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """Probabilities for float32 RGB pixels ``[N, H, W, 3]`` in 0..255."""
-        pixels = np.asarray(pixels, dtype=np.float32)
+        """Probabilities for float32 RGB pixels ``[N, H, W, 3]`` in 0..255 (one call)."""
         try:
-            return self._chunked(self._pixels_fn, PIXELS_ARG, lambda lo, hi: pixels[lo:hi], len(pixels))
+            return self._call(self._pixels_fn, PIXELS_ARG, np.asarray(pixels, dtype=np.float32))
         except self._tf.errors.InvalidArgumentError as exc:
             raise ModelInputError(f"the model rejected the pixels: {_tf_message(exc)}") from exc
-
-    def _chunked(self, fn, arg: str, chunk, n: int) -> np.ndarray:
-        parts = [self._call(fn, arg, chunk(lo, min(lo + self.max_batch_size, n)))
-                 for lo in range(0, n, self.max_batch_size)]
-        return np.concatenate(parts) if parts else np.zeros((0,), np.float32)
 
     def _call(self, fn, arg: str, values) -> np.ndarray:
         dtype = self._tf.string if arg == BYTES_ARG else self._tf.float32
@@ -110,6 +107,18 @@ def import_tensorflow():
     return tf
 
 
+def container_cpus() -> int:
+    """CPUs this process may use: the least of the machine's, its affinity and the container's CPU quota.
+
+    joblib's (loky's) ``cpu_count`` reads the quota of cgroup v2 (``cpu.max``) and v1
+    (``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``), rounded up; kserve's own helper reads only v1.
+    ``LOKY_MAX_CPU_COUNT`` lowers it further.
+    """
+    import joblib
+
+    return max(1, int(joblib.cpu_count()))
+
+
 def fit_threads_to_cpu_limit(tf) -> int | None:
     """Size TensorFlow's thread pools to the container's CPU limit; return the size set, or None.
 
@@ -118,58 +127,23 @@ def fit_threads_to_cpu_limit(tf) -> int | None:
     threads use up a 2-CPU quota early in each scheduling period and the whole process is then
     throttled until the next: slower and more erratic model calls (in a 1-CPU cgroup on 2 cores,
     16 threads gave a batch-1 p50 of 301 ms and p90 up to 363 ms; 1 thread 280-289 ms and 285-305 ms).
-    TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS, when set, take precedence. Without a quota below
+    TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS, when set, take precedence. Without a limit below
     the visible CPUs (as on a plain machine) nothing changes.
     """
-    quota = cpu_quota()
+    cpus = container_cpus()
     visible = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if quota is None or math.ceil(quota) >= visible:
+    if cpus >= visible:
         return None
-    threads = max(1, math.ceil(quota))
     setters = [setter for env, setter in (
         ("TF_NUM_INTRAOP_THREADS", tf.config.threading.set_intra_op_parallelism_threads),
         ("TF_NUM_INTEROP_THREADS", tf.config.threading.set_inter_op_parallelism_threads),
     ) if not os.environ.get(env)]
     try:
         for setter in setters:
-            setter(threads)
+            setter(cpus)
     except RuntimeError:  # TensorFlow already ran something in this process: its pools are fixed
         return None
-    return threads if setters else None
-
-
-def cpu_quota() -> float | None:
-    """This process's cgroup CPU limit in CPUs (v2 ``cpu.max`` or v1 CFS quota), or None when unlimited."""
-    found = []
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        lines = []
-    for line in lines:
-        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
-        path = path.lstrip("/")
-        if controllers == "":  # cgroup v2: "max 100000" or "<quota> <period>"
-            for base in {Path("/sys/fs/cgroup") / path, Path("/sys/fs/cgroup")}:
-                found.append(_ratio(base / "cpu.max"))
-        elif "cpu" in controllers.split(","):
-            for mount in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
-                for base in {Path("/sys/fs/cgroup", mount, path), Path("/sys/fs/cgroup", mount)}:
-                    found.append(_ratio(base / "cpu.cfs_quota_us", base / "cpu.cfs_period_us"))
-    limits = [q for q in found if q is not None]
-    return min(limits) if limits else None
-
-
-def _ratio(quota_file: Path, period_file: Path | None = None) -> float | None:
-    try:
-        if period_file is None:
-            quota, period = quota_file.read_text().split()[:2]
-        else:
-            quota, period = quota_file.read_text().strip(), period_file.read_text().strip()
-        if quota == "max" or int(quota) <= 0 or int(period) <= 0:
-            return None
-        return int(quota) / int(period)
-    except (OSError, ValueError):
-        return None
+    return cpus if setters else None
 
 
 def _signature(signatures, name: str, arg: str, dtype, rank: int, model_dir):
@@ -194,8 +168,12 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _tf_message(exc) -> str:
-    """TF's error text without the graph node dump that follows the first line."""
+    """TF's reason for an input error, one line of at most 200 characters, without graph internals.
+
+    Node names, "Detected at node ... defined at" stack headers and node dumps say nothing to a client.
+    """
     message = getattr(exc, "message", None) or str(exc)
-    lines = [ln.strip() for ln in message.splitlines() if ln.strip() and not ln.strip().startswith("[[")]
-    text = " ".join(lines)
-    return text.replace("Graph execution error:", "").strip()[:300] or type(exc).__name__
+    internal = ("[[", "Detected at node", "<stack traces", "File ", "Graph execution error")
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip() and not ln.strip().startswith(internal)]
+    text = re.sub(r"\{\{[^}]*\}\}|\[Op:[^\]]*\]", "", " ".join(lines)).strip()
+    return (text[:200] + "...") if len(text) > 200 else (text or type(exc).__name__)

@@ -43,10 +43,10 @@ def test_dockerfile_passes_hadolint_without_findings():
 
 def test_dockerfile_runs_as_numeric_non_root_user_with_healthcheck_and_pinned_base():
     text = DOCKERFILE.read_text().replace("\\\n", " ")  # join continuation lines
-    users = re.findall(r"^USER\s+(\S+)", text, flags=re.M)
+    users = re.findall(r"^USER\s+(\S+)", text, flags=re.MULTILINE)
     assert users and re.fullmatch(r"[1-9]\d*(:\d+)?", users[-1]), users
-    assert re.search(r"^HEALTHCHECK\s+(--\S+\s+)*CMD", text, flags=re.M)
-    bases = re.findall(r"^FROM\s+(\S+)", text, flags=re.M)
+    assert re.search(r"^HEALTHCHECK\s+(--\S+\s+)*CMD", text, flags=re.MULTILINE)
+    bases = re.findall(r"^FROM\s+(\S+)", text, flags=re.MULTILINE)
     assert bases and all(":" in b and not b.endswith(":latest") for b in bases), bases
     assert "MODEL_DIR=/mnt/models" in text
     assert not re.search(r"(curl|wget)[^\n]*\|\s*(ba)?sh", text)

@@ -22,7 +22,7 @@ import pytest
 import requests
 
 from tests.serving_helpers import (IMAGE_SIZE, MODEL_NAME, RUN_ID, InProcessModel, ServerProcess, b64, encode,
-                                   exported_model, length_prefixed, rgb, run_in_subprocess,
+                                   exported_model, length_prefixed, metric, rgb, run_in_subprocess,
                                    set_threshold)
 
 TOL = 1e-5
@@ -66,7 +66,7 @@ def threshold(model_dir) -> float:
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     proc = ServerProcess(model_dir, tmp_path_factory.mktemp("serving-log") / "server.log",
-                         "--max_batch_size", "8", "--max_batch_wait_ms", "30")
+                         "--max_batch_size", "8", "--max_batch_wait_ms", "30", "--max_queued_images", "32")
     try:
         proc.wait_ready()
         yield proc
@@ -126,14 +126,27 @@ def test_health_and_readiness_endpoints(server):
     assert requests.get(f"{server.url}/v2/health/ready", timeout=5).json() == {"ready": True}
     assert requests.get(f"{server.url}/v2/models/{MODEL_NAME}/ready", timeout=5).json() == {
         "name": MODEL_NAME, "ready": True}
-    assert requests.get(f"{server.url}/v2", timeout=5).json()["name"]  # server metadata
     assert requests.get(f"{server.url}/openapi.json", timeout=5).status_code == 200
+
+
+def test_versioned_readiness(server):
+    ready = requests.get(f"{server.url}/v2/models/{MODEL_NAME}/versions/{RUN_ID}/ready", timeout=5)
+    assert ready.status_code == 200 and ready.json() == {"name": MODEL_NAME, "ready": True}
+    other = requests.get(f"{server.url}/v2/models/{MODEL_NAME}/versions/not-a-run/ready", timeout=5)
+    assert other.status_code == 404 and "no version 'not-a-run'" in other.json()["error"]
+    missing = requests.get(f"{server.url}/v2/models/nope/versions/{RUN_ID}/ready", timeout=5)
+    assert missing.status_code == 404
+
+
+def test_server_metadata_advertises_the_extensions_it_implements(server):
+    meta = requests.get(f"{server.url}/v2", timeout=5).json()
+    assert meta["name"] and meta["extensions"] == ["binary_tensor_data"]  # not the repository extension it refuses
 
 
 def test_rest_model_metadata_lists_inputs_outputs_and_model_facts(server, threshold):
     meta = requests.get(f"{server.url}/v2/models/{MODEL_NAME}", timeout=5).json()
     assert meta["name"] == MODEL_NAME
-    assert meta["versions"] == [RUN_ID]
+    assert meta["versions"] == [RUN_ID] and meta["platform"] == "tensorflow_savedmodel"
     assert {i["name"]: (i["datatype"], i["shape"]) for i in meta["inputs"]} == {
         "image": ("BYTES", [-1]), "pixels": ("FP32", [-1, -1, -1, 3])}
     assert {o["name"]: (o["datatype"], o["shape"]) for o in meta["outputs"]} == {
@@ -148,6 +161,8 @@ def test_rest_model_metadata_lists_inputs_outputs_and_model_facts(server, thresh
     assert params["dataset_fingerprint"] == "sha256:test"
     versioned = requests.get(f"{server.url}/v2/models/{MODEL_NAME}/versions/{RUN_ID}", timeout=5)
     assert versioned.status_code == 200 and versioned.json()["parameters"]["threshold"] == params["threshold"]
+    other = requests.get(f"{server.url}/v2/models/{MODEL_NAME}/versions/not-a-run", timeout=5)
+    assert other.status_code == 404 and RUN_ID in other.json()["error"]
 
 
 TRITON_GRPC_METADATA = """
@@ -162,9 +177,27 @@ def test_grpc_model_metadata_and_health(server):
     result = run_in_subprocess(TRITON_GRPC_METADATA, {"target": server.grpc_target, "model": MODEL_NAME})
     assert result["health"] == [True, True, True]
     meta = result["metadata"]
+    assert meta["versions"] == [RUN_ID] and meta["platform"] == "tensorflow_savedmodel"
     assert {i["name"]: (i["datatype"], [int(d) for d in i["shape"]]) for i in meta["inputs"]} == {
         "image": ("BYTES", [-1]), "pixels": ("FP32", [-1, -1, -1, 3])}
     assert {o["name"]: o["datatype"] for o in meta["outputs"]} == {"probability": "FP32", "label": "BYTES"}
+
+
+def test_grpc_versions_are_checked_and_server_metadata_is_honest(server):
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+    from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
+
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        assert stub.ModelReady(pb.ModelReadyRequest(name=MODEL_NAME, version=RUN_ID), timeout=10).ready
+        assert stub.ModelMetadata(pb.ModelMetadataRequest(name=MODEL_NAME, version=RUN_ID), timeout=10).versions == [
+            RUN_ID]
+        for call, request in ((stub.ModelReady, pb.ModelReadyRequest(name=MODEL_NAME, version="not-a-run")),
+                              (stub.ModelMetadata, pb.ModelMetadataRequest(name=MODEL_NAME, version="not-a-run"))):
+            with pytest.raises(grpc.RpcError) as caught:
+                call(request, timeout=10)
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND and "not-a-run" in caught.value.details()
+        assert list(stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=10).extensions) == ["binary_tensor_data"]
 
 
 # --- REST JSON ---------------------------------------------------------------------------------
@@ -428,13 +461,9 @@ def test_kserve_grpc_client_raw_and_typed_contents(server, images, reference, th
 
 def _merged_calls(server) -> float:
     """Model calls that served more than one request, from the server's Prometheus metrics."""
-    text = requests.get(f"{server.url}/metrics", timeout=5).text
-    values = {}
-    for line in text.splitlines():
-        if line.startswith("chest_ct_model_call_requests_"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-    return values["chest_ct_model_call_requests_count"] - values['chest_ct_model_call_requests_bucket{le="1.0"}']
+    labels = {"model_name": MODEL_NAME}
+    return (metric(server, "chest_ct_model_call_requests_count", **labels)
+            - metric(server, "chest_ct_model_call_requests_bucket", le="1.0", **labels))
 
 
 def test_concurrent_requests_are_merged_and_each_gets_its_own_answer(server, reference):

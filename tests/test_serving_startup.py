@@ -152,9 +152,12 @@ def test_model_failing_its_warm_up_call_never_becomes_ready(tmp_path, model_dir,
 
 @pytest.mark.parametrize("args, message", [
     (["--workers", "2"], "--workers must be 1"),
-    (["--max_batch_size", "0"], "max_batch_size"),
-    (["--max_request_bytes", "10"], "max_request_bytes"),
-], ids=["workers", "batch_size", "request_bytes"])
+    (["--max_batch_size", "0"], "max_batch_size=0"),
+    (["--max_request_bytes", "10"], "max_request_bytes=10"),
+    (["--max_queued_images", "0"], "max_queued_images=0"),
+    (["--deadline_ms", "0"], "deadline_ms=0.0"),
+    (["--model_call_timeout_s", "-1"], "model_call_timeout_s=-1.0"),
+], ids=["workers", "batch_size", "request_bytes", "queued_images", "deadline", "watchdog"])
 def test_invalid_server_flags(model_dir, monkeypatch, args, message):
     assert message in _exit_message(monkeypatch, "--model_dir", str(model_dir), *args)
 
@@ -186,3 +189,22 @@ def test_limits_can_be_set_by_environment(monkeypatch):
     monkeypatch.setenv("CHEST_CT_MAX_IMAGES", "lots")
     with pytest.raises(SystemExit, match="CHEST_CT_MAX_IMAGES='lots' is not a number"):
         build_parser()
+
+
+def test_every_limit_is_a_flag_with_an_environment_variable(monkeypatch):
+    """One place per default: ServerConfig's fields are the flags, CHEST_CT_<NAME> their environment defaults."""
+    from dataclasses import fields
+
+    monkeypatch.setattr(sys, "argv", ["serving"])
+    from serving.__main__ import build_parser
+    from serving.config import ServerConfig, env_name, from_args
+
+    parser = build_parser()
+    assert from_args(parser.parse_args([])) == ServerConfig()
+    help_text = " ".join(parser.format_help().split())
+    for f in fields(ServerConfig):
+        assert f"--{f.name}" in help_text and env_name(f.name) in help_text, f.name
+    monkeypatch.setenv("CHEST_CT_MAX_QUEUED_IMAGES", "12")
+    monkeypatch.setenv("CHEST_CT_DEADLINE_MS", "2500")
+    config = from_args(build_parser().parse_args(["--max_queued_pixels", "1000"]))
+    assert (config.max_queued_images, config.deadline_ms, config.max_queued_pixels) == (12, 2500.0, 1000)
