@@ -23,7 +23,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from chest_ct import CLASS_NAMES
 from chest_ct.duplicates import DEFAULT_PHASH_DISTANCE, group_duplicates
-from chest_ct.images import DEFAULT_MAX_PIXELS, InvalidImage, inspect_image
+from chest_ct.images import DEFAULT_MAX_PIXELS, InvalidImage, inspect_files
 
 SPLIT_ALIASES = {
     "train": "train", "training": "train",
@@ -161,21 +161,20 @@ def build_dataset(
 
     records: list[dict] = []
     quarantined: list[dict] = []
-    for source_split, by_class in selected.items():
-        for label, folders in by_class.items():
-            for folder in folders:
-                for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-                    rel = file.relative_to(root).as_posix()
-                    try:
-                        if file.suffix.lower() not in IMAGE_SUFFIXES:
-                            raise InvalidImage(f"not an image file (suffix {file.suffix or 'none'!r}; expected .png/.jpg/.jpeg)")
-                        info = inspect_image(file, max_pixels=max_pixels)
-                    except InvalidImage as exc:
-                        quarantined.append({"path": rel, "split": source_split, "label": label, "reason": str(exc)})
-                        _copy(file, out_dir / "quarantine" / rel)
-                        continue
-                    records.append({"path": rel, "file": f"images/{rel}", "source_split": source_split,
-                                    "label": label, **info.to_dict()})
+    candidates = [(file, source_split, label) for source_split, by_class in selected.items()
+                  for label, folders in by_class.items() for folder in folders
+                  for file in sorted(p for p in folder.rglob("*") if p.is_file())]
+    images = [file for file, _, _ in candidates if file.suffix.lower() in IMAGE_SUFFIXES]
+    infos = dict(zip(images, inspect_files(images, max_pixels=max_pixels)))  # all cores, input order
+    for file, source_split, label in candidates:
+        rel = file.relative_to(root).as_posix()
+        info = infos.get(file) or InvalidImage(f"not an image file (suffix {file.suffix or 'none'!r}; expected .png/.jpg/.jpeg)")
+        if isinstance(info, InvalidImage):
+            quarantined.append({"path": rel, "split": source_split, "label": label, "reason": str(info)})
+            _copy(file, out_dir / "quarantine" / rel)
+            continue
+        records.append({"path": rel, "file": f"images/{rel}", "source_split": source_split,
+                        "label": label, **info.to_dict()})
     if not records:
         raise DatasetError(f"{root}: no usable images in the class folders ({len(quarantined)} quarantined)")
 
