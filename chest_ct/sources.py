@@ -72,14 +72,17 @@ def _download_drive(uri: str, workdir: Path) -> Path:
     return target
 
 
-class _KnownSize(BaseSubscriber):
-    """Tells the transfer manager the size from the listing, saving a HEAD request per object (as `aws s3 sync`)."""
+class _Listed(BaseSubscriber):
+    """Gives the transfer manager the size and ETag from the listing: no HEAD request per object, and the
+    object downloaded is the version that was listed (and counted against the caps)."""
 
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self, obj: dict):
+        self.size, self.etag = int(obj["Size"]), obj.get("ETag")
 
     def on_queued(self, future, **kwargs):
         future.meta.provide_transfer_size(self.size)
+        if self.etag:
+            future.meta.provide_object_etag(self.etag)
 
 
 def _s3_client(endpoint_url: str | None, concurrency: int):
@@ -158,7 +161,7 @@ def _download_s3_folder(s3, bucket: str, prefix: str, root: Path, limits: Limits
                 counter.add_bytes(obj["Key"], int(obj["Size"]))
                 dest = root.joinpath(*_parts(rel))
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                future = manager.download(bucket, obj["Key"], str(dest), subscribers=[_KnownSize(int(obj["Size"]))])
+                future = manager.download(bucket, obj["Key"], str(dest), subscribers=[_Listed(obj)])
                 queued.append((future, obj["Key"], dest))
                 settle(keep=4 * concurrency)
         settle(keep=0)
