@@ -149,7 +149,7 @@ def inspect_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
     return result
 
 
-def _inspect_path(path: str, max_pixels: int) -> ImageInfo | InvalidImage:
+def _inspect_path(path: str, max_pixels: int, copy_to: str | None = None) -> ImageInfo | InvalidImage:
     try:
         with open(path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
@@ -160,17 +160,21 @@ def _inspect_path(path: str, max_pixels: int) -> ImageInfo | InvalidImage:
     except OSError as exc:
         return InvalidImage(f"cannot read the file: {exc.strerror or exc}", path)
     try:
-        return describe(data, max_pixels=max_pixels)
+        info = describe(data, max_pixels=max_pixels)
     except InvalidImage as exc:
         return InvalidImage(exc.reason, path)
+    if copy_to:  # the bytes validated and hashed, not a later re-read of a file that may have changed
+        Path(copy_to).parent.mkdir(parents=True, exist_ok=True)
+        Path(copy_to).write_bytes(data)  # an error here is the machine's (disk full), not the file's: it propagates
+    return info
 
 
-def _inspect_chunk(paths: list[str], max_pixels: int) -> list[ImageInfo | InvalidImage]:
-    return [_inspect_path(p, max_pixels) for p in paths]
+def _inspect_chunk(jobs: list[tuple[str, str | None]], max_pixels: int) -> list[ImageInfo | InvalidImage]:
+    return [_inspect_path(path, max_pixels, copy_to) for path, copy_to in jobs]
 
 
-def _crashed(path: str) -> InvalidImage:
-    return InvalidImage("the decoder crashed its worker process (a signal such as a segfault, or out of memory)", path)
+def _crashed(job: tuple[str, str | None]) -> InvalidImage:
+    return InvalidImage("the decoder crashed its worker process (a signal such as a segfault, or out of memory)", job[0])
 
 
 def _init_worker() -> None:
@@ -184,26 +188,33 @@ def _init_worker() -> None:
         pass
 
 
-def inspect_files(paths: Sequence[Path | str], *, max_pixels: int = DEFAULT_MAX_PIXELS,
-                  workers: int | None = None) -> list[ImageInfo | InvalidImage]:
+def inspect_files(paths: Sequence[Path | str], *, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None,
+                  copy_to: Sequence[Path | str | None] | None = None) -> list[ImageInfo | InvalidImage]:
     """Inspect every file, in input order: an :class:`ImageInfo`, or the :class:`InvalidImage`
     (with ``path`` and ``reason``) that says why the file cannot be used. Never raises for bad files.
 
     ``workers``: processes to use; ``None`` means every CPU the container may use
     (:func:`chest_ct.parallel.available_cpus`), ``1`` runs in this process. With more
     than one, a file that crashes the decoder is quarantined instead of ending the run.
+    ``copy_to``: for each path, where to write its bytes when it is valid (``None``: nowhere).
+    The copy is the bytes that were hashed and decoded, written by the worker that read
+    them, so each file is read once and a file changing under the run cannot slip in.
     A progress line (count, rate, ETA) is logged every few seconds on long runs.
     """
     paths = [str(p) for p in paths]
+    targets = [None if t is None else str(t) for t in copy_to] if copy_to is not None else [None] * len(paths)
+    if len(targets) != len(paths):
+        raise ValueError(f"copy_to has {len(targets)} entries for {len(paths)} paths")
+    jobs = list(zip(paths, targets))
     workers = available_cpus() if workers is None else max(1, int(workers))
-    progress = Progress("validated images", len(paths))
-    if workers == 1 or len(paths) < 2:
+    progress = Progress("validated images", len(jobs))
+    if workers == 1 or len(jobs) < 2:
         results = []
-        for path in paths:
-            results.append(_inspect_path(path, max_pixels))
+        for path, target in jobs:
+            results.append(_inspect_path(path, max_pixels, target))
             progress.update(1)
     else:
-        results = process_map(functools.partial(_inspect_chunk, max_pixels=max_pixels), paths, workers=workers,
+        results = process_map(functools.partial(_inspect_chunk, max_pixels=max_pixels), jobs, workers=workers,
                               on_crash=_crashed, preload=WORKER_PRELOAD, initializer=_init_worker, progress=progress)
     progress.finish()
     return results

@@ -165,7 +165,8 @@ def build_dataset(
                   for label, folders in by_class.items() for folder in folders
                   for file in sorted(p for p in folder.rglob("*") if p.is_file())]
     images = [file for file, _, _ in candidates if file.suffix.lower() in IMAGE_SUFFIXES]
-    infos = dict(zip(images, inspect_files(images, max_pixels=max_pixels)))  # all cores, input order
+    copies = [out_dir / "images" / file.relative_to(root) for file in images]  # written as validated: one read
+    infos = dict(zip(images, inspect_files(images, max_pixels=max_pixels, copy_to=copies)))  # all cores, input order
     for file, source_split, label in candidates:
         rel = file.relative_to(root).as_posix()
         info = infos.get(file) or InvalidImage(f"not an image file (suffix {file.suffix or 'none'!r}; expected .png/.jpg/.jpeg)")
@@ -183,8 +184,6 @@ def build_dataset(
         rec["group"] = group
 
     _assign_splits(records, layout, groups, seed, valid_fraction, test_fraction)
-    for rec in records:
-        _copy(root / rec["path"], out_dir / rec["file"])
 
     report = _report(records, quarantined, layout, ignored_classes, classes, str(root), source_uri)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -120,6 +120,7 @@ def test_phash_is_imagehash_of_the_picture_the_model_sees(tmp_path, mode, fmt):
 
 def mixed_files(tmp_path) -> list:
     """Good images of every kind interleaved with every kind of bad file."""
+    tmp_path.mkdir()
     good = []
     for i, (mode, fmt) in enumerate([("RGB", "PNG"), ("L", "JPEG"), ("RGBA", "PNG")] * 12):
         path = tmp_path / f"good{i}.{fmt.lower()}"
@@ -150,10 +151,13 @@ def as_comparable(result):
 
 
 def test_parallel_validation_equals_serial_in_input_order(tmp_path):
-    paths = mixed_files(tmp_path)
-    serial = inspect_files(paths, max_pixels=250_000, workers=1)
-    parallel = inspect_files(paths, max_pixels=250_000, workers=2)
+    paths = mixed_files(tmp_path / "in")
+    serial = inspect_files(paths, max_pixels=250_000, workers=1, copy_to=[tmp_path / "a" / p.name for p in paths])
+    parallel = inspect_files(paths, max_pixels=250_000, workers=2, copy_to=[tmp_path / "b" / p.name for p in paths])
     assert [as_comparable(r) for r in parallel] == [as_comparable(r) for r in serial]
+    for out in ("a", "b"):  # valid files are copied as validated, bad ones are not
+        copied = {p.name: p.read_bytes() for p in (tmp_path / out).iterdir()}
+        assert copied == {p.name: p.read_bytes() for p, r in zip(paths, serial) if isinstance(r, ImageInfo)}
     reasons = {}
     for path, result in zip(paths, parallel):
         if isinstance(result, ImageInfo):
@@ -168,6 +172,11 @@ def test_parallel_validation_equals_serial_in_input_order(tmp_path):
     assert "360000 pixels is over the cap of 250000" in reasons["bomb.png"]
     assert reasons["folder.png"].startswith("cannot read the file: Is a directory")
     assert reasons["missing.png"].startswith("cannot read the file: No such file")
+
+
+def test_copy_targets_must_match_the_paths(tmp_path):
+    with pytest.raises(ValueError, match="copy_to has 1 entries for 2 paths"):
+        inspect_files([tmp_path / "a.png", tmp_path / "b.png"], copy_to=[tmp_path / "x.png"])
 
 
 @pytest.mark.realdata
