@@ -95,9 +95,10 @@ def _plan(max_distance: int, n: int) -> tuple[list[tuple[int, int]], int]:
 
 
 def near_pairs(values: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every index pair ``i < j`` with ``popcount(values[i] ^ values[j]) <= max_distance``.
+    """Every index pair ``(i, j)``, ``i != j``, with ``popcount(values[i] ^ values[j]) <= max_distance``.
 
-    ``values`` should be distinct (equal hashes are cheaper to join by equality).
+    ``values`` should be distinct (equal hashes are cheaper to join by equality). A pair
+    may be reported more than once (it can match on several bands).
     """
     values = np.asarray(values, dtype=np.uint64)
     n = len(values)
@@ -106,21 +107,30 @@ def near_pairs(values: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.nd
         return empty
     bands, radius = _plan(max_distance, n)
     found_i, found_j = [], []
+    everyone = np.arange(n)
     for shift, width in bands:
         keys = ((values >> np.uint64(shift)) & np.uint64((1 << width) - 1)).astype(np.int64)
         order = np.argsort(keys, kind="stable")
-        lookup = _BandIndex(keys[order], width)
+        # Work in key order: probes, table lookups and candidates then sit close together in memory.
+        sorted_keys, sorted_values = keys[order], values[order]
+        lookup = _BandIndex(sorted_keys, width)
         for bits in itertools.chain.from_iterable(itertools.combinations(range(width), t) for t in range(radius + 1)):
-            lo, count = lookup.find(keys ^ sum(1 << b for b in bits))
-            queries = np.flatnonzero(count)
-            if len(queries) == 0:
+            flip = sum(1 << b for b in bits)
+            if flip:  # a pair differs on the flip's lowest bit: probe only from the end where it is 0
+                queries = np.flatnonzero((sorted_keys & (flip & -flip)) == 0)
+            else:
+                queries = everyone
+            lo, count = lookup.find(sorted_keys[queries] ^ flip)
+            hit = np.flatnonzero(count)
+            if len(hit) == 0:
                 continue
-            for i, j in _expand(queries, lo[queries], count[queries], order):
-                keep = i < j  # each pair is found from both ends: keep one
-                i, j = i[keep], j[keep]
-                close = _distance(values[i], values[j]) <= max_distance
-                found_i.append(i[close])
-                found_j.append(j[close])
+            for i, j in _expand(queries[hit], lo[hit], count[hit]):
+                if not flip:
+                    keep = i < j  # within a bucket each pair is seen from both ends, and each item sees itself
+                    i, j = i[keep], j[keep]
+                close = _distance(sorted_values[i], sorted_values[j]) <= max_distance
+                found_i.append(order[i[close]])
+                found_j.append(order[j[close]])
     if not found_i:
         return empty
     return np.concatenate(found_i), np.concatenate(found_j)
@@ -129,35 +139,35 @@ def near_pairs(values: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.nd
 class _BandIndex:
     """Where each band key sits in the sorted keys: a direct table for narrow bands, binary search otherwise."""
 
-    TABLE_MAX_WIDTH = 24  # 2^24 entries x 2 x 8 bytes = 256 MB at most; 3 bands of 64 bits need 2^22
+    TABLE_MAX_WIDTH = 24  # 2^24 x 4 bytes = 64 MB at most; 3 bands of 64 bits need 2^22
 
     def __init__(self, sorted_keys: np.ndarray, width: int):
         self.sorted_keys = sorted_keys
-        self.table = None
+        self.bounds = None
         if width <= self.TABLE_MAX_WIDTH:
-            counts = np.bincount(sorted_keys, minlength=1 << width)
-            self.table = (np.cumsum(counts) - counts, counts)
+            self.bounds = np.zeros((1 << width) + 1, dtype=np.int32 if len(sorted_keys) < 2**31 else np.int64)
+            np.cumsum(np.bincount(sorted_keys, minlength=1 << width), out=self.bounds[1:])
 
     def find(self, probe: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Start position and count of each probe key among the sorted keys."""
-        if self.table is not None:
-            starts, counts = self.table
-            return starts[probe], counts[probe]
+        if self.bounds is not None:
+            lo = self.bounds[probe]
+            return lo, self.bounds[probe + 1] - lo
         lo = np.searchsorted(self.sorted_keys, probe, side="left")
         return lo, np.searchsorted(self.sorted_keys, probe, side="right") - lo
 
 
-def _expand(queries: np.ndarray, lo: np.ndarray, count: np.ndarray, order: np.ndarray):
-    """Yield (query, candidate) index arrays, in blocks of about ``_CANDIDATES_PER_BLOCK`` pairs."""
-    ends = np.cumsum(count)
+def _expand(queries: np.ndarray, lo: np.ndarray, count: np.ndarray):
+    """Yield (query, candidate) positions, in blocks of about ``_CANDIDATES_PER_BLOCK`` pairs."""
+    ends = np.cumsum(count, dtype=np.int64)
     start = 0
     while start < len(queries):
         base = ends[start - 1] if start else 0
         stop = max(start + 1, int(np.searchsorted(ends, base + _CANDIDATES_PER_BLOCK, side="right")))
         c = count[start:stop]
-        total = int(c.sum())
-        offsets = np.arange(total) - np.repeat(np.cumsum(c) - c, c)
-        yield np.repeat(queries[start:stop], c), order[np.repeat(lo[start:stop], c) + offsets]
+        total = int(ends[stop - 1] - base)
+        offsets = np.arange(total) - np.repeat(ends[start:stop] - base - c, c)
+        yield np.repeat(queries[start:stop], c), np.repeat(lo[start:stop], c) + offsets
         start = stop
 
 

@@ -100,7 +100,7 @@ def _header(data: bytes, max_pixels: int) -> tuple[str, str, int, int]:
 def _tf_message(exc: Exception) -> str:
     message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
     message = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", message)
-    return re.sub(r"\s*\[Op:\w+\].*", "", message, flags=re.S).strip().splitlines()[0]
+    return re.sub(r"\s*\[Op:\w+\].*", "", message, flags=re.DOTALL).strip().splitlines()[0]
 
 
 def _decode(data: bytes) -> np.ndarray:
@@ -143,7 +143,7 @@ def inspect_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
 
     The pixel cap is checked from the header, before any pixel is decoded.
     """
-    result = _inspect_path(str(path), max_pixels)
+    result = _inspect_path(str(path), max_pixels)  # in this process: one file is not worth a worker
     if isinstance(result, InvalidImage):
         raise result
     return result
@@ -193,9 +193,10 @@ def inspect_files(paths: Sequence[Path | str], *, max_pixels: int = DEFAULT_MAX_
     """Inspect every file, in input order: an :class:`ImageInfo`, or the :class:`InvalidImage`
     (with ``path`` and ``reason``) that says why the file cannot be used. Never raises for bad files.
 
-    ``workers``: processes to use; ``None`` means every CPU the container may use
-    (:func:`chest_ct.parallel.available_cpus`), ``1`` runs in this process. With more
-    than one, a file that crashes the decoder is quarantined instead of ending the run.
+    ``workers``: worker processes; ``None`` means every CPU the container may use
+    (:func:`chest_ct.parallel.available_cpus`). A file that crashes the decoder in a
+    worker is quarantined instead of ending the run. ``0`` runs in this process (no
+    such isolation; for debugging), which then imports TensorFlow itself.
     ``copy_to``: for each path, where to write its bytes when it is valid (``None``: nowhere).
     The copy is the bytes that were hashed and decoded, written by the worker that read
     them, so each file is read once and a file changing under the run cannot slip in.
@@ -206,9 +207,9 @@ def inspect_files(paths: Sequence[Path | str], *, max_pixels: int = DEFAULT_MAX_
     if len(targets) != len(paths):
         raise ValueError(f"copy_to has {len(targets)} entries for {len(paths)} paths")
     jobs = list(zip(paths, targets))
-    workers = available_cpus() if workers is None else max(1, int(workers))
+    workers = available_cpus() if workers is None else max(0, int(workers))
     progress = Progress("validated images", len(jobs))
-    if workers == 1 or len(jobs) < 2:
+    if workers == 0:
         results = []
         for path, target in jobs:
             results.append(_inspect_path(path, max_pixels, target))

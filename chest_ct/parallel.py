@@ -49,7 +49,7 @@ def available_cpus() -> int:
 
 
 def _eta(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
+    seconds = max(0, round(seconds))
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else (
         f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s")
 
@@ -100,11 +100,17 @@ def worker_context(preload: Sequence[str] = ()) -> multiprocessing.context.BaseC
 
 
 def _main_module() -> list[str]:
-    """Workers re-import the parent's main module (as spawn does); importing it in the server first makes that cheap."""
+    """Workers re-run the parent's main module (as spawn does): preload what makes that cheap.
+
+    A script is imported by the server and then skipped by the workers; for ``python -m
+    pkg.mod`` the server imports ``pkg`` (importing ``pkg.mod`` itself would make runpy warn
+    in every worker when it runs the module again).
+    """
     main = sys.modules.get("__main__")
     name = getattr(getattr(main, "__spec__", None), "name", None)
     if name:
-        return [] if name == "__main__" or name.endswith(".__main__") else [name]
+        package = name.rpartition(".")[0]
+        return [package] if package and not name.endswith(".__main__") else []
     return ["__main__"] if getattr(main, "__file__", None) else []
 
 

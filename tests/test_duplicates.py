@@ -113,7 +113,7 @@ def test_boundary_distances_spread_over_every_bit_position():
     center = int(rng.integers(0, 2**64, dtype=np.uint64))
     values = [center]
     for k in (3, 4, 5, 6):
-        values += [flip(center, range(offset, offset + k)) for offset in range(0, 65 - k)]
+        values += [flip(center, range(offset, offset + k)) for offset in range(65 - k)]
         values += [flip(center, rng.choice(64, k, replace=False)) for _ in range(60)]
     values += [int(v) for v in rng.integers(0, 2**64, 500, dtype=np.uint64)]
     assert_same_as_all_pairs(distinct_shas(len(values)), hexes(values))

@@ -152,7 +152,7 @@ def as_comparable(result):
 
 def test_parallel_validation_equals_serial_in_input_order(tmp_path):
     paths = mixed_files(tmp_path / "in")
-    serial = inspect_files(paths, max_pixels=250_000, workers=1, copy_to=[tmp_path / "a" / p.name for p in paths])
+    serial = inspect_files(paths, max_pixels=250_000, workers=0, copy_to=[tmp_path / "a" / p.name for p in paths])
     parallel = inspect_files(paths, max_pixels=250_000, workers=2, copy_to=[tmp_path / "b" / p.name for p in paths])
     assert [as_comparable(r) for r in parallel] == [as_comparable(r) for r in serial]
     for out in ("a", "b"):  # valid files are copied as validated, bad ones are not
@@ -184,7 +184,8 @@ def test_copy_targets_must_match_the_paths(tmp_path):
 def test_real_data_hashes_match_the_published_manifest():
     """sha256 and phash of every shared image, computed through TensorFlow's decoder on all cores, equal the
     values the data's own manifest publishes (computed independently with Pillow and imagehash)."""
-    rows = list(csv.DictReader(open(SHARED_DATA / "manifest.csv")))
+    with open(SHARED_DATA / "manifest.csv") as fh:
+        rows = list(csv.DictReader(fh))
     results = inspect_files([SHARED_DATA / r["path"] for r in rows])
     assert all(isinstance(r, ImageInfo) for r in results)
     assert [r.sha256 for r in results] == [row["sha256"] for row in rows]
