@@ -1,4 +1,9 @@
-"""Fetch a dataset from a URI (Google Drive, S3, local zip or folder) to a local folder."""
+"""Fetch a dataset from a URI (Google Drive, S3, local zip or folder) to a local folder.
+
+:func:`fetch_dataset` also says what it refused on the way (S3 keys that would land
+outside the folder), for the validation report. S3 folders download many objects at a
+time through boto3's transfer manager, under the same file and byte caps as zips.
+"""
 
 from __future__ import annotations
 

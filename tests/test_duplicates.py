@@ -7,6 +7,7 @@ import pytest
 
 from chest_ct.duplicates import (
     CHAIN_MIN_SIZE,
+    _plan,
     DuplicateChainError,
     group_duplicates,
     group_duplicates_all_pairs,
@@ -46,6 +47,17 @@ def test_phash_array_reads_imagehash_hex():
         phash_array(["z" * 16])
     with pytest.raises(ValueError, match="same length"):
         group_duplicates(["a", "b"], ["0" * 16])
+
+
+@pytest.mark.parametrize("n", [2, 100, 10_000, 1_000_000, 100_000_000])
+@pytest.mark.parametrize("max_distance", range(1, 11))
+def test_every_band_plan_is_exact_by_pigeonhole(n, max_distance):
+    """Disjoint bands inside the 64 bits, radii with sum(radius + 1) > max_distance: then any pair within
+    max_distance is within its band's radius on some band, whatever the cost model chose."""
+    bands = _plan(max_distance, n)
+    covered = [bit for shift, width, _ in bands for bit in range(shift, shift + width)]
+    assert len(covered) == len(set(covered)) and min(covered) >= 0 and max(covered) < 64
+    assert sum(radius + 1 for _, _, radius in bands) > max_distance
 
 
 def test_small_example_exact_near_and_transitive():
@@ -152,7 +164,7 @@ def test_chain_guard_names_the_chain_instead_of_failing_in_the_splitter():
     with pytest.raises(DuplicateChainError) as err:
         group_duplicates(shas, phashes, names=names)
     message = str(err.value)
-    assert "joined 120 of 200 images (60%) into one group, over the cap of 10%" in message
+    assert "joined 120 of 200 images (60%) into one group, over the cap of 25%" in message
     assert "near copies chain" in message and "scan/slice000.png" in message
     assert "Lower the phash distance" in message
     groups = group_duplicates(shas, phashes, names=names, max_group_share=None)  # the guard is a policy
