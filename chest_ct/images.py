@@ -100,7 +100,8 @@ def _header(data: bytes, max_pixels: int) -> tuple[str, str, int, int]:
 def _tf_message(exc: Exception) -> str:
     message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
     message = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", message)
-    return re.sub(r"\s*\[Op:\w+\].*", "", message, flags=re.DOTALL).strip().splitlines()[0]
+    message = re.sub(r"\s*\[Op:\w+\].*", "", message, flags=re.DOTALL).strip()
+    return message.splitlines()[0] if message else type(exc).__name__
 
 
 def _decode(data: bytes) -> np.ndarray:

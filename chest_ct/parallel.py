@@ -39,9 +39,11 @@ def available_cpus() -> int:
     the container's CPU limit and ``LOKY_MAX_CPU_COUNT``.
 
     joblib (loky) reads the limit from cgroup v2 (``/sys/fs/cgroup/cpu.max``) and falls back
-    to cgroup v1 (``cpu.cfs_quota_us / cpu.cfs_period_us``), rounding a fractional limit up
-    (``joblib/externals/loky/backend/context.py``, joblib 1.6). ``os.cpu_count()`` alone
-    would see every core of the node and oversubscribe a pod limited to a few.
+    to cgroup v1 (``/sys/fs/cgroup/cpu/cpu.cfs_quota_us / cpu.cfs_period_us``), rounding a
+    fractional limit up (``joblib/externals/loky/backend/context.py``, joblib 1.6). Those are
+    the container's own files where the runtime gives it its cgroup at /sys/fs/cgroup
+    (Kubernetes and Docker do). ``os.cpu_count()`` alone would see every core of the node
+    and oversubscribe a pod limited to a few.
     """
     from joblib import cpu_count
 
