@@ -60,6 +60,7 @@ bench: $(VENV)/.installed
 	$(PY) -m bench.train
 	$(PY) -m bench.serve
 	$(PY) -m bench.quality
+	$(PY) -m bench.ingest
 
 # Compile-time cluster settings: CHEST_CT_TRAIN_IMAGE, CHEST_CT_GPU_COUNT, CHEST_CT_GPU_NODE_SELECTOR, ... (pipelines/cluster.py)
 compile: $(VENV)/.installed

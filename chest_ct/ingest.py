@@ -12,34 +12,19 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from chest_ct import CLASS_NAMES, defaults
-from chest_ct.duplicates import DEFAULT_PHASH_DISTANCE, group_duplicates
-from chest_ct.images import DEFAULT_MAX_PIXELS, ImageInfo, InvalidImage, inspect_image
+from chest_ct.duplicates import DEFAULT_PHASH_DISTANCE, group_duplicates, largest_groups
+from chest_ct.images import DEFAULT_MAX_PIXELS, InvalidImage, inspect_files
 from chest_ct.ingest_report import QuarantinedFile, build_report
 from chest_ct.layout import scan
-from chest_ct.records import QUARANTINE_DIR, DatasetError, ImageRecord, Manifest, fingerprint
+from chest_ct.records import IMAGES_DIR, QUARANTINE_DIR, DatasetError, ImageRecord, Manifest, fingerprint
 from chest_ct.splits import assign_roles, check_fraction
 
 log = logging.getLogger(__name__)
-
-
-def validate_images(files: Sequence[Path], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[ImageInfo | InvalidImage]:
-    """Validate every candidate file: its description, or the reason it cannot be used.
-
-    The one place ingest calls into :mod:`chest_ct.images`, so the work can be
-    spread over processes here without touching the rest.
-    """
-    results: list[ImageInfo | InvalidImage] = []
-    for file in files:
-        try:
-            results.append(inspect_image(file, max_pixels=max_pixels))
-        except InvalidImage as exc:
-            results.append(exc)
-    return results
 
 
 def build_dataset(
@@ -53,8 +38,14 @@ def build_dataset(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     phash_distance: int = DEFAULT_PHASH_DISTANCE,
     source_uri: str = "",
+    refused: Sequence[dict[str, str]] = (),
+    workers: int | None = None,
 ) -> dict[str, Any]:
-    """Validate, de-duplicate and split the dataset at ``root`` into ``out_dir``; return the report."""
+    """Validate, de-duplicate and split the dataset at ``root`` into ``out_dir``; return the report.
+
+    ``refused``: source objects the fetch refused (e.g. S3 keys escaping the prefix), listed in the
+    report. ``workers``: validation processes (default: every CPU the container may use).
+    """
     check_fraction("valid_fraction", valid_fraction)
     check_fraction("test_fraction", test_fraction)
     root, out_dir = Path(root), Path(out_dir)
@@ -64,7 +55,9 @@ def build_dataset(
 
     records: list[ImageRecord] = []
     quarantined: list[QuarantinedFile] = []
-    results = validate_images([c.file for c in found.candidates], max_pixels=max_pixels)
+    # Each file is read once: the validating worker writes the bytes it hashed and decoded into the artifact.
+    results = inspect_files([c.file for c in found.candidates], max_pixels=max_pixels, workers=workers,
+                            copy_to=[out_dir / IMAGES_DIR / c.path for c in found.candidates])
     for cand, result in zip(found.candidates, results, strict=True):
         if isinstance(result, InvalidImage):
             quarantined.append(QuarantinedFile(cand.path, cand.given_split, cand.label, str(result)))
@@ -75,16 +68,16 @@ def build_dataset(
         raise DatasetError(f"{found.dataset_root}: no usable images in the class folders "
                            f"({len(quarantined)} quarantined)")
 
-    groups = group_duplicates([r.sha256 for r in records], [r.phash for r in records], max_distance=phash_distance)
+    shas, phashes, names = [r.sha256 for r in records], [r.phash for r in records], [r.path for r in records]
+    groups = group_duplicates(shas, phashes, max_distance=phash_distance, names=names)
     records = [replace(r, group=g) for r, g in zip(records, groups, strict=True)]
     records = assign_roles(records, seed=seed, valid_fraction=valid_fraction, test_fraction=test_fraction)
-    for rec in records:
-        _copy(root / rec.path, out_dir / rec.stored_as)
 
     manifest = Manifest(classes=tuple(classes), records=records, fingerprint=fingerprint(records), root=out_dir)
     manifest.save(out_dir)
     report = build_report(manifest, found, quarantined, source_uri=source_uri, seed=seed,
-                          valid_fraction=valid_fraction, test_fraction=test_fraction)
+                          valid_fraction=valid_fraction, test_fraction=test_fraction, refused=list(refused),
+                          largest_groups=[asdict(g) for g in largest_groups(groups, shas, phashes, names=names)])
     log.info("dataset %s: %s", manifest.fingerprint[:16], report["files"])
     return report
 

@@ -41,7 +41,10 @@ def duplicate_groups(records: list[ImageRecord]) -> list[dict[str, Any]]:
 
 
 def build_report(manifest: Manifest, found: Scan, quarantined: list[QuarantinedFile], *, source_uri: str,
-                 seed: int, valid_fraction: float, test_fraction: float) -> dict[str, Any]:
+                 seed: int, valid_fraction: float, test_fraction: float, refused: list[dict[str, Any]] | None = None,
+                 largest_groups: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The JSON report. ``refused``: source objects the fetch would not download (never files under the root,
+    so outside the file count); ``largest_groups``: the biggest duplicate groups (chain-grouping check)."""
     records, classes = manifest.records, list(manifest.classes)
     files = {"found": found.files_found, "images": len(records), "quarantined": len(quarantined),
              "ignored": len(found.ignored)}
@@ -73,7 +76,9 @@ def build_report(manifest: Manifest, found: Scan, quarantined: list[QuarantinedF
         "quarantined": [asdict(q) for q in quarantined],
         "ignored": [asdict(i) for i in found.ignored],
         "ignored_classes": found.ignored_classes,
+        "refused_source_objects": refused or [],
         "duplicate_groups": groups,
+        "largest_duplicate_groups": largest_groups or [],
         "leaks": [g for g in groups if len({m["given_split"] for m in g["members"]}) > 1],
         "label_conflicts": [g for g in groups if len({m["label"] for m in g["members"]}) > 1],
         "excluded": [{**_member(r), "group": r.group, "reason": r.exclusion} for r in records if r.split == EXCLUDED],
@@ -99,6 +104,8 @@ def report_markdown(report: dict[str, Any], max_items: int = 50) -> str:
     sections = [
         ("Quarantined", report["quarantined"], lambda q: f"`{q['path']}`: {q['reason']}"),
         ("Ignored", report["ignored"], lambda i: f"`{i['path']}`: {i['reason']}"),
+        ("Refused by the fetch (not downloaded)", report["refused_source_objects"],
+         lambda r: f"`{r['key']}`: {r['reason']}"),
         ("Excluded from training and scoring", report["excluded"], lambda e: f"`{e['path']}`: {e['reason']}"),
         ("Leaks across given splits", report["leaks"],
          lambda g: ", ".join(f"`{m['given_split']}/{Path(m['path']).name}`" for m in g["members"])),

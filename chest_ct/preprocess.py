@@ -11,10 +11,18 @@ import tensorflow as tf
 from keras.applications import vgg16
 
 
+def decode(encoded: tf.Tensor) -> tf.Tensor:
+    """Encoded PNG/JPEG (RGB, RGBA or grayscale) -> uint8 RGB ``[height, width, 3]``.
+
+    Ingest validates every image with this same function, so a file passes ingest
+    exactly when training and serving can decode it.
+    """
+    return tf.io.decode_image(encoded, channels=3, expand_animations=False)
+
+
 def decode_and_resize(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
     """Encoded PNG/JPEG (RGB, RGBA or grayscale) -> float32 RGB ``[size, size, 3]`` in 0..255."""
-    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-    return resize(image, image_size)
+    return resize(decode(encoded), image_size)
 
 
 def resize(pixels: tf.Tensor, image_size: int) -> tf.Tensor:

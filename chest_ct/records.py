@@ -120,7 +120,8 @@ class Manifest:
         out_dir.mkdir(parents=True, exist_ok=True)
         data = {"format_version": FORMAT_VERSION, "classes": list(self.classes), "fingerprint": self.fingerprint,
                 "records": [r.to_dict() for r in self.records]}
-        (out_dir / MANIFEST_FILE).write_text(json.dumps(data, indent=1))
+        with (out_dir / MANIFEST_FILE).open("w") as fh:  # streamed: no second copy of a million records
+            json.dump(data, fh, indent=1)
 
     @classmethod
     def load(cls, dataset_dir: Path) -> Manifest:

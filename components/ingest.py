@@ -22,19 +22,25 @@ def ingest(
     import tempfile
     from pathlib import Path
 
+    from dataclasses import asdict
+
     from chest_ct import show_progress
+    from chest_ct.duplicates import DuplicateChainError
     from chest_ct.ingest import build_dataset
     from chest_ct.ingest_report import report_markdown
-    from chest_ct.sources import DataSourceError, fetch
+    from chest_ct.records import DatasetError
+    from chest_ct.sources import DataSourceError, fetch_dataset
 
     show_progress()
     with tempfile.TemporaryDirectory() as tmp:
+        # A data problem ends in one line naming the URI or file and what was expected, no traceback.
         try:
-            root = fetch(data_uri, Path(tmp), s3_endpoint_url=s3_endpoint_url or None)
-        except DataSourceError as err:  # one line naming the URI and what to pass instead, no traceback
+            fetched = fetch_dataset(data_uri, Path(tmp), s3_endpoint_url=s3_endpoint_url or None)
+            report = build_dataset(fetched.root, Path(dataset.path), seed=seed, valid_fraction=valid_fraction,
+                                   test_fraction=test_fraction, source_uri=data_uri,
+                                   refused=[asdict(r) for r in fetched.refused])
+        except (DataSourceError, DatasetError, DuplicateChainError) as err:
             raise SystemExit(f"ingest: {err}") from None
-        report = build_dataset(root, Path(dataset.path), seed=seed, valid_fraction=valid_fraction,
-                               test_fraction=test_fraction, source_uri=data_uri)
     Path(validation_report.path).write_text(json.dumps(report, indent=2))
     Path(validation_summary.path).write_text(report_markdown(report))
     dataset.metadata.update(fingerprint=report["fingerprint"], images=report["images"], counts=report["counts"])
