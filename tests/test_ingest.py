@@ -255,3 +255,29 @@ def test_too_few_distinct_pictures_to_carve(tmp_path):
 def test_bad_fractions(tmp_path, presplit_dataset, kwargs):
     with pytest.raises(DatasetError, match=f"{next(iter(kwargs))}=.*expected a fraction"):
         build_dataset(presplit_dataset, tmp_path / "out", **kwargs)
+
+
+def test_report_lists_refused_source_objects_and_the_largest_groups(tmp_path, presplit_dataset):
+    # Three copies of one training picture: the largest duplicate group, listed with its members.
+    first = sorted((presplit_dataset / "train" / "normal").iterdir())[0]
+    for n in (1, 2):
+        shutil.copy(first, first.with_name(f"copy-{n}.png"))
+    refused = [{"key": "data//etc/passwd", "reason": "absolute path after the prefix"}]
+    report = build_dataset(presplit_dataset, tmp_path / "out", refused=refused, workers=0)
+
+    assert report["refused_source_objects"] == refused
+    assert report["files"]["found"] == report["files"]["images"] + report["files"]["quarantined"] \
+        + report["files"]["ignored"]  # refused objects were never files under the root
+    top = report["largest_duplicate_groups"][0]
+    assert top["size"] == 3 and top["distinct_files"] == 1
+    assert set(top["examples"]) == {f"train/normal/{first.name}", "train/normal/copy-1.png",
+                                    "train/normal/copy-2.png"}
+    markdown = report_markdown(report)
+    assert "Refused by the fetch (not downloaded): 1" in markdown and "data//etc/passwd" in markdown
+
+
+def test_valid_images_are_copied_once_by_validation_and_match_the_source(tmp_path, presplit_dataset):
+    build_dataset(presplit_dataset, tmp_path / "out", workers=0)
+    manifest = Manifest.load(tmp_path / "out")
+    for rec in manifest.records:
+        assert (tmp_path / "out" / rec.stored_as).read_bytes() == (presplit_dataset / rec.path).read_bytes()
