@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 GROUP = "serving.kserve.io"
@@ -66,23 +66,34 @@ _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _STORAGE_URI = re.compile(r"^[a-z][a-z0-9+.-]*://\S+$")
 
 
+def pod_admits() -> int:
+    """One-image requests a model-server pod admits at its default limits (running call plus queue).
+
+    Read from the server's own configuration, so Knative's hard limit cannot drift from it.
+    """
+    from serving.config import ServerConfig
+
+    limits = ServerConfig()
+    return limits.max_batch_size + limits.max_queued_images
+
+
 @dataclass(frozen=True)
 class Autoscaling:
     """Knative autoscaling for one pod of 2 CPUs running the 224 px VGG16 model.
 
-    Derived from bench/serve.py on 2 cores (docs/benchmarks.md): one pod
-    peaks at about 7.1 images/s; one client at a time gets 6.1/s at 156 ms,
-    8 concurrent clients 7.0/s (0.97 of peak, the server batches them,
-    about 1.1 s each), 16 only 7.1/s at twice the latency. So:
+    Derived from the server's own admission limits and bench/serve.py on 2 cores
+    (docs/benchmarks.md): one pod peaks at about 7 images/s, so a request in
+    flight beyond what the pod admits only waits.
 
-    - ``container_concurrency = 8``: past 8 requests in flight a pod adds
-      latency, not throughput; Knative queues the rest or sends them to
-      another pod.
-    - ``scale_metric = "concurrency"``, ``scale_target = 4``: with Knative's
-      default 70% target utilisation a new pod is requested from about 3
-      requests in flight per pod (about 0.8 of peak throughput), early
-      enough to cover a pod's start (model download plus ~5 s to ready).
-      Requests per second would miscount requests carrying several images.
+    - ``container_concurrency``: what the server admits, ``max_batch_size +
+      max_queued_images`` one-image requests (serving/config.py, 4 by default).
+      Knative's queue-proxy holds the excess (and the activator buffers it while
+      a new pod starts) instead of the server answering 503 to it.
+    - ``scale_metric = "concurrency"``, ``scale_target`` = the same number: with
+      Knative's default 70% target utilisation a new pod is requested from about
+      3 requests in flight per pod, early enough to cover a pod's start (model
+      download plus ~5 s to ready). Requests per second would miscount requests
+      carrying several images.
     - ``timeout_seconds = 60``: the longest legitimate request (64 images,
       the server's cap, about 9 s) queued behind a full pod.
     Knative's default (100 concurrent, no limit) never scales this model out.
@@ -91,8 +102,8 @@ class Autoscaling:
     min_replicas: int = 1
     max_replicas: int = 3
     scale_metric: Literal["concurrency", "rps"] = "concurrency"
-    scale_target: int = 4
-    container_concurrency: int = 8
+    scale_target: int = field(default_factory=lambda: pod_admits())
+    container_concurrency: int = field(default_factory=lambda: pod_admits())
     timeout_seconds: int = 60
 
     def __post_init__(self) -> None:
@@ -103,6 +114,9 @@ class Autoscaling:
             raise ValueError(f"scale_metric: expected concurrency or rps, got {self.scale_metric!r}")
         if self.scale_target < 1 or self.container_concurrency < 0 or self.timeout_seconds < 1:
             raise ValueError(f"scale_target, container_concurrency, timeout_seconds: out of range ({self})")
+        if self.container_concurrency and self.scale_target > self.container_concurrency:
+            raise ValueError(f"scale_target {self.scale_target} is over container_concurrency "
+                             f"{self.container_concurrency}: Knative could never reach it")
 
 
 def kserve_release(version: str) -> tuple[int, int]:
