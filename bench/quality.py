@@ -11,7 +11,8 @@ threshold stored with the model (chosen out-of-fold on the fitting data).
 Per image, every file counts once. Per duplicate group (ingest's groups of exact
 and near copies), each group counts once with its mean probability: on this data
 many files are copies of a few pictures, so the per-image numbers overstate how
-much evidence there is.
+much evidence there is. The intervals resample whole groups in both cases
+(:func:`chest_ct.metrics.bootstrap_intervals`, shared with the evaluation report).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -31,32 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from bench.report import PROJECT, SHARED_DATA, emit, machine, table, vgg16_weights, write_section  # noqa: E402
 from chest_ct import defaults  # noqa: E402
-
-METRICS = ("sensitivity", "specificity", "roc_auc")
-
-
-def point_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
-    from sklearn.metrics import roc_auc_score
-
-    pred = p >= threshold
-    pos, neg = y == 1, y == 0
-    return {
-        "sensitivity": float(pred[pos].mean()) if pos.any() else float("nan"),
-        "specificity": float((~pred[neg]).mean()) if neg.any() else float("nan"),
-        "roc_auc": float(roc_auc_score(y, p)) if pos.any() and neg.any() else float("nan"),
-    }
-
-
-def bootstrap(y: np.ndarray, p: np.ndarray, threshold: float, rounds: int, seed: int) -> dict[str, tuple]:
-    """Percentile 95% intervals from resampling the units with replacement (stratified by class)."""
-    rng = np.random.default_rng(seed)
-    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
-    draws = defaultdict(list)
-    for _ in range(rounds):
-        idx = np.concatenate([rng.choice(pos, pos.size), rng.choice(neg, neg.size)])
-        for name, value in point_metrics(y[idx], p[idx], threshold).items():
-            draws[name].append(value)
-    return {name: tuple(np.nanpercentile(values, [2.5, 97.5])) for name, values in draws.items()}
+from chest_ct.metrics import BOOTSTRAP_ROUNDS, INTERVAL_METRICS, bootstrap_intervals  # noqa: E402
 
 
 def run_pipeline(image_size: int, tmp: Path) -> tuple[Path, Path]:
@@ -76,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", type=Path, help="an evaluated SavedModel; default: train one now")
     parser.add_argument("--dataset-dir", type=Path, help="the ingest output the model was evaluated with")
     parser.add_argument("--image-size", type=int, default=defaults.IMAGE_SIZE)
-    parser.add_argument("--bootstrap", type=int, default=2000)
+    parser.add_argument("--bootstrap", type=int, default=BOOTSTRAP_ROUNDS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
     args = parser.parse_args(argv)
@@ -102,21 +77,21 @@ def main(argv: list[str] | None = None) -> int:
         prob = predict_files(model_dir, [manifest.file(r) for r in records])
         train_records = manifest.role(TRAIN)
 
-    y_img = np.array([manifest.label_index(r) for r in records])
-    y_grp, p_grp, _ = by_group(y_img, prob, [r.group for r in records])
-    units = {"per image": (y_img, prob), "per duplicate group": (y_grp, p_grp)}
+    y_img, g_img = np.array([manifest.label_index(r) for r in records]), np.array([r.group for r in records])
+    y_grp, p_grp, _ = by_group(y_img, prob, g_img)
+    units = {"per image": (y_img, prob, g_img), "per duplicate group": (y_grp, p_grp, None)}
     rows, figures = [], {"threshold": threshold, "threshold_source": meta.get("threshold_source", ""),
                          "excluded_images": len(manifest.role("excluded")) + len(manifest.role(TEST)) - len(records),
                          "image_size": meta["image_size"],
                          "base_weights": Path(vgg16_weights()).name if not args.model_dir else "given model"}
-    for unit, (y, p) in units.items():
-        point, ci = point_metrics(y, p, threshold), bootstrap(y, p, threshold, args.bootstrap, args.seed)
+    for unit, (y, p, groups) in units.items():
+        ci = bootstrap_intervals(y, p, threshold, groups=groups, rounds=args.bootstrap, seed=args.seed)
         key = unit.split()[-1]
         figures[f"n_{key}"] = {"positive": int(y.sum()), "negative": int((1 - y).sum())}
-        for name in METRICS:
-            rows.append([unit, name, point[name], f"[{ci[name][0]:.3f}, {ci[name][1]:.3f}]",
+        for name in INTERVAL_METRICS:
+            rows.append([unit, name, ci[name].value, f"[{ci[name].low:.3f}, {ci[name].high:.3f}]",
                          f"{int(y.sum())} pos / {int((1 - y).sum())} neg"])
-            figures[f"{name}_{key}"] = [round(point[name], 4), round(ci[name][0], 4), round(ci[name][1], 4)]
+            figures[f"{name}_{key}"] = [round(ci[name].value, 4), round(ci[name].low, 4), round(ci[name].high, 4)]
     audit = shortcut_audit(train_records, records, positive, figures["roc_auc_image"][0])
     figures["shortcut_statistics_auc"] = round(audit["statistics_auc"], 4)
     text = table(["unit", "metric", "value", "95% bootstrap CI", "units"], rows)

@@ -7,6 +7,9 @@
 2. **Decide** (:mod:`chest_ct.blessing`): per-group floors, and the champion
    compared on test pictures neither model saw.
 3. **Publish** (:mod:`chest_ct.publishing`): MLflow, the registry, the champion alias.
+4. **Report** (:mod:`chest_ct.report_html`): one self-contained HTML page with the
+   curves, intervals, shortcut audit, a Grad-CAM gallery from the exported model
+   and the model card, for the Kubeflow UI and MLflow.
 """
 
 from __future__ import annotations
@@ -22,10 +25,13 @@ from typing import Any
 from chest_ct import defaults, registry
 from chest_ct.blessing import BlessingPolicy, Decision, decide
 from chest_ct.export import read_metadata, write_metadata
-from chest_ct.metrics import roc_points
-from chest_ct.plots import save_plots
-from chest_ct.publishing import publish
-from chest_ct.records import EXCLUDED, TEST, TRAIN, Manifest
+from chest_ct.gallery import build_gallery
+from chest_ct.metrics import bootstrap_intervals, calibration, roc_points
+from chest_ct.model_card import build_model_card, source_commit
+from chest_ct.plots import CALIBRATION_BINS, save_plots
+from chest_ct.publishing import log_report_html, publish
+from chest_ct.records import EXCLUDED, TEST, TRAIN, ImageRecord, Manifest
+from chest_ct.report_html import ReportContent, write_report
 from chest_ct.scoring import Comparison, Scores, compare_with_champion, score_model, scored_test_set
 from chest_ct.shortcut import shortcut_audit
 
@@ -39,6 +45,7 @@ class Evaluation:
     model_version: str
     report: dict[str, Any]
     plots: dict[str, str]
+    report_html: str = ""
 
     @property
     def blessed(self) -> bool:
@@ -67,7 +74,13 @@ def evaluate_model(
     policy: BlessingPolicy | None = None,
     registered_model_name: str = defaults.REGISTERED_MODEL,
     experiment: str = defaults.EXPERIMENT,
+    report_html: Path | None = None,
+    base_weights: str = "",
 ) -> Evaluation:
+    """Score, decide and publish; with ``report_html``, also write the HTML report there and log it to MLflow.
+
+    ``base_weights`` (the pipeline parameter) is only shown in the model card.
+    """
     policy = policy or BlessingPolicy()
     manifest = Manifest.load(dataset_dir)
     metadata = read_metadata(model_dir)
@@ -88,8 +101,10 @@ def evaluate_model(
     if Path(out_model_dir).exists():
         shutil.rmtree(out_model_dir)
     shutil.copytree(model_dir, out_model_dir)
+    commit = source_commit()
     evaluation = {"per_image": scores.per_image, "per_group": scores.per_group, "scored_images": scores.images,
-                  "scored_groups": sum(scores.groups_per_class.values()), "excluded_images": len(excluded)}
+                  "scored_groups": sum(scores.groups_per_class.values()), "excluded_images": len(excluded),
+                  "git_commit": commit}
     write_metadata(out_model_dir, {**metadata, "mlflow_run_id": run_id, "evaluation": evaluation})
 
     registry.use_tracking(experiment)
@@ -102,11 +117,48 @@ def evaluate_model(
         "champion": comparison.summary() if comparison else None, "shortcut": audit,
         "decision": {"blessed": decision.blessed, "reasons": decision.reasons, "policy": policy.to_dict()},
     }
+    # Everything the HTML report computes (and could fail on) is done before the registry is touched.
+    content = _report_content(report, scores, plots, Path(out_model_dir), manifest, scored, metadata,
+                              run_id) if report_html else None
     version = publish(run_id, Path(out_model_dir), report, plots, decision,
                       registered_model_name=registered_model_name, expected_champion=current[0] if current else None)
     log.info("evaluation: %s", "blessed" if decision.blessed else "not blessed: " + "; ".join(decision.reasons))
+    if content is not None and report_html is not None:
+        card = build_model_card(manifest, metadata, report, run_id=run_id, registered_version=version,
+                                model_name=registered_model_name, experiment=experiment, base_weights=base_weights,
+                                git_commit=commit)
+        log_report_html(run_id, write_report(content, card, Path(report_html)))
     return Evaluation(scores=scores, decision=decision, model_version=version, report=report,
-                      plots={k: str(v) for k, v in plots.items()})
+                      plots={k: str(v) for k, v in plots.items()}, report_html=str(report_html or ""))
+
+
+def _report_content(report: dict[str, Any], scores: Scores, plots: dict[str, Path], model_dir: Path,
+                    manifest: Manifest, scored: list[ImageRecord], metadata: dict[str, Any],
+                    run_id: str) -> ReportContent:
+    """Intervals, calibration and the Grad-CAM gallery (through the exported explain signature) for the report."""
+    yg, pg = scores.group_level()
+    return ReportContent(
+        report=report, plots=plots, class_names=manifest.classes,
+        intervals={"per_group": bootstrap_intervals(yg, pg, scores.threshold),
+                   "per_image": bootstrap_intervals(scores.y, scores.prob, scores.threshold, groups=scores.groups)},
+        calibration={"per_group": calibration(yg, pg, CALIBRATION_BINS),
+                     "per_image": calibration(scores.y, scores.prob, CALIBRATION_BINS)},
+        gallery=build_gallery(model_dir, [manifest.file(r) for r in scored], [r.path for r in scored], scores.y,
+                              scores.prob, scores.groups, scores.threshold, manifest.classes),
+        threshold_choice=_threshold_choice(run_id),
+        heatmap_grid=metadata.get("heatmap", {}).get("grid", ()),
+    )
+
+
+def _threshold_choice(run_id: str) -> dict[str, Any]:
+    """The train step's record of how it chose the threshold (folds, calibration); empty if the run lacks it."""
+    import mlflow
+
+    try:
+        return dict(mlflow.artifacts.load_dict(f"runs:/{run_id}/training/threshold.json"))
+    except Exception as exc:  # older runs, or runs made outside the train step: the report says less
+        log.info("no training/threshold.json in run %s (%s)", run_id, exc)
+        return {}
 
 
 def _compare(current: tuple[str, str] | None, challenger_dir: Path, scores: Scores, scored: list[Any],

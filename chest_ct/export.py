@@ -7,8 +7,12 @@ head computes) is written once, here and in :mod:`chest_ct.preprocess`:
 - ``serving_default(images: string [N])``: encoded PNG/JPEG files; decoding,
   resizing and VGG16 preprocessing happen in the graph.
 - ``serve_pixels(pixels: float32 [N, H, W, 3])``: RGB pixels in 0..255 of any size.
+- ``explain_images`` and ``explain_pixels``: the same inputs, plus ``heatmap``.
 
-Both return ``probability`` (float32 ``[N]``, of the positive class).
+All return ``probability`` (float32 ``[N]``, of the positive class); the explain
+signatures also return ``heatmap`` (float32 ``[N, h, w]``, 0..1), the Grad-CAM
+map of that score over VGG16's last conv layer (:mod:`chest_ct.gradcam`). The
+network runs once per call (:class:`chest_ct.forward.Forward`); heads only add outputs.
 
 Adding an input kind (:data:`INPUT_KINDS`) or a head (:data:`HEADS`) adds its
 signatures for every combination; the names are listed in :data:`SIGNATURES`.
@@ -31,7 +35,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from chest_ct import CLASS_NAMES, POSITIVE_CLASS
+from chest_ct import CLASS_NAMES, POSITIVE_CLASS, gradcam
+from chest_ct.forward import LAST_CONV_LAYER, Forward, SplitModel, conv_grid
 from chest_ct.model import image_size_of
 from chest_ct.preprocess import decode_and_resize, resize, to_model_input
 
@@ -63,30 +68,38 @@ INPUT_KINDS: dict[str, InputKind] = {
                         "float32 RGB 0..255 [N, H, W, 3]", resize),
 }
 
-#: A head maps ``(model, model_input)`` to the signature's named outputs.
-Head = Callable[[keras.Model, tf.Tensor], dict[str, tf.Tensor]]
+#: A head maps the model's parts and its one forward pass on the batch to the signature's named outputs.
+Head = Callable[[SplitModel, Forward], dict[str, tf.Tensor]]
 
 
-def predict_head(model: keras.Model, model_input: tf.Tensor) -> dict[str, tf.Tensor]:
+def predict_head(model: SplitModel, forward: Forward) -> dict[str, tf.Tensor]:
     """The probability of the positive class, ``[N]``."""
-    return {"probability": tf.reshape(model(model_input, training=False), [-1])}
+    return {"probability": forward.probability}
 
 
-HEADS: dict[str, Head] = {"predict": predict_head}
+def explain_head(model: SplitModel, forward: Forward) -> dict[str, tf.Tensor]:
+    """The probability and its Grad-CAM map, ``[N, h, w]`` in 0..1."""
+    return {"probability": forward.probability, "heatmap": gradcam.explain(forward, model.head)}
+
+
+HEADS: dict[str, Head] = {"predict": predict_head, "explain": explain_head}
 
 #: (input kind, head) -> signature name. ``serving_default`` is what generic TF tooling calls.
 SIGNATURES: dict[tuple[str, str], str] = {
     ("images", "predict"): "serving_default",
     ("pixels", "predict"): "serve_pixels",
+    ("images", "explain"): "explain_images",
+    ("pixels", "explain"): "explain_pixels",
 }
 BYTES_SIGNATURE = SIGNATURES["images", "predict"]
 PIXELS_SIGNATURE = SIGNATURES["pixels", "predict"]
+EXPLAIN_BYTES_SIGNATURE = SIGNATURES["images", "explain"]
 
 
-def _signature(model: keras.Model, kind: InputKind, head: Head, size: int) -> tf.types.experimental.GenericFunction:
+def _signature(model: SplitModel, kind: InputKind, head: Head, size: int) -> tf.types.experimental.GenericFunction:
     @tf.function(input_signature=[kind.spec])
     def serve(batch: tf.Tensor) -> dict[str, tf.Tensor]:
-        return head(model, to_model_input(kind.to_pixels(batch, size)))
+        return head(model, model(to_model_input(kind.to_pixels(batch, size))))
 
     return serve
 
@@ -97,8 +110,9 @@ def export_saved_model(model: keras.Model, out_dir: Path, metadata: dict[str, An
     size = image_size_of(model)
     archive = keras.export.ExportArchive()
     archive.track(model)
+    parts = SplitModel.of(model)
     for (kind_name, head_name), signature in SIGNATURES.items():
-        archive.add_endpoint(signature, _signature(model, INPUT_KINDS[kind_name], HEADS[head_name], size))
+        archive.add_endpoint(signature, _signature(parts, INPUT_KINDS[kind_name], HEADS[head_name], size))
     archive.write_out(str(out_dir), verbose=False)
     write_metadata(out_dir, {
         "format_version": 1,
@@ -109,6 +123,10 @@ def export_saved_model(model: keras.Model, out_dir: Path, metadata: dict[str, An
         "threshold_source": "default (not yet evaluated)",
         "signatures": {signature: f"{INPUT_KINDS[kind].argument}: {INPUT_KINDS[kind].describe} -> {head}"
                        for (kind, head), signature in SIGNATURES.items()},
+        "heatmap": {"grid": list(conv_grid(model)), "layer": LAST_CONV_LAYER,
+                    "signatures": {kind: name for (kind, head), name in SIGNATURES.items() if head == "explain"},
+                    "method": "Grad-CAM of the positive class's logit; each map divided by its maximum "
+                              "(0..1, all zeros where no cell raises the score)"},
         "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
         **metadata,
     })

@@ -1,7 +1,8 @@
-"""Classification metrics per image and per picture (duplicate group), and calibration."""
+"""Classification metrics per image and per picture (duplicate group), calibration, bootstrap intervals."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -66,3 +67,59 @@ def roc_points(y_true: npt.ArrayLike, prob: npt.ArrayLike, max_points: int = 200
     thr = np.where(np.isfinite(thr), thr, 1.0)
     idx = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), max_points)).astype(int))
     return [(float(fpr[i]), float(tpr[i]), float(thr[i])) for i in idx]
+
+
+#: Metrics that get bootstrap intervals (cheap enough to recompute thousands of times).
+INTERVAL_METRICS = ("sensitivity", "specificity", "roc_auc")
+BOOTSTRAP_ROUNDS = 2000
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A metric's value on the data and its bootstrap percentile interval."""
+
+    value: float
+    low: float
+    high: float
+
+
+def rate_metrics(y_true: npt.ArrayLike, prob: npt.ArrayLike, threshold: float) -> dict[str, float]:
+    """Sensitivity, specificity (NaN without the class) and ROC AUC (NaN without both classes)."""
+    y, p = np.asarray(y_true, dtype=int), np.asarray(prob, dtype=float)
+    pred = p >= threshold
+    pos, neg = y == 1, y == 0
+    return {
+        "sensitivity": float(pred[pos].mean()) if pos.any() else float("nan"),
+        "specificity": float((~pred[neg]).mean()) if neg.any() else float("nan"),
+        "roc_auc": float(skm.roc_auc_score(y, p)) if pos.any() and neg.any() else float("nan"),
+    }
+
+
+def bootstrap_intervals(y_true: npt.ArrayLike, prob: npt.ArrayLike, threshold: float, *,
+                        groups: npt.ArrayLike | None = None, rounds: int = BOOTSTRAP_ROUNDS, seed: int = 0,
+                        level: float = 0.95) -> dict[str, Estimate]:
+    """:data:`INTERVAL_METRICS` with percentile intervals, resampling whole ``groups`` within each class.
+
+    Copies of one picture are not independent evidence: with ``groups`` the
+    resampling draws duplicate groups (a cluster bootstrap) and keeps all their
+    images, so per-image intervals are not made narrower by the copies. Without
+    ``groups`` every unit is its own group. Stratified by class, so every
+    resample has both classes and an AUC.
+    """
+    y, p = np.asarray(y_true, dtype=int), np.asarray(prob, dtype=float)
+    ids, inverse = np.unique(np.arange(len(y)) if groups is None else np.asarray(groups), return_inverse=True)
+    members = [np.flatnonzero(inverse == k) for k in range(len(ids))]
+    group_label = np.array([y[m[0]] for m in members], dtype=int)
+    pos, neg = np.flatnonzero(group_label == 1), np.flatnonzero(group_label == 0)
+    if not pos.size or not neg.size:
+        raise ValueError(f"bootstrap intervals need both classes; got {pos.size} positive and {neg.size} negative units")
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {name: [] for name in INTERVAL_METRICS}
+    for _ in range(rounds):
+        chosen = np.concatenate([rng.choice(pos, pos.size), rng.choice(neg, neg.size)])
+        idx = np.concatenate([members[k] for k in chosen])
+        for name, value in rate_metrics(y[idx], p[idx], threshold).items():
+            draws[name].append(value)
+    point, tail = rate_metrics(y, p, threshold), (1 - level) / 2 * 100
+    return {name: Estimate(point[name], *(float(v) for v in np.nanpercentile(draws[name], [tail, 100 - tail])))
+            for name in INTERVAL_METRICS}

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow import MlflowClient
 
 from chest_ct import registry
 from chest_ct.blessing import Decision
@@ -31,7 +34,8 @@ def publish(run_id: str, evaluated_model_dir: Path, report: dict[str, Any], plot
                             "excluded_images": report["excluded_images"],
                             "shortcut_statistics_auc": report["shortcut"]["statistics_auc"]})
         mlflow.set_tags({"shortcut_warning": str(report["shortcut"]["warning"]).lower(),
-                         "shortcut_message": report["shortcut"]["message"][:5000]})
+                         "shortcut_message": report["shortcut"]["message"][:5000],
+                         "git_commit": str(report.get("git_commit", "unknown"))})
         for path in plots.values():
             mlflow.log_artifact(str(path), "plots")
         mlflow.log_dict(report["shortcut"], "evaluation/shortcut_audit.json")
@@ -49,3 +53,15 @@ def publish(run_id: str, evaluated_model_dir: Path, report: dict[str, Any], plot
         mlflow.log_dict(report["decision"], "evaluation/blessing.json")
         mlflow.log_dict(report, "evaluation/report.json")
     return version
+
+
+#: Where the HTML report lands in the run's artifacts (MLflow's artifact view shows it).
+REPORT_HTML_ARTIFACT = "evaluation/report.html"
+
+
+def log_report_html(run_id: str, path: Path) -> None:
+    """Log the HTML report as ``evaluation/report.html`` whatever its file is called (KFP names output files)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / Path(REPORT_HTML_ARTIFACT).name
+        shutil.copyfile(path, copy)
+        MlflowClient().log_artifact(run_id, str(copy), str(Path(REPORT_HTML_ARTIFACT).parent))

@@ -1,7 +1,7 @@
 from typing import NamedTuple
 
 from kfp import dsl
-from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
 from components.image import TRAIN_IMAGE
 
@@ -16,6 +16,7 @@ def evaluate(
     test_roc_confusion: Output[ClassificationMetrics],
     evaluation_summary: Output[Markdown],
     evaluation_report: Output[Artifact],
+    report_html: Output[HTML],
     plots: Output[Artifact],
     min_auc: float,
     min_sensitivity: float,
@@ -24,8 +25,13 @@ def evaluate(
     min_compare_per_class: int,
     registered_model_name: str,
     experiment: str,
+    base_weights: str,
 ) -> NamedTuple("EvaluateOutputs", [("blessed", bool), ("reasons", str), ("model_version", str)]):
-    """Score on test images the model never saw, audit shortcuts, register, and bless on per-group metrics."""
+    """Score on test images the model never saw, audit shortcuts, register, and bless on per-group metrics.
+
+    ``report_html`` is the readable report (the KFP UI shows it; MLflow has it as
+    ``evaluation/report.html``); ``base_weights`` is only named in its model card.
+    """
     import json
     from pathlib import Path
 
@@ -37,6 +43,7 @@ def evaluate(
     result = evaluate_model(
         Path(model.path), Path(dataset.path), Path(evaluated_model.path), Path(plots.path),
         run_id=mlflow_run_id, registered_model_name=registered_model_name, experiment=experiment,
+        report_html=Path(report_html.path), base_weights=base_weights,
         policy=BlessingPolicy(min_auc=min_auc, min_sensitivity=min_sensitivity, min_specificity=min_specificity,
                               max_auc_drop=max_auc_drop, min_compare_per_class=min_compare_per_class),
     )

@@ -84,7 +84,7 @@ def chest_ct_pipeline(
         dataset=ingest_task.outputs["dataset"], model=train_task.outputs["model"],
         mlflow_run_id=train_task.outputs["mlflow_run_id"], min_auc=min_auc, min_sensitivity=min_sensitivity,
         min_specificity=min_specificity, max_auc_drop=max_auc_drop, min_compare_per_class=min_compare_per_class,
-        registered_model_name=registered_model_name, experiment=experiment,
+        registered_model_name=registered_model_name, experiment=experiment, base_weights=base_weights,
     ).set_display_name("evaluate")
     configure(eval_task, "evaluate", cache=False)  # talks to the model registry: always run
     with dsl.If(eval_task.outputs["blessed"] == True, name="blessed"):  # noqa: E712 (KFP condition)

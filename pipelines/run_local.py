@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -52,6 +53,14 @@ class _StepOutput:
 
     def __getattr__(self, name: str):
         return getattr(self.stream, name)
+
+
+def _browsable(artifact: Path) -> Path:
+    """A ``.html`` copy of the HTML artifact (KFP names it after the output, without extension) for a browser."""
+    copy = artifact.with_name("report.html")
+    if artifact.is_file():
+        shutil.copyfile(artifact, copy)
+    return copy
 
 
 def prepare_mlflow() -> str:
@@ -122,12 +131,13 @@ def main(argv: list[str] | None = None) -> int:
         "threshold": metadata["threshold"],
         "plots": str(model_dir.parent / "plots"),
         "evaluation_report": str(model_dir.parent / "evaluation_report"),
+        "report_html": str(_browsable(model_dir.parent / "report_html")),
         "validation_report": outputs["validation_report"].path,
     }
     runs_dir.mkdir(parents=True, exist_ok=True)
     (runs_dir / "latest.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nmodel (SavedModel): {result['model_dir']}\nplots: {result['plots']}\n"
-          f"evaluation report: {result['evaluation_report']}\n"
+          f"evaluation report: {result['evaluation_report']} (readable: {result['report_html']})\n"
           f"validation report: {result['validation_report']}\nMLflow: {tracking_uri} run {result['mlflow_run_id']} "
           f"(mlflow ui --backend-store-uri {tracking_uri})\nserve it: make serve", file=sys.stderr)
     print(json.dumps(result))

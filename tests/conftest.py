@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.browser import browser  # noqa: F401  (the fixture, for every test module)
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest-ct"

@@ -288,7 +288,7 @@ def test_evaluate_scores_registers_and_blesses(models, tmp_path, mlflow_sqlite):
     assert client.get_run(run).data.tags["blessed"] == "true"
     artifacts = {a.path for a in client.list_artifacts(run, "plots")}
     assert artifacts == {"plots/confusion_matrix_per_group.png", "plots/confusion_matrix_per_image.png",
-                         "plots/roc_curve.png"}
+                         "plots/roc_curve.png", "plots/precision_recall_curve.png", "plots/calibration.png"}
     assert {"evaluation/report.json", "evaluation/blessing.json", "evaluation/shortcut_audit.json"} <= {
         a.path for a in client.list_artifacts(run, "evaluation")}
     assert "saved_model/fitted_images.json" in {a.path for a in client.list_artifacts(run, "saved_model")}

@@ -47,7 +47,8 @@ def test_whole_pipeline_runs_locally(tmp_path):
     proc = run_local(tmp_path, str(data), *FAST)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert {"model_dir", "mlflow_run_id", "metrics", "blessed", "validation_report", "evaluation_report"} <= set(result)
+    assert {"model_dir", "mlflow_run_id", "metrics", "blessed", "validation_report", "evaluation_report",
+            "report_html"} <= set(result)
     # The score's basis, without opening the report: the given valid folder, scored whole.
     assert (result["scored_images"], result["scored_groups"], result["excluded_images"]) == (10, 10, 0)
     model_dir = Path(result["model_dir"])
@@ -64,7 +65,10 @@ def test_whole_pipeline_runs_locally(tmp_path):
     assert evaluation["per_group"] == result["metrics"]["per_group"]
     assert evaluation["decision"]["blessed"] == result["blessed"]
     assert sorted(p.name for p in Path(result["plots"]).iterdir()) == [
-        "confusion_matrix_per_group.png", "confusion_matrix_per_image.png", "roc_curve.png"]
+        "calibration.png", "confusion_matrix_per_group.png", "confusion_matrix_per_image.png",
+        "precision_recall_curve.png", "roc_curve.png"]
+    page = Path(result["report_html"]).read_text()
+    assert page.startswith("<!DOCTYPE html>") and 'id="model-card"' in page and result["mlflow_run_id"] in page
     assert json.loads((tmp_path / "runs" / "latest.json").read_text()) == result
     for epoch in range(1, 3):
         assert f"epoch {epoch}/2 " in proc.stdout + proc.stderr, "a progress line per epoch"
