@@ -22,6 +22,7 @@ from typing import Any
 from chest_ct import defaults, registry
 from chest_ct.blessing import BlessingPolicy, Decision, decide
 from chest_ct.export import read_metadata, write_metadata
+from chest_ct.guard_eval import guard_markdown, guard_rates, log_guard_rates
 from chest_ct.metrics import roc_points
 from chest_ct.plots import save_plots
 from chest_ct.publishing import publish
@@ -88,8 +89,10 @@ def evaluate_model(
     if Path(out_model_dir).exists():
         shutil.rmtree(out_model_dir)
     shutil.copytree(model_dir, out_model_dir)
+    guard = guard_rates(model_dir, [manifest.file(r) for r in scored])
     evaluation = {"per_image": scores.per_image, "per_group": scores.per_group, "scored_images": scores.images,
-                  "scored_groups": sum(scores.groups_per_class.values()), "excluded_images": len(excluded)}
+                  "scored_groups": sum(scores.groups_per_class.values()), "excluded_images": len(excluded),
+                  "guard": guard.to_dict()}
     write_metadata(out_model_dir, {**metadata, "mlflow_run_id": run_id, "evaluation": evaluation})
 
     registry.use_tracking(experiment)
@@ -104,6 +107,7 @@ def evaluate_model(
     }
     version = publish(run_id, Path(out_model_dir), report, plots, decision,
                       registered_model_name=registered_model_name, expected_champion=current[0] if current else None)
+    log_guard_rates(run_id, guard)
     log.info("evaluation: %s", "blessed" if decision.blessed else "not blessed: " + "; ".join(decision.reasons))
     return Evaluation(scores=scores, decision=decision, model_version=version, report=report,
                       plots={k: str(v) for k, v in plots.items()})
@@ -145,6 +149,7 @@ def summary_markdown(result: Evaluation) -> str:
         f"**Excluded from the score: {r['excluded_images']}**",
         *[f"- `{e['path']}`: {e['reason']}" for e in r["excluded"][:50]], "",
         ("## " if r["shortcut"]["warning"] else "") + r["shortcut"]["message"], "",
-        "Single-statistic AUCs: " + json.dumps(r["shortcut"]["single_feature_auc"]),
+        "Single-statistic AUCs: " + json.dumps(r["shortcut"]["single_feature_auc"]), "",
+        *guard_markdown(r["guard"]),
     ]
     return "\n".join(lines) + "\n"

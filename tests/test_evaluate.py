@@ -10,6 +10,7 @@ from chest_ct.blessing import BlessingPolicy, decide
 from chest_ct.determinism import seed_everything
 from chest_ct.evaluate import evaluate_model, summary_markdown
 from chest_ct.export import export_saved_model, read_metadata
+from chest_ct.ood import block_features, fit_guard
 from chest_ct.fitting import Examples, fit_classifier
 from chest_ct.images import ImageInfo
 from chest_ct.ingest import build_dataset
@@ -234,11 +235,12 @@ def models(tmp_path_factory):
     fit_classifier(model, Examples.of_role(manifest, TRAIN), Examples.of_role(manifest, VALID), epochs=3,
                    batch_size=8)
     fitted = manifest.role(TRAIN) + manifest.role(VALID)
-    a = export_saved_model(model, tmp / "a", {"threshold": 0.5})
+    guard = fit_guard(block_features(model, [manifest.file(r) for r in fitted], 32, 8), [r.group for r in fitted])
+    a = export_saved_model(model, tmp / "a", {"threshold": 0.5}, guard=guard)
     _, head = split_model(model)
     kernel, bias = head.get_weights()
     head.set_weights([-kernel, -bias])
-    b = export_saved_model(model, tmp / "b", {"threshold": 0.5})
+    b = export_saved_model(model, tmp / "b", {"threshold": 0.5}, guard=guard)
     for d in (a, b):
         write_seen(d, fitted)
     from sklearn.metrics import roc_auc_score
