@@ -36,6 +36,8 @@ from serving.dicom import DicomError, is_dicom, read_hu
 
 SUPPORTED_FORMATS = ("PNG", "JPEG")
 DICOM_FORMAT, HU_MODE = "DICOM", "HU"
+#: Names that promise DICOM: such a file is read as DICOM (and refused as one) whatever its content.
+DICOM_SUFFIXES = (".dcm", ".dicom")
 DEFAULT_MAX_PIXELS = 40_000_000  # a 6000x6000 scan; larger is treated as a decompression bomb
 # TensorFlow replicates a gray channel into R, G and B, so channel 0 is the luma Pillow would compute.
 _GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F"}
@@ -131,9 +133,13 @@ def _windowed(data: bytes, max_pixels: int, window: Window) -> Image.Image:
     return Image.fromarray(np.round(window_hu(hu, window).numpy()).astype(np.uint8), "L")
 
 
-def describe(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, window: Window = Window()) -> ImageInfo:
-    """Describe an encoded image or DICOM CT slice, or raise :class:`InvalidImage` saying why it cannot be used."""
-    if is_dicom(data):
+def describe(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, window: Window = Window(),
+             dicom: bool = False) -> ImageInfo:
+    """Describe an encoded image or DICOM CT slice, or raise :class:`InvalidImage` saying why it cannot be used.
+
+    DICOM is recognised by content; ``dicom=True`` (a ``.dcm`` name) reads the file as DICOM regardless.
+    """
+    if dicom or is_dicom(data):
         gray = _windowed(data, max_pixels, window)
         fmt, mode, (width, height) = DICOM_FORMAT, HU_MODE, gray.size
     else:
@@ -183,7 +189,8 @@ def _inspect_path(path: str, max_pixels: int, copy_to: str | None = None,
     except OSError as exc:
         return InvalidImage(f"cannot read the file: {exc.strerror or exc}", path)
     try:
-        info = describe(data, max_pixels=max_pixels, window=window)
+        info = describe(data, max_pixels=max_pixels, window=window,
+                        dicom=Path(path).suffix.lower() in DICOM_SUFFIXES)
     except InvalidImage as exc:
         return InvalidImage(exc.reason, path)
     if copy_to:  # the bytes validated and hashed, not a later re-read of a file that may have changed

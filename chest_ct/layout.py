@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chest_ct import CLASS_NAMES
+from chest_ct.images import DICOM_SUFFIXES
 from chest_ct.records import TEST, TRAIN, VALID, DatasetError
 from chest_ct.splits import ALL
 from serving.dicom import MAGIC_OFFSET, is_dicom
@@ -29,7 +30,7 @@ SPLIT_ALIASES = {
     "valid": VALID, "val": VALID, "validation": VALID,
     "test": TEST, "testing": TEST,
 }
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", *DICOM_SUFFIXES)
 SYSTEM_FILES = {"thumbs.db", "desktop.ini"}
 PRE_SPLIT, FLAT = "pre-split", "flat"
 

@@ -56,11 +56,11 @@ def is_dicom(encoded: tf.Tensor) -> tf.Tensor:
     return tf.strings.regex_full_match(tf.strings.substr(encoded, 0, 132), "(?s).{128}DICM")
 
 
-def _read_hu(encoded: bytes) -> np.ndarray:
+def _read_hu(encoded: bytes | np.ndarray) -> np.ndarray:
     from chest_ct.images import DEFAULT_MAX_PIXELS
     from serving.dicom import read_hu
 
-    return read_hu(encoded, DEFAULT_MAX_PIXELS)
+    return read_hu(np.asarray(encoded).item(), DEFAULT_MAX_PIXELS)  # a scalar string tensor arrives as 0-d array
 
 
 def read_hu(encoded: tf.Tensor) -> tf.Tensor:

@@ -119,27 +119,6 @@ def lung_window(hu: np.ndarray, level: float = -600.0, width: float = 1500.0) ->
     return np.round(np.clip((hu - (level - width / 2)) * 255.0 / width, 0, 255)).astype(np.uint8)
 
 
-def ct_dicom(hu: np.ndarray, *, slope: float = 1.0, intercept: float = -1024.0, **changes) -> bytes:
-    """A DICOM CT file with ``hu`` as its pixels: pydicom's real CT_small.dcm with new pixel data.
-
-    Stored values are ``(hu - intercept) / slope`` as int16; ``changes`` set any other element by keyword.
-    """
-    import pydicom
-    from pydicom.data import get_testdata_file
-
-    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    stored = np.round((np.asarray(hu, np.float64) - intercept) / slope).astype(np.int16)
-    ds.Rows, ds.Columns = stored.shape
-    ds.PixelRepresentation, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 16, 16, 15
-    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    ds.PixelData = stored.tobytes()
-    for keyword, value in changes.items():
-        setattr(ds, keyword, value)
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
 def rgb(height: int, width: int, seed: int) -> np.ndarray:
     """A smooth random RGB image (compresses like a scan, unlike white noise)."""
     rng = np.random.default_rng(seed)
