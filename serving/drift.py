@@ -12,7 +12,7 @@ rule that watches them is in docs/cluster.md ("Drift").
 from __future__ import annotations
 
 import numpy as np
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from serving.metrics import LABELS
 
@@ -26,12 +26,16 @@ PROBABILITY = Histogram("chest_ct_probability", "Predicted probability of the po
                         LABELS, buckets=PROBABILITY_BUCKETS)
 GUARD_REJECTIONS = Counter("chest_ct_guard_rejections", "Answered images the out-of-distribution guard flagged as "
                            "unsupported input", LABELS)
+#: The served model's threshold, so an alert can compare live scores with it whatever model is deployed.
+OOD_THRESHOLD = Gauge("chest_ct_ood_threshold", "The served model's out-of-distribution threshold on ood_score",
+                      LABELS)
 
 
-def create_series(model_name: str) -> None:
-    """Make the model's series exist at 0, so a drift alert sees zeros rather than gaps."""
+def create_series(model_name: str, ood_threshold: float) -> None:
+    """Make the model's series exist at 0 (a drift alert sees zeros rather than gaps); publish its threshold."""
     for metric in (OOD_SCORE, PROBABILITY, GUARD_REJECTIONS):
         metric.labels(model_name=model_name)
+    OOD_THRESHOLD.labels(model_name=model_name).set(ood_threshold)
 
 
 def observe(model_name: str, probability: np.ndarray, ood_score: np.ndarray, in_distribution: np.ndarray) -> None:

@@ -82,7 +82,7 @@ class ChestCtModel(Model):
                                      max_call_pixels=cfg.max_call_pixels, max_wait_s=cfg.max_batch_wait_s,
                                      call_timeout_s=cfg.model_call_timeout_s, seconds_per_image=seconds_per_image)
         self.admission = Admission(cfg, self.engine, self.name)
-        drift.create_series(self.name)
+        drift.create_series(self.name, info.ood_threshold)
         self.ready = True
         if runner.tf_threads:
             logger.info("TensorFlow thread pools sized to the container's CPU limit: %d", runner.tf_threads)

@@ -102,6 +102,7 @@ def test_metadata_lists_the_dicom_input_the_guard_and_the_window(server, model_d
     assert params["ood_threshold"] == pytest.approx(stored["ood"]["threshold"])
     assert (params["window_level"], params["window_width"]) == (-600.0, 1500.0)
     assert params["unsupported_label"] == UNSUPPORTED_INPUT
+    assert metric(server, "chest_ct_ood_threshold", model_name=MODEL_NAME) == pytest.approx(params["ood_threshold"])
 
 
 def test_rest_dicom_matches_the_in_process_model(server, reference, slices, model_dir):
