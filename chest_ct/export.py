@@ -45,7 +45,7 @@ from chest_ct.images import DEFAULT_MAX_PIXELS
 from chest_ct.model import image_size_of, split_model
 from chest_ct.ood import Guard, GuardGraph, feature_model
 from chest_ct.preprocess import decode_and_resize, hu_to_pixels, resize, to_model_input
-from chest_ct.window import Window
+from chest_ct.window import LUNG_WINDOW, Window
 from serving.dicom import is_dicom, read_hu
 
 METADATA_FILE = "model_metadata.json"
@@ -135,7 +135,7 @@ def _signature(features: keras.Model, model: keras.Model, guard: GuardGraph, kin
 
 
 def export_saved_model(model: keras.Model, out_dir: Path, metadata: dict[str, Any], *, guard: Guard,
-                       window: Window = Window()) -> Path:
+                       window: Window = LUNG_WINDOW) -> Path:
     """Write the SavedModel with every signature of :data:`SIGNATURES` and its metadata; return ``out_dir``.
 
     ``guard``: the fitted out-of-distribution guard (:func:`chest_ct.ood.fit_guard`), in every

@@ -26,7 +26,7 @@ from chest_ct.determinism import seed_everything
 from chest_ct.inputs import extract_features, image_dataset
 from chest_ct.model import image_size_of, split_model
 from chest_ct.records import Manifest
-from chest_ct.window import Window
+from chest_ct.window import LUNG_WINDOW, Window
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 #: ``fit_predict(fit_indices, predict_indices) -> probabilities`` over the fitting images (train, then valid).
@@ -142,7 +142,7 @@ def fit_classifier(
     fine_tune_epochs: int = defaults.FINE_TUNE_EPOCHS,
     fine_tune_learning_rate: float = defaults.FINE_TUNE_LEARNING_RATE,
     deterministic: bool = defaults.DETERMINISTIC,
-    window: Window = Window(),
+    window: Window = LUNG_WINDOW,
     on_epoch: EpochCallback | None = None,
 ) -> TrainResult:
     """Train ``model`` in place; return it as it should be exported, with what training learnt."""

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from chest_ct.window import Window
+from chest_ct.window import LUNG_WINDOW, Window
 from serving.dicom import is_dicom, read_hu
 
 #: A bone window (-500..1300 HU): bone detail, lungs black.
@@ -147,7 +147,7 @@ def transformed_ct(ct_files: Sequence[str], window: Window) -> list[ForeignImage
     return out
 
 
-def foreign_set(ct_files: Sequence[str], window: Window = Window()) -> list[ForeignImage]:
+def foreign_set(ct_files: Sequence[str], window: Window = LUNG_WINDOW) -> list[ForeignImage]:
     """The whole set; ``ct_files`` are the evaluation's test images (for the transformed CT categories)."""
     return [*photos(), *noise(), *solid_colours(), *gradients(), *text(), *bone_windowed(ct_files),
             *transformed_ct(ct_files, window)]

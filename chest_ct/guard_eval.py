@@ -97,11 +97,11 @@ def guard_markdown(guard: dict[str, Any]) -> list[str]:
 
     return [
         "## Out-of-distribution guard",
-        f"- test CT images accepted: {guard['test_accepted']}/{guard['test_images']} = "
-        f"{guard['test_accept_rate']:.1%} ({mark(guard['meets_accept_target'])} the target of "
-        f"{guard['min_accept_rate']:.0%})",
-        f"- foreign images rejected: {guard['foreign_rejected']}/{guard['foreign_images']} = "
-        f"{guard['foreign_reject_rate']:.1%} ({mark(guard['meets_reject_target'])} the target of "
-        f"{guard['min_reject_rate']:.0%}): "
-        + ", ".join(f"{c} {row['rejected']}/{row['images']}" for c, row in guard["per_category"].items()),
+        (f"- test CT images accepted: {guard['test_accepted']}/{guard['test_images']} = "
+         f"{guard['test_accept_rate']:.1%} ({mark(guard['meets_accept_target'])} the target of "
+         f"{guard['min_accept_rate']:.0%})"),
+        (f"- foreign images rejected: {guard['foreign_rejected']}/{guard['foreign_images']} = "
+         f"{guard['foreign_reject_rate']:.1%} ({mark(guard['meets_reject_target'])} the target of "
+         f"{guard['min_reject_rate']:.0%}): "
+         + ", ".join(f"{c} {row['rejected']}/{row['images']}" for c, row in guard["per_category"].items())),
     ]

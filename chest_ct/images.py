@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from chest_ct.parallel import Progress, available_cpus, process_map
-from chest_ct.window import Window
+from chest_ct.window import LUNG_WINDOW, Window
 from serving.dicom import DicomError, is_dicom, read_hu
 
 SUPPORTED_FORMATS = ("PNG", "JPEG")
@@ -133,7 +133,7 @@ def _windowed(data: bytes, max_pixels: int, window: Window) -> Image.Image:
     return Image.fromarray(np.round(window_hu(hu, window).numpy()).astype(np.uint8), "L")
 
 
-def describe(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, window: Window = Window(),
+def describe(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, window: Window = LUNG_WINDOW,
              dicom: bool = False) -> ImageInfo:
     """Describe an encoded image or DICOM CT slice, or raise :class:`InvalidImage` saying why it cannot be used.
 
@@ -166,7 +166,7 @@ def describe(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, window: Windo
     )
 
 
-def inspect_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS, window: Window = Window()) -> ImageInfo:
+def inspect_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS, window: Window = LUNG_WINDOW) -> ImageInfo:
     """Read ``path`` once, decode it fully and describe it, or raise :class:`InvalidImage`.
 
     The pixel cap is checked from the header, before any pixel is decoded.
@@ -178,7 +178,7 @@ def inspect_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS, win
 
 
 def _inspect_path(path: str, max_pixels: int, copy_to: str | None = None,
-                  window: Window = Window()) -> ImageInfo | InvalidImage:
+                  window: Window = LUNG_WINDOW) -> ImageInfo | InvalidImage:
     try:
         with open(path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
@@ -200,7 +200,7 @@ def _inspect_path(path: str, max_pixels: int, copy_to: str | None = None,
 
 
 def _inspect_chunk(jobs: list[tuple[str, str | None]], max_pixels: int,
-                   window: Window = Window()) -> list[ImageInfo | InvalidImage]:
+                   window: Window = LUNG_WINDOW) -> list[ImageInfo | InvalidImage]:
     return [_inspect_path(path, max_pixels, copy_to, window) for path, copy_to in jobs]
 
 
@@ -221,7 +221,7 @@ def _init_worker() -> None:
 
 def inspect_files(paths: Sequence[Path | str], *, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None,
                   copy_to: Sequence[Path | str | None] | None = None,
-                  window: Window = Window()) -> list[ImageInfo | InvalidImage]:
+                  window: Window = LUNG_WINDOW) -> list[ImageInfo | InvalidImage]:
     """Inspect every file, in input order: an :class:`ImageInfo`, or the :class:`InvalidImage`
     (with ``path`` and ``reason``) that says why the file cannot be used. Never raises for bad files.
 

@@ -23,7 +23,7 @@ from chest_ct.ingest_report import QuarantinedFile, build_report
 from chest_ct.layout import scan
 from chest_ct.records import IMAGES_DIR, QUARANTINE_DIR, DatasetError, ImageRecord, Manifest, fingerprint
 from chest_ct.splits import assign_roles, check_fraction
-from chest_ct.window import Window
+from chest_ct.window import LUNG_WINDOW, Window
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def build_dataset(
     source_uri: str = "",
     refused: Sequence[dict[str, str]] = (),
     workers: int | None = None,
-    window: Window = Window(),
+    window: Window = LUNG_WINDOW,
 ) -> dict[str, Any]:
     """Validate, de-duplicate and split the dataset at ``root`` into ``out_dir``; return the report.
 

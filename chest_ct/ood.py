@@ -42,7 +42,7 @@ from sklearn.model_selection import GroupKFold
 
 from chest_ct import defaults
 from chest_ct.model import split_model
-from chest_ct.window import Window
+from chest_ct.window import LUNG_WINDOW, Window
 
 #: VGG16's block outputs the guard reads (the last one through the base's own average pooling).
 BLOCKS = ("block1_pool", "block2_pool", "block3_pool", "block4_pool", "block5_pool")
@@ -58,7 +58,7 @@ def feature_model(model: keras.Model) -> keras.Model:
 
 
 def block_features(model: keras.Model, files: Sequence[str], image_size: int, batch_size: int,
-                   window: Window = Window()) -> list[np.ndarray]:
+                   window: Window = LUNG_WINDOW) -> list[np.ndarray]:
     """Pooled features of every file (as training reads them), per block: ``[N, channels]`` each."""
     from chest_ct.inputs import image_dataset
 
@@ -132,7 +132,7 @@ def fit_guard(features: Sequence[np.ndarray], groups: Sequence[int], *, quantile
                   scales=scales, threshold=threshold, quantile=quantile)
     fitted = guard.score(features)
     guard.calibration = {
-        "images": int(len(groups)), "pictures": n_groups, "folds": int(splitter.get_n_splits()),
+        "images": len(groups), "pictures": n_groups, "folds": splitter.get_n_splits(),
         "out_of_fold_accepted": float(np.mean(oof_scores <= threshold)),
         "out_of_fold_score_percentiles": _percentiles(oof_scores),
         "fitted_score_percentiles": _percentiles(fitted),

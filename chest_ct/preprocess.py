@@ -14,6 +14,7 @@ from keras.applications import vgg16
 
 from chest_ct.window import Window
 
+
 def decode(encoded: tf.Tensor) -> tf.Tensor:
     """Encoded PNG/JPEG (RGB, RGBA or grayscale) -> uint8 RGB ``[height, width, 3]``.
 

@@ -26,7 +26,7 @@ from chest_ct.ood import Guard, block_features, check_quantile, fit_guard
 from chest_ct.records import FITTING_ROLES, TRAIN, VALID, Manifest
 from chest_ct.seen_images import SEEN_FILE, write_seen
 from chest_ct.threshold import ThresholdChoice, check_target, out_of_fold_threshold
-from chest_ct.window import Window
+from chest_ct.window import LUNG_WINDOW, Window
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def train_and_export(
     extra_artifacts: dict[str, Path] | None = None,
     target_sensitivity: float = defaults.TARGET_SENSITIVITY,
     threshold_folds: int = defaults.THRESHOLD_FOLDS,
-    window: Window = Window(),
+    window: Window = LUNG_WINDOW,
     ood_quantile: float = defaults.OOD_QUANTILE,
     **hyper: Any,
 ) -> str:

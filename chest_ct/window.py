@@ -35,3 +35,7 @@ class Window:
 
     def to_dict(self) -> dict[str, float]:
         return {k: float(v) for k, v in asdict(self).items()}
+
+
+#: The default window (a lung window), shared as the default argument everywhere a window is taken.
+LUNG_WINDOW = Window()

@@ -214,7 +214,8 @@ def parse_inputs(request: InferRequest, config: ServerConfig) -> Batch:
     if len(set(names)) != len(names):
         raise InvalidInput(f"input {clip(names[0])} is given more than once; {INPUTS_HELP}")
     if len(inputs) > 1:
-        raise InvalidInput(f"{' and '.join(repr(n) for n in names)} were both given; {INPUTS_HELP}")
+        raise InvalidInput(f"{' and '.join(repr(n) for n in names)} were {'both' if len(names) == 2 else 'all'} "
+                           f"given; {INPUTS_HELP}")
     batch = specs[inputs[0].name].parse(inputs[0], config)
     request.inputs = []  # queued requests keep only the model input, not the decoded body
     return batch

@@ -24,7 +24,6 @@ from tests.conftest import write_dataset
 from tests.dicom_helpers import TEST_MAX_PIXELS, changed, ct_dicom, hostile, real
 from tests.serving_helpers import ct_like
 
-
 # --- the reader ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["CT_small.dcm", "693_J2KI.dcm", "J2K_pixelrep_mismatch.dcm"])

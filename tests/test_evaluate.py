@@ -10,12 +10,12 @@ from chest_ct.blessing import BlessingPolicy, decide
 from chest_ct.determinism import seed_everything
 from chest_ct.evaluate import evaluate_model, summary_markdown
 from chest_ct.export import export_saved_model, read_metadata
-from chest_ct.ood import block_features, fit_guard
 from chest_ct.fitting import Examples, fit_classifier
 from chest_ct.images import ImageInfo
 from chest_ct.ingest import build_dataset
 from chest_ct.metrics import by_group, calibration, classification_metrics
 from chest_ct.model import build_model, split_model
+from chest_ct.ood import block_features, fit_guard
 from chest_ct.records import TEST, TRAIN, VALID, ImageRecord, Manifest
 from chest_ct.registry import promote_if_unchanged
 from chest_ct.scoring import Comparison

@@ -116,8 +116,9 @@ def test_every_signature_returns_the_guards_outputs_and_the_metadata_its_thresho
     assert meta["ood"]["blocks"] == list(BLOCKS)
     assert meta["window"] == {"level": -650.0, "width": 1400.0}
     png = Path(test_files[0]).read_bytes()
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), np.float32)[None]
     by_bytes = loaded.signatures["serving_default"](images=tf.constant([png]))

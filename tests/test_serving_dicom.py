@@ -21,8 +21,18 @@ import skimage.data
 from serving.dicom import read_hu
 from serving.outputs import UNSUPPORTED_INPUT
 from tests.dicom_helpers import TEST_MAX_PIXELS, ct_dicom, hostile, real
-from tests.serving_helpers import (MODEL_NAME, RUN_ID, InProcessModel, ServerProcess, b64, ct_like, encode,
-                                   exported_model, length_prefixed, metric)
+from tests.serving_helpers import (
+    MODEL_NAME,
+    RUN_ID,
+    InProcessModel,
+    ServerProcess,
+    b64,
+    ct_like,
+    encode,
+    exported_model,
+    length_prefixed,
+    metric,
+)
 
 TOL = 1e-5
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
@@ -242,9 +252,8 @@ def test_bad_dicom_over_grpc_is_invalid_argument(server, kind):
     data, reason = hostile()[kind]
     request = pb.ModelInferRequest(model_name=MODEL_NAME, inputs=[pb.ModelInferRequest.InferInputTensor(
         name="dicom", datatype="BYTES", shape=[1], contents=pb.InferTensorContents(bytes_contents=[data]))])
-    with grpc.insecure_channel(server.grpc_target) as channel:
-        with pytest.raises(grpc.RpcError) as caught:
-            GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
+    with grpc.insecure_channel(server.grpc_target) as channel, pytest.raises(grpc.RpcError) as caught:
+        GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "input 'dicom' element 0" in caught.value.details() and reason in caught.value.details()
 
