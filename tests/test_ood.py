@@ -203,3 +203,21 @@ def test_real_ct_pictures_the_guard_never_saw_are_accepted(tmp_path):
     by_class = {label: float(accepted[labels == label].mean()) for label in manifest.classes}
     print(f"real pictures accepted: {accepted.mean():.3f} of {len(records)}; by class {by_class}")
     assert accepted.mean() >= 0.95, by_class
+
+
+def test_a_champion_exported_before_the_guard_still_scores_images(tmp_path, guarded):
+    """Evaluate compares with the current champion, which may predate DICOM and the guard."""
+    _, _, _, test_files, _ = guarded
+
+    class Old(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+        def images(self, images):
+            return {"probability": tf.fill(tf.shape(images), 0.25)}
+
+    old = Old()
+    tf.saved_model.save(old, str(tmp_path / "old"), signatures={"serving_default": old.images})
+    out = predict_outputs(tmp_path / "old", test_files[:3])
+    assert set(out) == {"probability"} and out["probability"].tolist() == [0.25] * 3
+    (tmp_path / "IM1").write_bytes(ct_dicom(ct_like(1)))
+    with pytest.raises(ValueError, match="has no 'serve_hu' signature .* cannot score DICOM files"):
+        predict_outputs(tmp_path / "old", [str(tmp_path / "IM1")])
