@@ -20,6 +20,8 @@ Thread-safe: nothing global is touched.
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,10 +29,13 @@ import pydicom
 from pydicom.dataset import FileDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, get_decoder
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 #: A DICOM Part 10 file: a 128-byte preamble, then these four bytes.
 MAGIC, MAGIC_OFFSET = b"DICM", 128
 PIXEL_DATA_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+#: The File Meta Information Group Length element, (0002,0000) UL, that opens every Part 10 file's meta group.
+_GROUP_LENGTH = b"\x02\x00\x00\x00UL\x04\x00"
 
 
 class DicomError(ValueError):
@@ -75,6 +80,7 @@ def read_header(data: bytes, max_pixels: int) -> DicomSlice:
     if not is_dicom(data):
         raise DicomError(f"not a DICOM file: no '{MAGIC.decode()}' marker at byte {MAGIC_OFFSET} "
                          "(a DICOM Part 10 file starts with a 128-byte preamble and 'DICM')")
+    _check_deflated(data, max_bytes=4 * max_pixels + (1 << 20))
     try:
         ds = pydicom.dcmread(io.BytesIO(bytes(data)))
     except InvalidDicomError as exc:
@@ -112,6 +118,31 @@ def read_header(data: bytes, max_pixels: int) -> DicomSlice:
         raise DicomError(f"pixel data is compressed as {syntax.name} ({syntax}) and no decoder for it is "
                          "installed; send it uncompressed, RLE, JPEG baseline or JPEG 2000")
     return DicomSlice(ds, rows, columns, str(syntax))
+
+
+def _check_deflated(data: bytes, max_bytes: int) -> None:
+    """A deflated dataset (transfer syntax 1.2.840.10008.1.2.1.99) must inflate to at most ``max_bytes``.
+
+    pydicom inflates the whole dataset in one ``zlib.decompress`` before parsing it, so a
+    few hundred kilobytes of deflated zeros would become gigabytes in memory: a
+    decompression bomb. This inflates at most ``max_bytes + 1`` bytes first, the bound
+    being that of a file at the pixel cap (4 bytes a pixel and 1 MiB of metadata).
+    """
+    head = bytes(data[:MAGIC_OFFSET + 4 + 4096])  # the meta group: a few hundred bytes in practice
+    if DeflatedExplicitVRLittleEndian.encode() not in head:
+        return
+    if head[MAGIC_OFFSET + 4:MAGIC_OFFSET + 12] != _GROUP_LENGTH:
+        raise DicomError("deflated DICOM without its File Meta Information Group Length: where the deflated "
+                         "dataset starts is unknown")
+    (length,) = struct.unpack_from("<I", head, MAGIC_OFFSET + 12)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        inflated = inflater.decompress(bytes(data[MAGIC_OFFSET + 16 + length:]), max_bytes + 1)
+    except zlib.error as exc:
+        raise DicomError(f"the deflated dataset is corrupt ({exc})") from None
+    if len(inflated) > max_bytes:
+        raise DicomError(f"the deflated dataset inflates to more than {max_bytes} bytes, more than a slice at the "
+                         "pixel cap needs (a decompression bomb)")
 
 
 def to_hu(dicom: DicomSlice) -> np.ndarray:

@@ -6,7 +6,9 @@ the headers, transfer syntaxes and encodings are those real scanners write.
 
 from __future__ import annotations
 
+import functools
 import io
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +64,26 @@ def multi_frame() -> bytes:
     return _save(ds)
 
 
+@functools.cache
+def deflate_bomb(megabytes: int = 300) -> bytes:
+    """A deflated-transfer-syntax CT file whose ~300 KB dataset inflates to ``megabytes`` MB of zeros."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, DeflatedExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
+    meta.TransferSyntaxUID, meta.ImplementationClassUID = DeflatedExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_file_meta_info(fp, meta, enforce_standard=True)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    zeros = b"\0" * (1 << 20)
+    payload = b"".join(deflate.compress(zeros) for _ in range(megabytes)) + deflate.flush()
+    return b"\0" * 128 + b"DICM" + fp.getvalue() + payload
+
+
 def hostile() -> dict[str, tuple[bytes, str]]:
     """Bad DICOM files, each with the words its refusal must contain."""
     ct = real("CT_small.dcm")
@@ -78,4 +100,5 @@ def hostile() -> dict[str, tuple[bytes, str]]:
                                f"5000x5000 = 25000000 pixels is over the cap of {TEST_MAX_PIXELS}"),
         "colour": (changed("SC_rgb_rle.dcm", Modality="CT"), "SamplesPerPixel is 3"),
         "no DICM marker": (b"\0" * 200, "not a DICOM file: no 'DICM' marker at byte 128"),
+        "deflate bomb": (deflate_bomb(), "inflates to more than"),
     }

@@ -26,14 +26,15 @@ from tests.serving_helpers import ct_like
 
 # --- the reader ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["CT_small.dcm", "693_J2KI.dcm", "J2K_pixelrep_mismatch.dcm"])
+@pytest.mark.parametrize("name", ["CT_small.dcm", "693_J2KI.dcm", "J2K_pixelrep_mismatch.dcm", "deflated"])
 def test_real_ct_slices_become_hounsfield_units_with_their_rescale(name):
-    """Uncompressed and JPEG 2000 slices: HU = stored value x RescaleSlope + RescaleIntercept."""
-    data = real(name)
-    ds = pydicom.dcmread(pydicom.data.get_testdata_file(name))
+    """Uncompressed, JPEG 2000 and deflated slices: HU = stored value x RescaleSlope + RescaleIntercept."""
+    data = changed("image_dfl.dcm", Modality="CT") if name == "deflated" else real(name)
+    ds = pydicom.dcmread(__import__("io").BytesIO(data))
     hu = read_hu(data, TEST_MAX_PIXELS)
     assert hu.dtype == np.float32 and hu.shape == (ds.Rows, ds.Columns)
-    expected = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    expected = (ds.pixel_array.astype(np.float64) * float(ds.get("RescaleSlope", 1))
+                + float(ds.get("RescaleIntercept", 0)))
     np.testing.assert_array_equal(hu, expected.astype(np.float32))
 
 
