@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"SKIPPED: real data not found at {SHARED_DATA} and no --model-dir given")
         return 0
 
-    from chest_ct.export import predict_files, read_metadata
+    from chest_ct.export import read_metadata
+    from chest_ct.predict import predict_files
     from chest_ct.metrics import by_group
     from chest_ct.records import TEST, TRAIN, Manifest
     from chest_ct.scoring import scored_test_set

@@ -38,10 +38,25 @@ def request_image(path: Path | None) -> tuple[bytes, str]:
 
 
 def export_model(out_dir: Path) -> Path:
+    """A random-weight model whose guard is fitted on shifted copies of the benchmark picture."""
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
     from chest_ct.export import export_saved_model
     from chest_ct.model import build_model
+    from chest_ct.ood import block_features, fit_guard
 
-    export_saved_model(build_model(IMAGE_SIZE, "none"), out_dir, {"mlflow_run_id": "bench"})
+    model = build_model(IMAGE_SIZE, "none")
+    image = np.asarray(Image.open(io.BytesIO(request_image(None)[0])).convert("RGB"))
+    with tempfile.TemporaryDirectory() as tmp:
+        files = []
+        for shift in range(12):
+            files.append(f"{tmp}/{shift}.png")
+            Image.fromarray(np.roll(image, 20 * shift, axis=shift % 2)).save(files[-1])
+        guard = fit_guard(block_features(model, files, IMAGE_SIZE, 4), list(range(len(files))))
+    export_saved_model(model, out_dir, {"mlflow_run_id": "bench"}, guard=guard)
     return out_dir
 
 

@@ -27,6 +27,18 @@ FINE_TUNE_LEARNING_RATE = 1e-5
 #: Off by default: TF op determinism slows some GPU kernels; CPU runs are repeatable without it.
 DETERMINISTIC = False
 
+# DICOM: Hounsfield units -> the model's grey levels (a lung window: -1350 HU is black, +150 HU white)
+WINDOW_LEVEL = -600.0
+WINDOW_WIDTH = 1500.0
+
+# Out-of-distribution guard: the share of in-distribution images it lets through, calibrated
+# out-of-fold on the fitting images, and the number of folds (by duplicate group)
+OOD_QUANTILE = 0.99
+OOD_FOLDS = 5
+#: The guard's targets, reported by evaluate: test CT images accepted, foreign images rejected.
+GUARD_MIN_ACCEPT_RATE = 0.95
+GUARD_MIN_REJECT_RATE = 0.95
+
 # Decision threshold (chosen out-of-fold on the fitting data)
 TARGET_SENSITIVITY = 0.95
 THRESHOLD_FOLDS = 5

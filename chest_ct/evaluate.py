@@ -26,6 +26,7 @@ from chest_ct import defaults, registry
 from chest_ct.blessing import BlessingPolicy, Decision, decide
 from chest_ct.export import read_metadata, write_metadata
 from chest_ct.gallery import build_gallery
+from chest_ct.guard_eval import guard_markdown, guard_rates, log_guard_rates
 from chest_ct.metrics import bootstrap_intervals, calibration, roc_points
 from chest_ct.model_card import build_model_card, source_commit
 from chest_ct.plots import CALIBRATION_BINS, save_plots
@@ -102,9 +103,10 @@ def evaluate_model(
         shutil.rmtree(out_model_dir)
     shutil.copytree(model_dir, out_model_dir)
     commit = source_commit()
+    guard = guard_rates(model_dir, [manifest.file(r) for r in scored])
     evaluation = {"per_image": scores.per_image, "per_group": scores.per_group, "scored_images": scores.images,
                   "scored_groups": sum(scores.groups_per_class.values()), "excluded_images": len(excluded),
-                  "git_commit": commit}
+                  "guard": guard.to_dict(), "git_commit": commit}
     write_metadata(out_model_dir, {**metadata, "mlflow_run_id": run_id, "evaluation": evaluation})
 
     registry.use_tracking(experiment)
@@ -122,6 +124,7 @@ def evaluate_model(
                               run_id) if report_html else None
     version = publish(run_id, Path(out_model_dir), report, plots, decision,
                       registered_model_name=registered_model_name, expected_champion=current[0] if current else None)
+    log_guard_rates(run_id, guard)
     log.info("evaluation: %s", "blessed" if decision.blessed else "not blessed: " + "; ".join(decision.reasons))
     if content is not None and report_html is not None:
         card = build_model_card(manifest, metadata, report, run_id=run_id, registered_version=version,
@@ -197,6 +200,7 @@ def summary_markdown(result: Evaluation) -> str:
         f"**Excluded from the score: {r['excluded_images']}**",
         *[f"- `{e['path']}`: {e['reason']}" for e in r["excluded"][:50]], "",
         ("## " if r["shortcut"]["warning"] else "") + r["shortcut"]["message"], "",
-        "Single-statistic AUCs: " + json.dumps(r["shortcut"]["single_feature_auc"]),
+        "Single-statistic AUCs: " + json.dumps(r["shortcut"]["single_feature_auc"]), "",
+        *guard_markdown(r["guard"]),
     ]
     return "\n".join(lines) + "\n"

@@ -26,6 +26,7 @@ from chest_ct.determinism import seed_everything
 from chest_ct.inputs import extract_features, image_dataset
 from chest_ct.model import image_size_of, split_model
 from chest_ct.records import Manifest
+from chest_ct.window import LUNG_WINDOW, Window
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 #: ``fit_predict(fit_indices, predict_indices) -> probabilities`` over the fitting images (train, then valid).
@@ -141,6 +142,7 @@ def fit_classifier(
     fine_tune_epochs: int = defaults.FINE_TUNE_EPOCHS,
     fine_tune_learning_rate: float = defaults.FINE_TUNE_LEARNING_RATE,
     deterministic: bool = defaults.DETERMINISTIC,
+    window: Window = LUNG_WINDOW,
     on_epoch: EpochCallback | None = None,
 ) -> TrainResult:
     """Train ``model`` in place; return it as it should be exported, with what training learnt."""
@@ -155,9 +157,9 @@ def fit_classifier(
     initial_head_weights = head.get_weights()
 
     # One pass over train and valid together: one input pipeline and fewer odd-sized batches.
-    clean = extract_features(base, [*train.files, *valid.files], size, batch_size)
+    clean = extract_features(base, [*train.files, *valid.files], size, batch_size, window=window)
     features = Features(train=clean[:len(train)], valid=clean[len(train):], train_augmented=[
-        extract_features(base, train.files, size, batch_size, augment_seed=seed + 1000 * (copy + 1))
+        extract_features(base, train.files, size, batch_size, augment_seed=seed + 1000 * (copy + 1), window=window)
         for copy in range(augment_copies)])
     x_train = np.concatenate([features.train, *features.train_augmented])
     y_train = np.tile(np.asarray(train.labels, np.float32), 1 + augment_copies)
@@ -178,13 +180,14 @@ def fit_classifier(
     )
     if fine_tune_epochs:
         _fine_tune(result, train, valid, w_valid, epochs=fine_tune_epochs, batch_size=batch_size,
-                   learning_rate=fine_tune_learning_rate, patience=patience, seed=seed, on_epoch=on_epoch)
+                   learning_rate=fine_tune_learning_rate, patience=patience, seed=seed, on_epoch=on_epoch,
+                   window=window)
     return result
 
 
 def _fine_tune(result: TrainResult, train: Examples, valid: Examples, w_valid: np.ndarray, *, epochs: int,
                batch_size: int, learning_rate: float, patience: int, seed: int,
-               on_epoch: EpochCallback | None) -> None:
+               on_epoch: EpochCallback | None, window: Window) -> None:
     """Unfreeze VGG16's last block and train it with the head on images; keep it only if val_loss improves."""
     model = result.model
     base, _ = split_model(model)
@@ -198,8 +201,9 @@ def _fine_tune(result: TrainResult, train: Examples, valid: Examples, w_valid: n
     offset = result.epochs_run
     history = _floats(model.fit(
         image_dataset(train.files, size, batch_size, labels=train.labels, weights=w_train,
-                      augment_seed=seed + 100, shuffle_seed=seed),
-        validation_data=image_dataset(valid.files, size, batch_size, labels=valid.labels, weights=w_valid),
+                      augment_seed=seed + 100, shuffle_seed=seed, window=window),
+        validation_data=image_dataset(valid.files, size, batch_size, labels=valid.labels, weights=w_valid,
+                                      window=window),
         epochs=epochs, shuffle=False,  # shuffled in image_dataset
         callbacks=_callbacks(patience, (lambda e, logs: on_epoch(offset + e, {f"ft_{k}": v for k, v in logs.items()}))
                              if on_epoch else None),

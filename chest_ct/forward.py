@@ -2,9 +2,9 @@
 
 Every signature of the exported model runs the network once and hands the
 result to its head: ``predict`` reads the probability, ``explain`` also reads
-the last convolutional layer's activations (Grad-CAM), and a head that needs the
-pooled features (an out-of-distribution score, say) reads those. Nothing is
-computed twice, and the split runs exactly the layers ``model(x)`` runs, in the
+the last convolutional layer's activations (Grad-CAM), and the out-of-distribution
+guard reads the pooled features after each VGG16 block (:data:`chest_ct.ood.BLOCKS`).
+Nothing is computed twice, and the split runs exactly the layers ``model(x)`` runs, in the
 same order, so every head sees the probability the server returns.
 """
 
@@ -16,6 +16,7 @@ import keras
 import tensorflow as tf
 
 from chest_ct.model import split_model
+from chest_ct.ood import BLOCKS
 
 #: VGG16's last convolutional layer: Grad-CAM's target, ``image_size // 16`` cells a side.
 LAST_CONV_LAYER = "block5_conv3"
@@ -28,6 +29,8 @@ class Forward:
     conv: tf.Tensor         #: ``[N, h, w, C]`` activations of :data:`LAST_CONV_LAYER`
     features: tf.Tensor     #: ``[N, F]`` the base's pooled output, the head's input
     probability: tf.Tensor  #: ``[N]`` of the positive class
+    #: image-averaged feature maps after each block of :data:`chest_ct.ood.BLOCKS` (the last is ``features``)
+    pooled: tuple[tf.Tensor, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -50,14 +53,22 @@ class SplitModel:
         return cls(to_conv=layers[:cut], after_conv=layers[cut:], head=head)
 
     def __call__(self, model_input: tf.Tensor) -> Forward:
+        pooled: list[tf.Tensor] = []
         x = model_input
         for layer in self.to_conv:
-            x = layer(x)
+            x = self._step(layer, x, pooled)
         conv = x
         for layer in self.after_conv:
-            x = layer(x)
+            x = self._step(layer, x, pooled)
         probability = tf.reshape(self.head(x, training=False), [-1])
-        return Forward(conv=conv, features=x, probability=probability)
+        return Forward(conv=conv, features=x, probability=probability, pooled=(*pooled, x))
+
+    @staticmethod
+    def _step(layer: keras.layers.Layer, x: tf.Tensor, pooled: list[tf.Tensor]) -> tf.Tensor:
+        x = layer(x)
+        if layer.name in BLOCKS[:-1]:  # the last block's average is the base's own output
+            pooled.append(tf.reduce_mean(x, axis=[1, 2]))
+        return x
 
 
 def conv_grid(model: keras.Model) -> tuple[int, int]:

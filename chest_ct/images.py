@@ -1,10 +1,13 @@
 """Check that image files are safe and usable, and describe them, on every core.
 
-A file passes when TensorFlow's decoder, the one training and serving run
+A PNG/JPEG file passes when TensorFlow's decoder, the one training and serving run
 (:func:`chest_ct.preprocess.decode`), reads it; Pillow only reads the header first,
 to refuse decompression bombs before any pixel is decoded, and turns the decoded
-pixels into the perceptual hash (imagehash). Each file is read once: the bytes that
-are hashed (sha256) are the bytes that are decoded.
+pixels into the perceptual hash (imagehash). A DICOM file (``DICM`` at byte 128,
+whatever its name) passes when :mod:`serving.dicom`, the reader training and the
+server's ``dicom`` input use, turns it into Hounsfield units; it is described as
+the model sees it, through the lung window (:func:`chest_ct.preprocess.window_hu`).
+Each file is read once: the bytes that are hashed (sha256) are the bytes that are decoded.
 
 The description (size, format, brightness) feeds the duplicate finder and the
 shortcut audit: on chest CT data from mixed web sources, such cues can predict the
@@ -28,8 +31,13 @@ import numpy as np
 from PIL import Image
 
 from chest_ct.parallel import Progress, available_cpus, process_map
+from chest_ct.window import LUNG_WINDOW, Window
+from serving.dicom import DicomError, is_dicom, read_hu
 
 SUPPORTED_FORMATS = ("PNG", "JPEG")
+DICOM_FORMAT, HU_MODE = "DICOM", "HU"
+#: Names that promise DICOM: such a file is read as DICOM (and refused as one) whatever its content.
+DICOM_SUFFIXES = (".dcm", ".dicom")
 DEFAULT_MAX_PIXELS = 40_000_000  # a 6000x6000 scan; larger is treated as a decompression bomb
 # TensorFlow replicates a gray channel into R, G and B, so channel 0 is the luma Pillow would compute.
 _GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F"}
@@ -114,14 +122,33 @@ def _decode(data: bytes) -> np.ndarray:
                            f"{_tf_message(exc)}") from None
 
 
-def describe(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
-    """Describe an encoded image, or raise :class:`InvalidImage` saying why it cannot be used."""
-    fmt, mode, width, height = _header(data, max_pixels)
-    pixels = _decode(data)
-    if mode in _GRAY_MODES:
-        gray = Image.fromarray(np.ascontiguousarray(pixels[..., 0]), "L")
+def _windowed(data: bytes, max_pixels: int, window: Window) -> Image.Image:
+    """A DICOM CT slice as the model sees it: HU through the window, rounded to 8-bit grey."""
+    from chest_ct.preprocess import window_hu  # TensorFlow: imported on first use, once per process
+
+    try:
+        hu = read_hu(data, max_pixels)
+    except DicomError as exc:
+        raise InvalidImage(f"DICOM: {exc.reason}") from None
+    return Image.fromarray(np.round(window_hu(hu, window).numpy()).astype(np.uint8), "L")
+
+
+def describe(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, window: Window = LUNG_WINDOW,
+             dicom: bool = False) -> ImageInfo:
+    """Describe an encoded image or DICOM CT slice, or raise :class:`InvalidImage` saying why it cannot be used.
+
+    DICOM is recognised by content; ``dicom=True`` (a ``.dcm`` name) reads the file as DICOM regardless.
+    """
+    if dicom or is_dicom(data):
+        gray = _windowed(data, max_pixels, window)
+        fmt, mode, (width, height) = DICOM_FORMAT, HU_MODE, gray.size
     else:
-        gray = Image.fromarray(pixels, "RGB").convert("L")
+        fmt, mode, width, height = _header(data, max_pixels)
+        pixels = _decode(data)
+        if mode in _GRAY_MODES:
+            gray = Image.fromarray(np.ascontiguousarray(pixels[..., 0]), "L")
+        else:
+            gray = Image.fromarray(pixels, "RGB").convert("L")
     counts = np.asarray(gray.histogram(), dtype=np.float64)  # 256 bins: exact sums, no per-pixel float copy
     levels = np.arange(256, dtype=np.float64)
     n = counts.sum()
@@ -139,18 +166,19 @@ def describe(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
     )
 
 
-def inspect_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
+def inspect_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS, window: Window = LUNG_WINDOW) -> ImageInfo:
     """Read ``path`` once, decode it fully and describe it, or raise :class:`InvalidImage`.
 
     The pixel cap is checked from the header, before any pixel is decoded.
     """
-    result = _inspect_path(str(path), max_pixels)  # in this process: one file is not worth a worker
+    result = _inspect_path(str(path), max_pixels, window=window)  # in this process: one file is not worth a worker
     if isinstance(result, InvalidImage):
         raise result
     return result
 
 
-def _inspect_path(path: str, max_pixels: int, copy_to: str | None = None) -> ImageInfo | InvalidImage:
+def _inspect_path(path: str, max_pixels: int, copy_to: str | None = None,
+                  window: Window = LUNG_WINDOW) -> ImageInfo | InvalidImage:
     try:
         with open(path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
@@ -161,7 +189,8 @@ def _inspect_path(path: str, max_pixels: int, copy_to: str | None = None) -> Ima
     except OSError as exc:
         return InvalidImage(f"cannot read the file: {exc.strerror or exc}", path)
     try:
-        info = describe(data, max_pixels=max_pixels)
+        info = describe(data, max_pixels=max_pixels, window=window,
+                        dicom=Path(path).suffix.lower() in DICOM_SUFFIXES)
     except InvalidImage as exc:
         return InvalidImage(exc.reason, path)
     if copy_to:  # the bytes validated and hashed, not a later re-read of a file that may have changed
@@ -170,8 +199,9 @@ def _inspect_path(path: str, max_pixels: int, copy_to: str | None = None) -> Ima
     return info
 
 
-def _inspect_chunk(jobs: list[tuple[str, str | None]], max_pixels: int) -> list[ImageInfo | InvalidImage]:
-    return [_inspect_path(path, max_pixels, copy_to) for path, copy_to in jobs]
+def _inspect_chunk(jobs: list[tuple[str, str | None]], max_pixels: int,
+                   window: Window = LUNG_WINDOW) -> list[ImageInfo | InvalidImage]:
+    return [_inspect_path(path, max_pixels, copy_to, window) for path, copy_to in jobs]
 
 
 def _crashed(job: tuple[str, str | None]) -> InvalidImage:
@@ -190,7 +220,8 @@ def _init_worker() -> None:
 
 
 def inspect_files(paths: Sequence[Path | str], *, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None,
-                  copy_to: Sequence[Path | str | None] | None = None) -> list[ImageInfo | InvalidImage]:
+                  copy_to: Sequence[Path | str | None] | None = None,
+                  window: Window = LUNG_WINDOW) -> list[ImageInfo | InvalidImage]:
     """Inspect every file, in input order: an :class:`ImageInfo`, or the :class:`InvalidImage`
     (with ``path`` and ``reason``) that says why the file cannot be used. Never raises for bad files.
 
@@ -198,6 +229,7 @@ def inspect_files(paths: Sequence[Path | str], *, max_pixels: int = DEFAULT_MAX_
     (:func:`chest_ct.parallel.available_cpus`). A file that crashes the decoder in a
     worker is quarantined instead of ending the run. ``0`` runs in this process (no
     such isolation; for debugging), which then imports TensorFlow itself.
+    ``window``: how DICOM slices are described (the window the model will see them through).
     ``copy_to``: for each path, where to write its bytes when it is valid (``None``: nowhere).
     The copy is the bytes that were hashed and decoded, written by the worker that read
     them, so each file is read once and a file changing under the run cannot slip in.
@@ -213,10 +245,11 @@ def inspect_files(paths: Sequence[Path | str], *, max_pixels: int = DEFAULT_MAX_
     if workers == 0:
         results = []
         for path, target in jobs:
-            results.append(_inspect_path(path, max_pixels, target))
+            results.append(_inspect_path(path, max_pixels, target, window))
             progress.update(1)
     else:
-        results = process_map(functools.partial(_inspect_chunk, max_pixels=max_pixels), jobs, workers=workers,
+        results = process_map(functools.partial(_inspect_chunk, max_pixels=max_pixels, window=window), jobs,
+                              workers=workers,
                               on_crash=_crashed, preload=WORKER_PRELOAD, initializer=_init_worker, progress=progress)
     progress.finish()
     return results

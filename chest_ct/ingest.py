@@ -23,6 +23,7 @@ from chest_ct.ingest_report import QuarantinedFile, build_report
 from chest_ct.layout import scan
 from chest_ct.records import IMAGES_DIR, QUARANTINE_DIR, DatasetError, ImageRecord, Manifest, fingerprint
 from chest_ct.splits import assign_roles, check_fraction
+from chest_ct.window import LUNG_WINDOW, Window
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +41,14 @@ def build_dataset(
     source_uri: str = "",
     refused: Sequence[dict[str, str]] = (),
     workers: int | None = None,
+    window: Window = LUNG_WINDOW,
 ) -> dict[str, Any]:
     """Validate, de-duplicate and split the dataset at ``root`` into ``out_dir``; return the report.
 
     ``refused``: source objects the fetch refused (e.g. S3 keys escaping the prefix), listed in the
     report. ``workers``: validation processes (default: every CPU the container may use).
+    ``window``: the window DICOM slices are described through (duplicates, shortcut statistics);
+    their files are kept as they are, in Hounsfield units.
     """
     check_fraction("valid_fraction", valid_fraction)
     check_fraction("test_fraction", test_fraction)
@@ -57,7 +61,7 @@ def build_dataset(
     quarantined: list[QuarantinedFile] = []
     # Each file is read once: the validating worker writes the bytes it hashed and decoded into the artifact.
     results = inspect_files([c.file for c in found.candidates], max_pixels=max_pixels, workers=workers,
-                            copy_to=[out_dir / IMAGES_DIR / c.path for c in found.candidates])
+                            copy_to=[out_dir / IMAGES_DIR / c.path for c in found.candidates], window=window)
     for cand, result in zip(found.candidates, results, strict=True):
         if isinstance(result, InvalidImage):
             quarantined.append(QuarantinedFile(cand.path, cand.given_split, cand.label, str(result)))

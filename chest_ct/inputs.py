@@ -2,7 +2,8 @@
 
 Nothing here holds a split's image bytes in memory: files are read, decoded and
 resized batch by batch. Preprocessing is :mod:`chest_ct.preprocess`, the same
-functions the exported SavedModel runs.
+functions the exported SavedModel runs; DICOM slices are read in Hounsfield units
+and shown to the model through ``window``, as the SavedModel's ``serve_hu`` does.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import numpy.typing as npt
 import tensorflow as tf
 
 from chest_ct.augment import augment_image
-from chest_ct.preprocess import decode_and_resize, to_model_input
+from chest_ct.preprocess import file_to_pixels, to_model_input
+from chest_ct.window import LUNG_WINDOW, Window
 
 
 def image_dataset(files: Sequence[str], image_size: int, batch_size: int, *,
                   labels: npt.ArrayLike | None = None, weights: npt.ArrayLike | None = None,
-                  augment_seed: int | None = None, shuffle_seed: int | None = None) -> tf.data.Dataset:
+                  augment_seed: int | None = None, shuffle_seed: int | None = None,
+                  window: Window = LUNG_WINDOW) -> tf.data.Dataset:
     """Batches of model-ready images, or ``(images, labels[, weights])`` when labels are given.
 
     With ``augment_seed`` every image is augmented; the draws depend on the seed, the
@@ -44,7 +47,7 @@ def image_dataset(files: Sequence[str], image_size: int, batch_size: int, *,
         ds = ds.map(lambda *cols: (cols, tf.constant(0, tf.int64)))
 
     def load(cols: tuple[tf.Tensor, ...], draw: tf.Tensor) -> tuple[tf.Tensor, ...] | tf.Tensor:
-        image = decode_and_resize(tf.io.read_file(cols[0]), image_size)
+        image = file_to_pixels(tf.io.read_file(cols[0]), image_size, window)
         if augment_seed is not None:
             image = augment_image(image, tf.stack([draw, tf.constant(augment_seed, tf.int64)]))
         image = to_model_input(image)
@@ -54,7 +57,7 @@ def image_dataset(files: Sequence[str], image_size: int, batch_size: int, *,
 
 
 def extract_features(base: keras.Model, files: Sequence[str], image_size: int, batch_size: int,
-                     augment_seed: int | None = None) -> np.ndarray:
+                     augment_seed: int | None = None, window: Window = LUNG_WINDOW) -> np.ndarray:
     """The frozen base's output for every file, in file order (``[N, features]``)."""
-    return np.asarray(base.predict(image_dataset(files, image_size, batch_size, augment_seed=augment_seed),
-                                   verbose=0))
+    return np.asarray(base.predict(image_dataset(files, image_size, batch_size, augment_seed=augment_seed,
+                                                 window=window), verbose=0))

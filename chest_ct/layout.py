@@ -5,6 +5,11 @@ pipeline uses, with an image suffix; validation decides whether it is used or
 quarantined) or **ignored** with a reason: hidden or system file, loose file,
 unknown top-level or class folder, a second folder for the same split (``val/``
 beside ``valid/``), unsupported type. Nothing is dropped without a word.
+
+Images are PNG, JPEG and DICOM by name (``.png``, ``.jpg``, ``.jpeg``, ``.dcm``,
+``.dicom``); a file with any other name is a candidate when its content is DICOM
+(``DICM`` at byte 128): scanners and PACS exports name slices ``IM000123`` or by
+their UID (``1.2.840.113619....113``).
 """
 
 from __future__ import annotations
@@ -15,15 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chest_ct import CLASS_NAMES
+from chest_ct.images import DICOM_SUFFIXES
 from chest_ct.records import TEST, TRAIN, VALID, DatasetError
 from chest_ct.splits import ALL
+from serving.dicom import MAGIC_OFFSET, is_dicom
 
 SPLIT_ALIASES = {
     "train": TRAIN, "training": TRAIN,
     "valid": VALID, "val": VALID, "validation": VALID,
     "test": TEST, "testing": TEST,
 }
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", *DICOM_SUFFIXES)
 SYSTEM_FILES = {"thumbs.db", "desktop.ini"}
 PRE_SPLIT, FLAT = "pre-split", "flat"
 
@@ -136,7 +143,8 @@ def scan(root: Path, classes: tuple[str, ...] = CLASS_NAMES) -> Scan:
     unknown_classes: set[str] = set()
     for file in files:
         rel = file.relative_to(root)
-        reason, candidate = _classify(rel, data_root.relative_to(root), split_dirs, second, classes, unknown_classes)
+        reason, candidate = _classify(rel, data_root.relative_to(root), split_dirs, second, classes, unknown_classes,
+                                      file)
         if candidate is not None:
             result.candidates.append(Candidate(file, rel.as_posix(), *candidate))
         else:
@@ -145,8 +153,20 @@ def scan(root: Path, classes: tuple[str, ...] = CLASS_NAMES) -> Scan:
     return result
 
 
+def _dicom_by_content(file: Path) -> bool:
+    """Whether a file is DICOM Part 10 by its first bytes (a symlink or unreadable file is not)."""
+    if file.is_symlink() or not file.is_file():
+        return False
+    try:
+        with open(file, "rb") as fh:
+            return is_dicom(fh.read(MAGIC_OFFSET + 4))
+    except OSError:
+        return False
+
+
 def _classify(rel: Path, data_rel: Path, split_dirs: dict[str, str], second: dict[str, str],
-              classes: tuple[str, ...], unknown_classes: set[str]) -> tuple[str, tuple[str, str] | None]:
+              classes: tuple[str, ...], unknown_classes: set[str],
+              file: Path) -> tuple[str, tuple[str, str] | None]:
     """``(reason ignored, None)`` or ``("", (given_split, label))`` for one file."""
     if any(_hidden(part) for part in rel.parts):
         return "hidden or system file", None
@@ -170,6 +190,7 @@ def _classify(rel: Path, data_rel: Path, split_dirs: dict[str, str], second: dic
     if label not in classes:
         unknown_classes.add(label)
         return f"unknown class folder '{parts[0]}/' (classes: {', '.join(classes)})", None
-    if rel.suffix.lower() not in IMAGE_SUFFIXES:
-        return f"unsupported type '{rel.suffix or 'no suffix'}' (expected {', '.join(IMAGE_SUFFIXES)})", None
+    if rel.suffix.lower() not in IMAGE_SUFFIXES and not _dicom_by_content(file):
+        return (f"unsupported type '{rel.suffix or 'no suffix'}' (expected {', '.join(IMAGE_SUFFIXES)}, "
+                "or a DICOM file by content)"), None
     return "", (split, label)

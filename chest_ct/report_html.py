@@ -25,7 +25,7 @@ SECTIONS = (
     ("summary", "Summary and decision"), ("threshold", "Threshold and how it was chosen"),
     ("metrics", "Metrics with 95% intervals"), ("curves", "ROC and precision-recall"),
     ("confusion", "Confusion matrices"), ("calibration", "Calibration"),
-    ("shortcut", "Shortcut audit"), ("gradcam", "Grad-CAM gallery"), ("excluded", "Images kept out of the score"),
+    ("shortcut", "Shortcut audit"), ("guard", "Out-of-distribution guard"), ("gradcam", "Grad-CAM gallery"), ("excluded", "Images kept out of the score"),
     ("model-card", "Model card"),
 )
 UNITS = (("per_group", "per picture (each duplicate group once)"), ("per_image", "per image"))
@@ -179,6 +179,24 @@ def _shortcut(c: ReportContent) -> str:
             + _table(["scorer", "ROC AUC", ""], rows))
 
 
+def _guard(c: ReportContent) -> str:
+    g = c.report.get("guard")
+    if not g:
+        return "<p class='muted'>This model has no out-of-distribution guard (exported before it existed).</p>"
+    verdict = [(g["meets_accept_target"], f"accepts {g['test_accepted']} of {g['test_images']} test CT images "
+                f"({g['test_accept_rate']:.1%}, target {g['min_accept_rate']:.0%})"),
+               (g["meets_reject_target"], f"rejects {g['foreign_rejected']} of {g['foreign_images']} foreign images "
+                f"({g['foreign_reject_rate']:.1%}, target {g['min_reject_rate']:.0%})")]
+    rows = [[e(name), int(v["images"]), int(v["rejected"]), f"{v['reject_rate']:.1%}"]
+            for name, v in sorted(g["per_category"].items())]
+    return ("".join(f"<div class='{'good' if ok else 'bad'}'>The guard {e(text)}.</div>" for ok, text in verdict)
+            + f"<p>An image whose <code>ood_score</code> is over {_num(g['threshold'])} is answered "
+            "<code>unsupported-input</code> by the server instead of a label. The foreign set is fixed "
+            "(chest_ct/foreign.py): natural photos, noise, solid colours, gradients, text, CT windowed for bone, "
+            "flipped and inverted CT.</p>"
+            + _table(["foreign category", "images", "rejected", "reject rate"], rows))
+
+
 def _gallery(c: ReportContent, card: ModelCard) -> str:
     grid = "x".join(str(n) for n in c.heatmap_grid) or "?"
     out = ("<div class='notice'>This model's VGG16 base has random weights (base_weights=none): its last conv layer "
@@ -237,7 +255,7 @@ def render(c: ReportContent, card: ModelCard) -> str:
         "summary": _summary(c, card), "threshold": _threshold(c), "metrics": _metrics(c),
         "curves": _plots(c, ["roc_curve", "precision_recall_curve"]),
         "confusion": _plots(c, ["confusion_matrix_per_group", "confusion_matrix_per_image"]),
-        "calibration": _calibration(c), "shortcut": _shortcut(c), "gradcam": _gallery(c, card),
+        "calibration": _calibration(c), "shortcut": _shortcut(c), "guard": _guard(c), "gradcam": _gallery(c, card),
         "excluded": _excluded(c), "model-card": _model_card(card),
     }
     title = f"chest-ct evaluation: {card.model_name} version {card.registered_version}"

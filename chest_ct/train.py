@@ -1,9 +1,10 @@
-"""The pipeline's train step: fit, choose the threshold out-of-fold, export, log to MLflow.
+"""The pipeline's train step: fit, choose the threshold out-of-fold, fit the guard, export, log to MLflow.
 
-The fitting itself is :mod:`chest_ct.fitting`, the threshold :mod:`chest_ct.threshold`;
-this module wires them to the dataset artifact, MLflow and the exported model, which
-carries the threshold and the record of every image it was fitted or early-stopped
-on (:mod:`chest_ct.seen_images`).
+The fitting itself is :mod:`chest_ct.fitting`, the threshold :mod:`chest_ct.threshold`,
+the out-of-distribution guard :mod:`chest_ct.ood`; this module wires them to the
+dataset artifact, MLflow and the exported model, which carries the threshold, the
+guard, the DICOM window and the record of every image it was fitted or
+early-stopped on (:mod:`chest_ct.seen_images`).
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from chest_ct.determinism import seed_everything
 from chest_ct.export import export_saved_model, read_metadata, write_metadata
 from chest_ct.fitting import FINE_TUNED, Examples, TrainResult, fit_classifier, head_fit_predict
 from chest_ct.model import image_size_of
+from chest_ct.ood import Guard, block_features, check_quantile, fit_guard
 from chest_ct.records import FITTING_ROLES, TRAIN, VALID, Manifest
 from chest_ct.seen_images import SEEN_FILE, write_seen
 from chest_ct.threshold import ThresholdChoice, check_target, out_of_fold_threshold
+from chest_ct.window import LUNG_WINDOW, Window
 
 log = logging.getLogger(__name__)
 
@@ -46,21 +49,27 @@ def train_and_export(
     extra_artifacts: dict[str, Path] | None = None,
     target_sensitivity: float = defaults.TARGET_SENSITIVITY,
     threshold_folds: int = defaults.THRESHOLD_FOLDS,
+    window: Window = LUNG_WINDOW,
+    ood_quantile: float = defaults.OOD_QUANTILE,
     **hyper: Any,
 ) -> str:
-    """Open an MLflow run, train, choose the threshold, export; return the run id.
+    """Open an MLflow run, train, choose the threshold, fit the guard, export; return the run id.
 
     ``hyper`` takes :func:`chest_ct.fitting.fit_classifier`'s keyword arguments (epochs, batch_size, seed, ...).
+    ``window``: how DICOM slices are shown to the model (training and the exported ``serve_hu``).
+    ``ood_quantile``: the share of in-distribution images the guard is calibrated to accept.
     """
     manifest = Manifest.load(dataset_dir)
     check_class_order(manifest)
     check_target(target_sensitivity)
+    check_quantile(ood_quantile)
     # Seeded before loading: layers draw their random-state seeds when they are created.
     seed_everything(hyper.get("seed", defaults.SEED), hyper.get("deterministic", defaults.DETERMINISTIC))
     model = keras.models.load_model(base_model_file)
     train, valid = Examples.of_role(manifest, TRAIN), Examples.of_role(manifest, VALID)
     params = {**hyper, "target_sensitivity": target_sensitivity, "threshold_folds": threshold_folds,
               "image_size": image_size_of(model), "dataset_fingerprint": manifest.fingerprint,
+              "window_level": window.level, "window_width": window.width, "ood_quantile": ood_quantile,
               "train_images": len(train), "valid_images": len(valid),
               "train_groups": len(set(train.groups)), "valid_groups": len(set(valid.groups))}
     run_id = registry.start_run(experiment, params, tags)
@@ -72,7 +81,7 @@ def train_and_export(
 
     # Inside the run's context, so a failure marks the MLflow run FAILED instead of leaving it FINISHED.
     with mlflow.start_run(run_id=run_id):
-        result = fit_classifier(model, train, valid, on_epoch=on_epoch, **hyper)
+        result = fit_classifier(model, train, valid, on_epoch=on_epoch, window=window, **hyper)
         choice = out_of_fold_threshold(
             [*train.labels, *valid.labels], [*train.groups, *valid.groups],
             head_fit_predict(result, train, valid, batch_size=hyper.get("batch_size", defaults.BATCH_SIZE),
@@ -82,17 +91,24 @@ def train_and_export(
         if result.exported_stage == FINE_TUNED:
             choice.note = "; ".join(filter(None, [choice.note,
                                                   "folds fit the head only, the exported model is fine-tuned"]))
-        summary = _export(result, choice, manifest, out_dir, run_id)
+        # The guard reads the exported model's own base (fine-tuned or not), on the clean fitting images.
+        guard = fit_guard(block_features(result.model, [*train.files, *valid.files], image_size_of(model),
+                                         hyper.get("batch_size", defaults.BATCH_SIZE), window),
+                          [*train.groups, *valid.groups], quantile=ood_quantile)
+        summary = _export(result, choice, manifest, out_dir, run_id, guard, window)
         mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                             "best_val_loss": result.best_val_loss, "threshold": choice.threshold,
                             "threshold_fold_spread": choice.spread,
                             "oof_brier_per_image": choice.calibration["per_image"]["brier"],
                             "oof_ece_per_image": choice.calibration["per_image"]["ece"],
-                            "oof_brier_per_group": choice.calibration["per_group"]["brier"]})
+                            "oof_brier_per_group": choice.calibration["per_group"]["brier"],
+                            "ood_threshold": guard.threshold,
+                            "ood_out_of_fold_accepted": guard.calibration["out_of_fold_accepted"]})
         mlflow.set_tags({"exported_stage": result.exported_stage, "threshold_source": choice.source()[:5000]})
         mlflow.log_dict({**summary, "history": result.history, "fine_tune_history": result.fine_tune_history},
                         "training/history.json")
         mlflow.log_dict(choice.to_dict(), "training/threshold.json")
+        mlflow.log_dict(guard.metadata(), "training/ood_guard.json")
         mlflow.log_artifact(str(Path(out_dir) / SEEN_FILE), "training")
         for name, path in (extra_artifacts or {}).items():
             mlflow.log_artifact(str(path), f"training/{name}")
@@ -101,14 +117,15 @@ def train_and_export(
 
 
 def _export(result: TrainResult, choice: ThresholdChoice, manifest: Manifest, out_dir: Path,
-            run_id: str) -> dict[str, Any]:
+            run_id: str, guard: Guard, window: Window) -> dict[str, Any]:
     """Write the SavedModel, its fitted-image record and metadata; return the training summary."""
     summary = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                "best_val_loss": result.best_val_loss, "exported_stage": result.exported_stage,
                "train_examples": result.train_examples, "threshold": choice.threshold,
                "threshold_fold_thresholds": choice.fold_thresholds}
     export_saved_model(result.model, out_dir, {"mlflow_run_id": run_id, "dataset_fingerprint": manifest.fingerprint,
-                                               "threshold": choice.threshold, "threshold_source": choice.source()})
+                                               "threshold": choice.threshold, "threshold_source": choice.source()},
+                       guard=guard, window=window)
     seen = write_seen(out_dir, (r for r in manifest.records if r.split in FITTING_ROLES))
     metadata = read_metadata(out_dir)
     metadata.update(fitted_images=seen, training={k: summary[k] for k in ("best_epoch", "best_val_loss",

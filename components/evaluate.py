@@ -53,6 +53,8 @@ def evaluate(
     for name in ("scored_images", "scored_groups", "excluded_images", "threshold"):
         test_metrics.log_metric(name, result.report[name])
     test_metrics.log_metric("shortcut_statistics_auc", result.report["shortcut"]["statistics_auc"])
+    for name in ("test_accept_rate", "foreign_reject_rate"):  # the out-of-distribution guard
+        test_metrics.log_metric(f"guard_{name}", result.report["guard"][name])
     fpr, tpr, thresholds = (list(col) for col in zip(*result.roc(), strict=True))
     test_roc_confusion.log_roc_curve(fpr, tpr, thresholds)  # per picture, as the blessing
     test_roc_confusion.log_confusion_matrix(list(CLASS_NAMES), result.confusion())

@@ -15,6 +15,8 @@ def ingest(
     seed: int,
     valid_fraction: float,
     test_fraction: float,
+    window_level: float,
+    window_width: float,
     s3_endpoint_url: str,
 ) -> NamedTuple("IngestOutputs", [("fingerprint", str), ("images", int)]):
     """Fetch, validate, de-duplicate and split the dataset; report where every file went."""
@@ -30,15 +32,21 @@ def ingest(
     from chest_ct.ingest_report import report_markdown
     from chest_ct.records import DatasetError
     from chest_ct.sources import DataSourceError, fetch_dataset
+    from chest_ct.window import Window
 
     show_progress()
+    try:
+        window = Window(level=window_level, width=window_width)
+    except ValueError as err:
+        raise SystemExit(f"ingest: {err}") from None
     with tempfile.TemporaryDirectory() as tmp:
         # A data problem ends in one line naming the URI or file and what was expected, no traceback.
         try:
             fetched = fetch_dataset(data_uri, Path(tmp), s3_endpoint_url=s3_endpoint_url or None)
             report = build_dataset(fetched.root, Path(dataset.path), seed=seed, valid_fraction=valid_fraction,
                                    test_fraction=test_fraction, source_uri=data_uri,
-                                   refused=[asdict(r) for r in fetched.refused])
+                                   refused=[asdict(r) for r in fetched.refused],
+                                   window=window)
         except (DataSourceError, DatasetError, DuplicateChainError) as err:
             raise SystemExit(f"ingest: {err}") from None
     Path(validation_report.path).write_text(json.dumps(report, indent=2))

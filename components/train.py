@@ -22,15 +22,20 @@ def train(
     deterministic: bool,
     target_sensitivity: float,
     threshold_folds: int,
+    window_level: float,
+    window_width: float,
+    ood_quantile: float,
     experiment: str,
     pipeline_run: str,
 ) -> NamedTuple("TrainOutputs", [("mlflow_run_id", str)]):
-    """Train the head on the frozen base, choose the threshold out-of-fold, log to MLflow, export the SavedModel."""
+    """Train the head on the frozen base, choose the threshold out-of-fold, fit the out-of-distribution guard,
+    log to MLflow, export the SavedModel (DICOM slices through the window in its ``serve_hu`` signature)."""
     from pathlib import Path
 
     from chest_ct import show_progress
     from chest_ct.devices import check_gpus, expected_gpus
     from chest_ct.train import train_and_export
+    from chest_ct.window import Window
 
     show_progress()
     check_gpus(expected_gpus())  # GPUs requested but invisible to TensorFlow: stop now, not after hours on CPU
@@ -39,6 +44,7 @@ def train(
         experiment=experiment, tags={"kfp_run": pipeline_run} if pipeline_run else None,
         extra_artifacts={"validation_report.json": Path(validation_report.path)},
         target_sensitivity=target_sensitivity, threshold_folds=threshold_folds,
+        window=Window(level=window_level, width=window_width), ood_quantile=ood_quantile,
         epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, augment_copies=augment_copies,
         patience=patience, seed=seed, fine_tune_epochs=fine_tune_epochs, deterministic=deterministic,
     )

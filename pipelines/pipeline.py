@@ -49,6 +49,9 @@ def chest_ct_pipeline(
     patience: int = defaults.PATIENCE,
     valid_fraction: float = defaults.VALID_FRACTION,
     test_fraction: float = defaults.TEST_FRACTION,
+    window_level: float = defaults.WINDOW_LEVEL,
+    window_width: float = defaults.WINDOW_WIDTH,
+    ood_quantile: float = defaults.OOD_QUANTILE,
     min_auc: float = defaults.MIN_AUC,
     min_sensitivity: float = defaults.MIN_SENSITIVITY,
     min_specificity: float = defaults.MIN_SPECIFICITY,
@@ -68,6 +71,7 @@ def chest_ct_pipeline(
 ) -> PipelineOutputs:
     # The source behind a fixed URI changes between scheduled runs: never reuse a cached download.
     ingest_task = ingest(data_uri=data_uri, seed=seed, valid_fraction=valid_fraction, test_fraction=test_fraction,
+                         window_level=window_level, window_width=window_width,
                          s3_endpoint_url=s3_endpoint_url).set_display_name("ingest")
     configure(ingest_task, "ingest", cache=False, retries=INGEST_RETRIES)
     base_task = base_model(image_size=image_size, base_weights=base_weights, seed=seed).set_display_name("base model")
@@ -77,7 +81,8 @@ def chest_ct_pipeline(
         validation_report=ingest_task.outputs["validation_report"], epochs=epochs, batch_size=batch_size,
         learning_rate=learning_rate, augment_copies=augment_copies, fine_tune_epochs=fine_tune_epochs,
         patience=patience, seed=seed, deterministic=deterministic, target_sensitivity=target_sensitivity,
-        threshold_folds=threshold_folds, experiment=experiment, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+        threshold_folds=threshold_folds, window_level=window_level, window_width=window_width,
+        ood_quantile=ood_quantile, experiment=experiment, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
     ).set_display_name("train")
     configure(train_task, "train", gpu=True)
     eval_task = evaluate(

@@ -54,6 +54,11 @@ def pixels_kind(height: int, width: int) -> Hashable:
     return ("pixels", height, width)
 
 
+def hu_kind(height: int, width: int) -> Hashable:
+    """CT slices in Hounsfield units (DICOM), merged with slices of the same size."""
+    return ("hu", height, width)
+
+
 @dataclass(eq=False)
 class _Job:
     """One chunk of a request: ``size`` consecutive images starting at ``offset``."""
@@ -61,7 +66,7 @@ class _Job:
     work: _Work
     index: int
     offset: int
-    payload: Any  # list[bytes] or float32 ndarray [size, H, W, 3]
+    payload: Any  # list[bytes], float32 ndarray [size, H, W, 3] (pixels) or [size, H, W] (HU)
     size: int
     pixels: int
     enqueued: float = 0.0
@@ -91,7 +96,7 @@ class _Work:
 
 
 class BatchingEngine:
-    """``await engine.run(kind, payload, pixels, request_id=..., deadline=...)`` -> float32 probabilities."""
+    """``await engine.run(kind, payload, pixels, request_id=..., deadline=...)`` -> one output record per image."""
 
     def __init__(self, runner: SavedModelRunner, *, model_name: str, max_batch_size: int, max_call_pixels: int,
                  max_wait_s: float = 0.0, call_timeout_s: float = 60.0, seconds_per_image: float = 0.1):
@@ -349,4 +354,5 @@ class BatchingEngine:
     def _call(self, kind: Hashable, payloads: list[Any]) -> np.ndarray:
         if kind == IMAGES:
             return self._runner.predict_images([b for p in payloads for b in p])
-        return self._runner.predict_pixels(payloads[0] if len(payloads) == 1 else np.concatenate(payloads))
+        batch = payloads[0] if len(payloads) == 1 else np.concatenate(payloads)
+        return self._runner.predict_hu(batch) if kind[0] == "hu" else self._runner.predict_pixels(batch)

@@ -12,9 +12,10 @@ most 200 characters. Tensor data arrives in three forms:
 
 Each step sizes its work by the declared shape first, so no request makes the
 server build more than the data it declared: BYTES splitting stops at N+1
-elements, binary and gRPC pixel data go straight to float32. A new input (say
-a DICOM file) is one more ``InputSpec`` whose parser returns an ``ImageBatch``
-or ``PixelBatch``; image files are checked with Pillow in ``serving.images``.
+elements, binary and gRPC pixel data go straight to float32. A new input is one
+more ``InputSpec`` whose parser returns a batch: image files (``ImageBatch``) are
+checked with Pillow in ``serving.images``, DICOM files (``DicomBatch``) with
+pydicom in ``serving.dicom``.
 """
 
 from __future__ import annotations
@@ -46,7 +47,14 @@ class PixelBatch:
     pixels: np.ndarray  # float32 [N, H, W, 3], checked
 
 
-Batch = ImageBatch | PixelBatch
+@dataclass(frozen=True)
+class DicomBatch:
+    """DICOM files (CT slices), not yet parsed."""
+
+    encoded: list[bytes]
+
+
+Batch = ImageBatch | PixelBatch | DicomBatch
 
 
 @dataclass(frozen=True)
@@ -62,9 +70,18 @@ class InputSpec:
 
 
 def parse_image_input(inp: InferInput, config: ServerConfig) -> ImageBatch:
+    return ImageBatch(_files(inp, config, "encoded PNG/JPEG files", "the base64-encoded image file"))
+
+
+def parse_dicom_input(inp: InferInput, config: ServerConfig) -> DicomBatch:
+    return DicomBatch(_files(inp, config, "DICOM files", "the base64-encoded DICOM file"))
+
+
+def _files(inp: InferInput, config: ServerConfig, what: str, element: str) -> list[bytes]:
+    """The elements of a BYTES input of N files, each non-empty, at most N+1 split out of binary data."""
     where = f"input '{inp.name}'"
     if inp.datatype != "BYTES":
-        raise InvalidInput(f"{where}: datatype must be BYTES (encoded PNG/JPEG files), got {clip(inp.datatype)}")
+        raise InvalidInput(f"{where}: datatype must be BYTES ({what}), got {clip(inp.datatype)}")
     shape = _shape(inp, where)
     if len(shape) != 1:
         raise InvalidInput(f"{where}: shape must be [N] (one encoded file per element), got {clip(shape)}")
@@ -78,17 +95,17 @@ def parse_image_input(inp: InferInput, config: ServerConfig) -> ImageBatch:
             raise InvalidInput(f"{where}: 'data' must be a list of base64 strings")
         if len(data) != n:  # before decoding anything
             raise InvalidInput(f"{where}: shape {clip(shape)} says {n} element(s) but data holds {len(data)}")
-        elements = [_element_bytes(item, i, where) for i, item in enumerate(data)]
+        elements = [_element_bytes(item, i, where, element) for i, item in enumerate(data)]
     if len(elements) != n:
         raise InvalidInput(f"{where}: shape {clip(shape)} says {n} element(s) but data holds "
                            f"{'more' if len(elements) > n else len(elements)}")
-    for i, element in enumerate(elements):
-        if not element:
+    for i, value in enumerate(elements):
+        if not value:
             raise InvalidInput(f"{where}: element {i} is empty")
-    return ImageBatch(elements)
+    return elements
 
 
-def _element_bytes(item: Any, i: int, where: str) -> bytes:
+def _element_bytes(item: Any, i: int, where: str, element: str = "the base64-encoded image file") -> bytes:
     if isinstance(item, (bytes, bytearray)):  # gRPC bytes_contents: already raw
         return bytes(item)
     if isinstance(item, str):  # REST JSON: base64 text
@@ -96,7 +113,7 @@ def _element_bytes(item: Any, i: int, where: str) -> bytes:
             return base64.b64decode(item, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise InvalidInput(f"{where}: element {i} is not valid base64 ({one_line(str(exc))}); in JSON each element "
-                               "must be the base64-encoded image file") from exc
+                               f"must be {element}") from exc
     raise InvalidInput(f"{where}: element {i} must be a base64 string, got {type(item).__name__}")
 
 
@@ -177,6 +194,8 @@ INPUTS: tuple[InputSpec, ...] = (
     InputSpec("image", ("BYTES",), (-1,), "N encoded PNG/JPEG files (base64 in JSON)", parse_image_input),
     InputSpec("pixels", ("FP32", "UINT8"), (-1, -1, -1, 3), "RGB values 0-255, any height and width",
               parse_pixels_input),
+    InputSpec("dicom", ("BYTES",), (-1,), "N DICOM CT slices (Part 10 files, base64 in JSON), all of one size",
+              parse_dicom_input),
 )
 INPUTS_HELP = "send exactly one input: " + " or ".join(
     f"'{s.name}' ({' or '.join(s.datatypes)}, shape {list(s.shape)}: {s.help})" for s in INPUTS)
@@ -195,7 +214,8 @@ def parse_inputs(request: InferRequest, config: ServerConfig) -> Batch:
     if len(set(names)) != len(names):
         raise InvalidInput(f"input {clip(names[0])} is given more than once; {INPUTS_HELP}")
     if len(inputs) > 1:
-        raise InvalidInput(f"{' and '.join(repr(n) for n in names)} were both given; {INPUTS_HELP}")
+        raise InvalidInput(f"{' and '.join(repr(n) for n in names)} were {'both' if len(names) == 2 else 'all'} "
+                           f"given; {INPUTS_HELP}")
     batch = specs[inputs[0].name].parse(inputs[0], config)
     request.inputs = []  # queued requests keep only the model input, not the decoded body
     return batch

@@ -18,6 +18,7 @@ from typing import Any
 METADATA_FILE = "model_metadata.json"
 BYTES_SIGNATURE = "serving_default"
 PIXELS_SIGNATURE = "serve_pixels"
+HU_SIGNATURE = "serve_hu"
 
 
 class ModelLoadError(RuntimeError):
@@ -36,6 +37,10 @@ class ModelInfo:
     threshold_source: str = ""
     #: The MLflow run that produced the model; empty for models exported outside a pipeline run.
     mlflow_run_id: str = ""
+    #: The out-of-distribution guard's threshold on ``ood_score`` (the decision itself is in the graph).
+    ood_threshold: float = 0.0
+    #: The window ``serve_hu`` applies to Hounsfield units (level, width).
+    window: tuple[float, float] = (-600.0, 1500.0)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -108,6 +113,12 @@ def _model_info(meta: dict[str, Any], path: Path) -> ModelInfo:
     run_id = meta.get("mlflow_run_id") or ""
     if not isinstance(run_id, str):
         raise fail("mlflow_run_id", f"must be a string, got {run_id!r}")
+    ood, window = meta.get("ood"), meta.get("window")
+    if not isinstance(ood, dict) or not _number(ood.get("threshold")):
+        raise fail("ood", f"must hold the out-of-distribution guard's numeric 'threshold' (a model exported before "
+                          f"the guard existed: re-export it), got {ood!r}")
+    if not isinstance(window, dict) or not _number(window.get("level")) or not _number(window.get("width")):
+        raise fail("window", f"must hold the numeric 'level' and 'width' (HU) of the DICOM window, got {window!r}")
     known = {"class_names", "positive_class", "image_size", "threshold", "threshold_source", "mlflow_run_id"}
     return ModelInfo(
         class_names=(names[0], names[1]),
@@ -117,5 +128,11 @@ def _model_info(meta: dict[str, Any], path: Path) -> ModelInfo:
         threshold=float(threshold),
         threshold_source=str(meta.get("threshold_source") or ""),
         mlflow_run_id=run_id,
+        ood_threshold=float(ood["threshold"]),
+        window=(float(window["level"]), float(window["width"])),
         extra={k: v for k, v in meta.items() if k not in known},
     )
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

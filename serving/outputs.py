@@ -20,12 +20,18 @@ from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse,
 from serving.errors import clip
 
 
+#: The label of an image the out-of-distribution guard rejected, whatever its probability.
+UNSUPPORTED_INPUT = "unsupported-input"
+
+
 @dataclass(frozen=True)
 class Prediction:
     """What the model says about N images."""
 
     probability: np.ndarray  # float32 [N]: probability of the positive class
-    label: list[str]  # the class each probability falls in at the model's threshold
+    label: list[str]  # the class at the model's threshold, or UNSUPPORTED_INPUT where the guard rejected the image
+    ood_score: np.ndarray  # float32 [N]: the guard's distance from the training images
+    in_distribution: np.ndarray  # bool [N]: ood_score <= the model's ood_threshold
 
 
 @dataclass(frozen=True)
@@ -43,7 +49,10 @@ class OutputSpec:
 
 OUTPUTS: tuple[OutputSpec, ...] = (
     OutputSpec("probability", "FP32", (-1,), "probability of adenocarcinoma", lambda p: p.probability),
-    OutputSpec("label", "BYTES", (-1,), "class at the model's threshold", lambda p: p.label),
+    OutputSpec("label", "BYTES", (-1,), f"class at the model's threshold, or '{UNSUPPORTED_INPUT}'",
+               lambda p: p.label),
+    OutputSpec("ood_score", "FP32", (-1,), "out-of-distribution score", lambda p: p.ood_score),
+    OutputSpec("in_distribution", "BOOL", (-1,), "false: the guard rejected the image", lambda p: p.in_distribution),
 )
 _SPECS = {spec.name: spec for spec in OUTPUTS}
 _OUTPUTS_HELP = ", ".join(f"'{s.name}' ({s.datatype} {list(s.shape)}: {s.help})" for s in OUTPUTS)

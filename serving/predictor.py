@@ -3,8 +3,11 @@
 ``ChestCtModel`` is what ``kserve.ModelServer`` serves over REST and gRPC. Its
 ``predict`` parses the request (``serving.inputs``, ``serving.outputs``), asks
 admission for room (``serving.admission``), checks image files with Pillow
-(``serving.images``), runs the SavedModel through the batching engine
-(``serving.batching``) within the request's deadline and builds the response.
+(``serving.images``) or reads DICOM files into Hounsfield units with pydicom
+(``serving.dicom``), runs the SavedModel through the batching engine
+(``serving.batching``) within the request's deadline, records what it saw for
+drift monitoring (``serving.drift``) and builds the response. An image the
+SavedModel's out-of-distribution guard rejects is labelled ``unsupported-input``.
 """
 
 from __future__ import annotations
@@ -24,15 +27,16 @@ from kserve.logging import logger
 from kserve.protocol.infer_type import InferRequest, InferResponse, to_http_parameters
 from PIL import Image
 
-from serving import context, metrics
+from serving import context, drift, metrics
 from serving.admission import Admission
-from serving.batching import IMAGES, BatchingEngine, pixels_kind
+from serving.batching import IMAGES, BatchingEngine, hu_kind, pixels_kind
 from serving.config import ServerConfig
+from serving.dicom import DicomError, DicomSlice, read_header, to_hu
 from serving.errors import DeadlineExceeded, clip, new_id, safe_id
 from serving.images import image_pixels, verify_image
-from serving.inputs import INPUTS, ImageBatch, parse_inputs
+from serving.inputs import INPUTS, DicomBatch, ImageBatch, parse_inputs
 from serving.model_dir import ModelInfo, ModelLoadError, check_model_dir, read_model_info
-from serving.outputs import OUTPUTS, Prediction, build_response, parse_outputs
+from serving.outputs import OUTPUTS, UNSUPPORTED_INPUT, Prediction, build_response, parse_outputs
 from serving.runner import ModelInputError, SavedModelRunner
 
 #: Requests larger than this are parsed in the one parser thread, so at most one large body at a time is
@@ -78,24 +82,30 @@ class ChestCtModel(Model):
                                      max_call_pixels=cfg.max_call_pixels, max_wait_s=cfg.max_batch_wait_s,
                                      call_timeout_s=cfg.model_call_timeout_s, seconds_per_image=seconds_per_image)
         self.admission = Admission(cfg, self.engine, self.name)
+        drift.create_series(self.name, info.ood_threshold)
         self.ready = True
         if runner.tf_threads:
             logger.info("TensorFlow thread pools sized to the container's CPU limit: %d", runner.tf_threads)
-        logger.info("Loaded %s (version %r, image size %d, threshold %.4f, %.0f ms per image)", path,
-                    info.version or "unversioned", info.image_size, info.threshold, 1000 * seconds_per_image)
+        logger.info("Loaded %s (version %r, image size %d, threshold %.4f, ood threshold %.4f, %.0f ms per image)",
+                    path, info.version or "unversioned", info.image_size, info.threshold, info.ood_threshold,
+                    1000 * seconds_per_image)
         return self.ready
 
     @staticmethod
     def _warm_up(runner: SavedModelRunner, info: ModelInfo) -> float:
-        """Run both signatures (traces them, proves the model answers sensibly); return seconds per image."""
+        """Run every signature (traces them, proves the model answers sensibly); return seconds per image."""
         rgb = np.linspace(0, 255, info.image_size * info.image_size * 3).reshape(info.image_size, info.image_size, 3)
         buffer = io.BytesIO()
         Image.fromarray(rgb.astype(np.uint8)).save(buffer, "PNG")
-        for name, probs in (("serving_default", runner.predict_images([buffer.getvalue()])),
-                            ("serve_pixels", runner.predict_pixels(rgb[None].astype(np.float32)))):
-            if probs.shape != (1,) or not np.all(np.isfinite(probs)) or not 0.0 <= float(probs[0]) <= 1.0:
-                raise ModelLoadError(f"warm-up call of signature '{name}' returned {probs!r}; expected one "
-                                     "probability in [0, 1]")
+        hu = np.linspace(-1000, 400, info.image_size * info.image_size, dtype=np.float32)
+        for name, out in (("serving_default", runner.predict_images([buffer.getvalue()])),
+                          ("serve_pixels", runner.predict_pixels(rgb[None].astype(np.float32))),
+                          ("serve_hu", runner.predict_hu(hu.reshape(1, info.image_size, info.image_size)))):
+            probs, scores = out["probability"], out["ood_score"]
+            if out.shape != (1,) or not np.all(np.isfinite(probs)) or not 0.0 <= float(probs[0]) <= 1.0 \
+                    or not np.all(np.isfinite(scores)):
+                raise ModelLoadError(f"warm-up call of signature '{name}' returned {out!r}; expected one "
+                                     "probability in [0, 1] and a finite ood_score")
         started = time.monotonic()
         runner.predict_images([buffer.getvalue()])
         return max(1e-4, time.monotonic() - started)
@@ -125,6 +135,9 @@ class ChestCtModel(Model):
             "negative_class": info.negative_class, "threshold": info.threshold,
             "threshold_source": info.threshold_source, "image_size": info.image_size,
             "pixels_datatypes": "UINT8,FP32", "image_formats": "PNG,JPEG",
+            "dicom": "DICOM Part 10 CT slices, one frame, one size per request",
+            "ood_threshold": info.ood_threshold, "unsupported_label": UNSUPPORTED_INPUT,
+            "window_level": info.window[0], "window_width": info.window[1],
             "max_images": cfg.max_images, "max_image_pixels": cfg.max_image_pixels,
             "max_request_bytes": cfg.max_request_bytes, "deadline_ms": cfg.deadline_ms,
         }
@@ -186,10 +199,15 @@ class ChestCtModel(Model):
         else:
             batch = parse_inputs(request, cfg)
         payload: Any
+        slices: list[DicomSlice] = []
         if isinstance(batch, ImageBatch):
             encoded = batch.encoded
             name, kind, payload = "image", IMAGES, encoded
             pixels = [image_pixels(b, i, cfg.max_image_pixels) for i, b in enumerate(encoded)]
+        elif isinstance(batch, DicomBatch):  # headers parsed off the event loop: pydicom reads the whole file
+            slices = await loop.run_in_executor(None, _dicom_headers, batch.encoded, cfg.max_image_pixels)
+            name, kind, payload = "dicom", hu_kind(slices[0].rows, slices[0].columns), None
+            pixels = [s.pixels for s in slices]
         else:
             n, height, width, _ = batch.pixels.shape
             name, kind, payload, pixels = "pixels", pixels_kind(height, width), batch.pixels, [height * width] * n
@@ -200,26 +218,66 @@ class ChestCtModel(Model):
                                       scope.time_left())
         if isinstance(batch, ImageBatch):
             await loop.run_in_executor(None, _verify_all, batch.encoded)
+        elif slices:
+            payload = await loop.run_in_executor(None, _hu_all, slices)
+            del slices
         admission.queued(scope.ticket)
         try:
-            probs = await engine.run(kind, payload, pixels, request_id=log_id, deadline=scope.deadline,
-                                     first_chunk=first_chunk)
+            result = await engine.run(kind, payload, pixels, request_id=log_id, deadline=scope.deadline,
+                                      first_chunk=first_chunk)
         except TimeoutError:
             raise DeadlineExceeded(scope.budget_s, "while the request waited for or ran in the model") from None
         except ModelInputError as exc:
             raise InvalidInput(f"input '{name}': {exc}") from exc
-        probs = np.asarray(probs, dtype=np.float32).reshape(-1)
-        prediction = Prediction(probs, [info.label_for(float(p)) for p in probs])
-        # gRPC parameters carry only bool/int/string, so the threshold travels as text there.
-        threshold = str(info.threshold) if request.from_grpc else info.threshold
+        prediction = self._prediction(result)
+        drift.observe(self.name, prediction.probability, prediction.ood_score, prediction.in_distribution)
+        # gRPC parameters carry only bool/int/string, so thresholds travel as text there.
+        threshold, ood_threshold = info.threshold, info.ood_threshold
+        if request.from_grpc:
+            threshold, ood_threshold = str(threshold), str(ood_threshold)
         return build_response(request, outputs, prediction, model_name=self.name, model_version=info.version,
                               response_id=response_id,
-                              parameters={"threshold": threshold, "positive_class": info.positive_class})
+                              parameters={"threshold": threshold, "positive_class": info.positive_class,
+                                          "ood_threshold": ood_threshold})
+
+    def _prediction(self, result: np.ndarray) -> Prediction:
+        """The engine's records as outputs; an image outside the training distribution is ``unsupported-input``."""
+        info = self._info()
+        probs = np.asarray(result["probability"], dtype=np.float32).reshape(-1)
+        inside = np.asarray(result["in_distribution"], dtype=np.bool_).reshape(-1)
+        labels = [info.label_for(float(p)) if ok else UNSUPPORTED_INPUT for p, ok in zip(probs, inside, strict=True)]
+        return Prediction(probs, labels, np.asarray(result["ood_score"], dtype=np.float32).reshape(-1), inside)
 
 
 def _verify_all(encoded: list[bytes]) -> None:
     for i, data in enumerate(encoded):
         verify_image(data, i)
+
+
+def _dicom_headers(encoded: list[bytes], max_pixels: int) -> list[DicomSlice]:
+    """Every file's checked header; all slices of a request must share one size (one model input tensor)."""
+    slices = []
+    for i, data in enumerate(encoded):
+        try:
+            slices.append(read_header(data, max_pixels))
+        except DicomError as exc:
+            raise InvalidInput(f"input 'dicom' element {i}: {exc.reason}") from None
+        first = slices[0]
+        if (slices[-1].rows, slices[-1].columns) != (first.rows, first.columns):
+            raise InvalidInput(f"input 'dicom' element {i} is {slices[-1].columns}x{slices[-1].rows} but element 0 "
+                               f"is {first.columns}x{first.rows}; send slices of one size per request")
+    return slices
+
+
+def _hu_all(slices: list[DicomSlice]) -> np.ndarray:
+    """Every slice in Hounsfield units, float32 ``[N, H, W]``."""
+    out = np.empty((len(slices), slices[0].rows, slices[0].columns), np.float32)
+    for i, dicom in enumerate(slices):
+        try:
+            out[i] = to_hu(dicom)
+        except DicomError as exc:
+            raise InvalidInput(f"input 'dicom' element {i}: {exc.reason}") from None
+    return out
 
 
 def _parameters(request: InferRequest) -> dict[str, Any]:

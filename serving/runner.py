@@ -1,7 +1,10 @@
-"""The SavedModel's two signatures as plain, synchronous numpy functions.
+"""The SavedModel's three signatures as plain, synchronous numpy functions.
 
 This is the only module that imports TensorFlow. One call here is one
 SavedModel call: ``serving.batching`` sizes the chunks (by images and pixels).
+Each call returns one record per image (:data:`OUTPUT_DTYPE`: the probability and
+the out-of-distribution guard's ``ood_score`` and ``in_distribution``), a 1-D numpy
+structured array that slices and concatenates like the plain probabilities did.
 TensorFlow's ``InvalidArgumentError`` is the only error treated as the input's
 fault (``ModelInputError``); every other error (out of memory, internal errors)
 propagates as it is.
@@ -17,11 +20,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from serving.model_dir import BYTES_SIGNATURE, PIXELS_SIGNATURE, ModelLoadError
+from serving.model_dir import BYTES_SIGNATURE, HU_SIGNATURE, PIXELS_SIGNATURE, ModelLoadError
 
 BYTES_ARG = "images"
 PIXELS_ARG = "pixels"
+HU_ARG = "hu"
 OUTPUT_KEY = "probability"
+#: One record per image: what every signature returns.
+OUTPUT_DTYPE = np.dtype([("probability", "<f4"), ("ood_score", "<f4"), ("in_distribution", "?")])
 
 #: Packages that ``import tensorflow`` pulls in through Keras only when they happen to be installed
 #: (scikit-learn wrappers, a SciPy sparse check, matplotlib plotting); each such import is guarded by
@@ -39,7 +45,7 @@ class ModelInputError(ValueError):
 
 
 class SavedModelRunner:
-    """Loads the SavedModel and calls ``serving_default`` / ``serve_pixels`` on numpy data."""
+    """Loads the SavedModel and calls ``serving_default`` / ``serve_pixels`` / ``serve_hu`` on numpy data."""
 
     def __init__(self, model_dir: str | Path):
         tf = import_tensorflow()
@@ -55,9 +61,10 @@ class SavedModelRunner:
         signatures = getattr(self._loaded, "signatures", {})
         self._bytes_fn = _signature(signatures, BYTES_SIGNATURE, BYTES_ARG, tf.string, 1, model_dir)
         self._pixels_fn = _signature(signatures, PIXELS_SIGNATURE, PIXELS_ARG, tf.float32, 4, model_dir)
+        self._hu_fn = _signature(signatures, HU_SIGNATURE, HU_ARG, tf.float32, 3, model_dir)
 
     def predict_images(self, encoded: Sequence[bytes]) -> np.ndarray:
-        """Probabilities for encoded PNG/JPEG files (one call)."""
+        """Outputs for encoded PNG/JPEG files (one call)."""
         try:
             return self._call(self._bytes_fn, BYTES_ARG, list(encoded))
         except self._tf.errors.InvalidArgumentError as exc:
@@ -73,16 +80,31 @@ class SavedModelRunner:
         return None
 
     def predict_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """Probabilities for float32 RGB pixels ``[N, H, W, 3]`` in 0..255 (one call)."""
+        """Outputs for float32 RGB pixels ``[N, H, W, 3]`` in 0..255 (one call)."""
         try:
             return self._call(self._pixels_fn, PIXELS_ARG, np.asarray(pixels, dtype=np.float32))
         except self._tf.errors.InvalidArgumentError as exc:
             raise ModelInputError(f"the model rejected the pixels: {_tf_message(exc)}") from exc
 
+    def predict_hu(self, hu: np.ndarray) -> np.ndarray:
+        """Outputs for CT slices in Hounsfield units, float32 ``[N, H, W]`` (one call; the window is in the graph)."""
+        try:
+            return self._call(self._hu_fn, HU_ARG, np.asarray(hu, dtype=np.float32))
+        except self._tf.errors.InvalidArgumentError as exc:
+            raise ModelInputError(f"the model rejected the slices: {_tf_message(exc)}") from exc
+
     def _call(self, fn, arg: str, values) -> np.ndarray:
         dtype = self._tf.string if arg == BYTES_ARG else self._tf.float32
-        out = fn(**{arg: self._tf.constant(values, dtype=dtype)})[OUTPUT_KEY].numpy()
-        return np.asarray(out, dtype=np.float32).reshape(-1)
+        out = fn(**{arg: self._tf.constant(values, dtype=dtype)})
+        columns = {name: np.asarray(out[name].numpy()).reshape(-1) for name in OUTPUT_DTYPE.names}
+        n = len(columns[OUTPUT_KEY])
+        if any(len(c) != n for c in columns.values()):
+            raise RuntimeError(f"the model returned outputs of different lengths: "
+                               f"{ {k: len(c) for k, c in columns.items()} }")
+        records = np.empty(n, dtype=OUTPUT_DTYPE)
+        for name, column in columns.items():
+            records[name] = column
+        return records
 
 
 def import_tensorflow():
@@ -156,9 +178,11 @@ def _signature(signatures, name: str, arg: str, dtype, rank: int, model_dir):
     if spec is None or spec.dtype != dtype or spec.shape.rank != rank:
         raise ModelLoadError(f"signature '{name}' of {model_dir} must take '{arg}' as {dtype.name} "
                              f"of rank {rank}, but takes {kwargs}")
-    if OUTPUT_KEY not in fn.structured_outputs:
-        raise ModelLoadError(f"signature '{name}' of {model_dir} must return '{OUTPUT_KEY}', "
-                             f"returns {sorted(fn.structured_outputs)}")
+    missing = [key for key in OUTPUT_DTYPE.names if key not in fn.structured_outputs]
+    if missing:
+        raise ModelLoadError(f"signature '{name}' of {model_dir} must return {list(OUTPUT_DTYPE.names)}, "
+                             f"returns {sorted(fn.structured_outputs)} (a model exported before the "
+                             "out-of-distribution guard existed: re-export it)")
     return fn
 
 

@@ -30,14 +30,29 @@ RUN_ID = "test-run-0123456789"
 
 @cache
 def exported_model(root: str) -> Path:
-    """Export a tiny random-weight model once per test process under ``root``; return its directory."""
+    """Export a tiny random-weight model once per test process under ``root``; return its directory.
+
+    Its out-of-distribution guard is fitted on :func:`ct_like` slices in the lung window, so
+    such slices are in distribution, and photos, flat images or random colours are not.
+    """
     from chest_ct.export import export_saved_model
     from chest_ct.model import build_model
+    from chest_ct.ood import block_features, fit_guard
 
     out = Path(root) / "chest-ct-model"
     if not (out / "saved_model.pb").is_file():
-        export_saved_model(build_model(IMAGE_SIZE, "none"), out,
-                           {"mlflow_run_id": RUN_ID, "dataset_fingerprint": "sha256:test"})
+        import keras
+
+        keras.utils.set_random_seed(7)
+        model = build_model(IMAGE_SIZE, "none")
+        folder = Path(root) / "guard-images"
+        folder.mkdir(parents=True, exist_ok=True)
+        files = []
+        for i in range(40):
+            files.append(folder / f"ct{i}.png")
+            files[-1].write_bytes(encode(lung_window(ct_like(1000 + i, size=48 + i % 3 * 16, nodule=i % 2 == 0))))
+        guard = fit_guard(block_features(model, [str(f) for f in files], IMAGE_SIZE, 8), list(range(len(files))))
+        export_saved_model(model, out, {"mlflow_run_id": RUN_ID, "dataset_fingerprint": "sha256:test"}, guard=guard)
     return out
 
 
@@ -59,15 +74,50 @@ class InProcessModel:
         self._loaded = tf.saved_model.load(str(model_dir))
 
     def images(self, encoded: list[bytes]) -> np.ndarray:
-        fn = self._loaded.signatures["serving_default"]
-        return fn(images=self._tf.constant(encoded, dtype=self._tf.string))["probability"].numpy()
+        return self.outputs("images", encoded)["probability"]
 
     def pixels(self, pixels: np.ndarray) -> np.ndarray:
-        fn = self._loaded.signatures["serve_pixels"]
-        return fn(pixels=self._tf.constant(np.asarray(pixels, np.float32)))["probability"].numpy()
+        return self.outputs("pixels", np.asarray(pixels, np.float32))["probability"]
+
+    def hu(self, hu: np.ndarray) -> np.ndarray:
+        return self.outputs("hu", np.asarray(hu, np.float32))["probability"]
+
+    def outputs(self, kind: str, values) -> dict[str, np.ndarray]:
+        """Every output of the signature for ``kind`` (images, pixels or hu)."""
+        name = {"images": "serving_default", "pixels": "serve_pixels", "hu": "serve_hu"}[kind]
+        dtype = self._tf.string if kind == "images" else self._tf.float32
+        out = self._loaded.signatures[name](**{kind: self._tf.constant(values, dtype=dtype)})
+        return {k: v.numpy() for k, v in out.items()}
 
 
 # --- images ------------------------------------------------------------------------------------
+
+def ct_like(seed: int, size: int = 64, nodule: bool = False) -> np.ndarray:
+    """A synthetic axial chest CT slice in Hounsfield units (float32): body, two lungs, spine, table.
+
+    A nodule (soft tissue in a lung) is what the positive class carries in synthetic datasets.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = (np.mgrid[:size, :size] + 0.5) / size
+    hu = np.full((size, size), -1000.0)
+    cx, cy = 0.5 + rng.normal(0, 0.02), 0.48 + rng.normal(0, 0.02)
+    ax, ay = 0.42 + rng.normal(0, 0.02), 0.30 + rng.normal(0, 0.02)
+    hu[((xx - cx) / ax) ** 2 + ((yy - cy) / ay) ** 2 < 1] = 40.0
+    hu[(yy > cy + ay + 0.03) & (yy < cy + ay + 0.07) & (abs(xx - 0.5) < 0.45)] = 150.0  # the table
+    for side in (-1, 1):
+        lx, lax, lay = cx + side * ax * 0.45, ax * 0.35 * (1 + rng.normal(0, 0.05)), ay * 0.7 * (1 + rng.normal(0, 0.05))
+        hu[((xx - lx) / lax) ** 2 + ((yy - cy + 0.02) / lay) ** 2 < 1] = -850.0
+    hu[((xx - cx) / 0.05) ** 2 + ((yy - cy - ay * 0.75) / 0.05) ** 2 < 1] = 700.0  # the spine
+    if nodule:
+        nx, ny = cx + rng.choice([-1, 1]) * ax * 0.45 + rng.normal(0, 0.03), cy + rng.normal(0, 0.05)
+        hu[(xx - nx) ** 2 + (yy - ny) ** 2 < (0.04 + 0.02 * rng.random()) ** 2] = 30.0
+    return (hu + rng.normal(0, 15, hu.shape)).astype(np.float32)
+
+
+def lung_window(hu: np.ndarray, level: float = -600.0, width: float = 1500.0) -> np.ndarray:
+    """HU -> 8-bit grey, as a viewer exports a slice in a window."""
+    return np.round(np.clip((hu - (level - width / 2)) * 255.0 / width, 0, 255)).astype(np.uint8)
+
 
 def rgb(height: int, width: int, seed: int) -> np.ndarray:
     """A smooth random RGB image (compresses like a scan, unlike white noise)."""
@@ -223,7 +273,9 @@ class Gate:
 
 
 def steerable_model(root: Path, *, version: str = "") -> tuple[Path, Gate, Gate]:
-    """A tiny SavedModel with the serving signatures; probability = mean intensity / 255 of each image.
+    """A tiny SavedModel with the serving signatures; probability = mean intensity / 255 of each image
+    (``serve_hu``: mean HU / 1000 + 1, clipped), ``ood_score`` = 2 x probability, so images brighter than the
+    ``ood`` threshold 1.5 (mean intensity over 191) are out of distribution.
 
     A batch holding an image whose top-left red value is GATE (GATE_2) blocks on the first (second)
     returned gate;
@@ -255,7 +307,8 @@ def steerable_model(root: Path, *, version: str = "") -> tuple[Path, Gate, Gate]
         check = tf.debugging.Assert(tf.logical_not(tf.reduce_any(tf.equal(markers, INPUT_ERROR))),
                                     ["an image carries the input-error marker"])
         with tf.control_dependencies([check]):
-            return {"probability": tf.identity(probs)}
+            probs = tf.identity(probs)
+            return {"probability": probs, "ood_score": 2.0 * probs, "in_distribution": 2.0 * probs <= 1.5}
 
     class Steerable(tf.Module):
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
@@ -271,13 +324,19 @@ def steerable_model(root: Path, *, version: str = "") -> tuple[Path, Gate, Gate]
         def pixels(self, pixels):
             return steer(tf.reduce_mean(pixels, axis=[1, 2, 3]), pixels[:, 0, 0, 0])
 
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.float32, name="hu")])
+        def hu(self, hu):
+            means = tf.clip_by_value(tf.reduce_mean(hu, axis=[1, 2]) / 1000.0 + 1.0, 0.0, 1.0) * 255.0
+            return steer(means, tf.zeros_like(means))
+
     module = Steerable()
     out = root / "steerable-model"
     tf.saved_model.save(module, str(out), signatures={"serving_default": module.images,
-                                                      "serve_pixels": module.pixels})
+                                                      "serve_pixels": module.pixels, "serve_hu": module.hu})
     (out / "model_metadata.json").write_text(json.dumps({
         "class_names": ["normal", "adenocarcinoma"], "positive_class": "adenocarcinoma", "image_size": 8,
-        "threshold": 0.5, "mlflow_run_id": version}))
+        "threshold": 0.5, "mlflow_run_id": version, "ood": {"threshold": 1.5},
+        "window": {"level": -600.0, "width": 1500.0}}))
     return out, gates[0], gates[1]
 
 

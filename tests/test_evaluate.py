@@ -15,6 +15,7 @@ from chest_ct.images import ImageInfo
 from chest_ct.ingest import build_dataset
 from chest_ct.metrics import by_group, calibration, classification_metrics
 from chest_ct.model import build_model, split_model
+from chest_ct.ood import block_features, fit_guard
 from chest_ct.records import TEST, TRAIN, VALID, ImageRecord, Manifest
 from chest_ct.registry import promote_if_unchanged
 from chest_ct.scoring import Comparison
@@ -234,16 +235,17 @@ def models(tmp_path_factory):
     fit_classifier(model, Examples.of_role(manifest, TRAIN), Examples.of_role(manifest, VALID), epochs=3,
                    batch_size=8)
     fitted = manifest.role(TRAIN) + manifest.role(VALID)
-    a = export_saved_model(model, tmp / "a", {"threshold": 0.5})
+    guard = fit_guard(block_features(model, [manifest.file(r) for r in fitted], 32, 8), [r.group for r in fitted])
+    a = export_saved_model(model, tmp / "a", {"threshold": 0.5}, guard=guard)
     _, head = split_model(model)
     kernel, bias = head.get_weights()
     head.set_weights([-kernel, -bias])
-    b = export_saved_model(model, tmp / "b", {"threshold": 0.5})
+    b = export_saved_model(model, tmp / "b", {"threshold": 0.5}, guard=guard)
     for d in (a, b):
         write_seen(d, fitted)
     from sklearn.metrics import roc_auc_score
 
-    from chest_ct.export import predict_files
+    from chest_ct.predict import predict_files
 
     files, y = manifest.files_and_labels(TEST)
     auc_a = roc_auc_score(y, predict_files(a, files))

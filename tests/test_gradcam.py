@@ -39,6 +39,7 @@ from chest_ct import gradcam
 from chest_ct.determinism import seed_everything
 from chest_ct.export import BYTES_SIGNATURE, PIXELS_SIGNATURE, SIGNATURES, export_saved_model, read_metadata
 from chest_ct.forward import LAST_CONV_LAYER, SplitModel
+from chest_ct.ood import feature_model, fit_guard
 from chest_ct.model import build_model, split_model
 from chest_ct.preprocess import to_model_input
 
@@ -86,6 +87,12 @@ def train_head(model: keras.Model, positives: np.ndarray, negatives: np.ndarray,
     head.fit(base.predict(x, verbose=0), y, epochs=30, batch_size=16, verbose=0)
 
 
+def guard_for(model: keras.Model, images: np.ndarray):
+    """An out-of-distribution guard fitted on ``images`` (every signature carries one; these tests do not read it)."""
+    features = feature_model(model).predict(to_model_input(tf.constant(images)), verbose=0)
+    return fit_guard([np.asarray(f, np.float64) for f in features], list(range(len(images))))
+
+
 @pytest.fixture(scope="module")
 def bright_rule(tmp_path_factory):
     """A model trained on "a bright patch means adenocarcinoma" (normal images carry a dark patch), exported."""
@@ -94,7 +101,9 @@ def bright_rule(tmp_path_factory):
     local_base(model, seed=0)
     rng = np.random.default_rng(0)
     train_head(model, patch_images(rng, 60, (BRIGHT,))[0], patch_images(rng, 60, (DARK,))[0], seed=0)
-    return model, export_saved_model(model, tmp_path_factory.mktemp("gradcam") / "model", {"mlflow_run_id": "r"})
+    images = patch_images(rng, 10, (BRIGHT, DARK))[0]
+    return model, export_saved_model(model, tmp_path_factory.mktemp("gradcam") / "model", {"mlflow_run_id": "r"},
+                                     guard=guard_for(model, images))
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +155,7 @@ def test_explain_signatures_shape_range_and_metadata(bright_rule, loaded):
     _, model_dir = bright_rule
     assert {BYTES_SIGNATURE, PIXELS_SIGNATURE, EXPLAIN_IMAGES, EXPLAIN_PIXELS} <= set(loaded.signatures)
     fn = loaded.signatures[EXPLAIN_PIXELS]
-    assert set(fn.structured_outputs) == {"probability", "heatmap"}
+    assert set(fn.structured_outputs) == {"probability", "heatmap", "ood_score", "in_distribution"}
     assert fn.structured_outputs["heatmap"].shape.as_list() == [None, GRID, GRID]
     pixels, _ = patch_images(np.random.default_rng(1), 5, (BRIGHT, DARK))
     pixels[4] = 90.0  # a flat image: nothing raises the score anywhere, or something does, never NaN
@@ -157,7 +166,8 @@ def test_explain_signatures_shape_range_and_metadata(bright_rule, loaded):
     assert set(np.round(heat.max(axis=(1, 2)), 6)) <= {0.0, 1.0}, "each map is scaled to its own maximum"
     meta = read_metadata(model_dir)
     assert meta["heatmap"]["grid"] == [GRID, GRID] and meta["heatmap"]["layer"] == LAST_CONV_LAYER
-    assert meta["heatmap"]["signatures"] == {"images": EXPLAIN_IMAGES, "pixels": EXPLAIN_PIXELS}
+    assert meta["heatmap"]["signatures"] == {"images": EXPLAIN_IMAGES, "pixels": EXPLAIN_PIXELS,
+                                             "hu": SIGNATURES["hu", "explain"]}
     assert set(meta["signatures"]) == set(loaded.signatures)
 
 

@@ -167,7 +167,7 @@ def test_every_file_of_a_messy_tree_is_accounted_for(tmp_path, presplit_dataset)
         "docs/notes.png": "unknown top-level folder 'docs/'",
         "train/squamous.cell.carcinoma_left/1.png": "unknown class folder 'squamous.cell.carcinoma_left/'",
         "val/normal/x.png": "second folder for split 'valid': 'val/' beside 'valid/'",
-        "train/normal/scan.dcm": "unsupported type '.dcm'",
+        "train/normal/scan.tif": "unsupported type '.tif'",
         "train/normal/notes.txt": "unsupported type '.txt'",
         "train/normal/.DS_Store": "hidden or system file",
         "__MACOSX/train/normal/._a.png": "hidden or system file",

@@ -9,11 +9,13 @@ import tensorflow as tf
 from PIL import Image
 
 from chest_ct.determinism import seed_everything
-from chest_ct.export import BYTES_SIGNATURE, PIXELS_SIGNATURE, export_saved_model, load_predictor, read_metadata
+from chest_ct.export import BYTES_SIGNATURE, PIXELS_SIGNATURE, export_saved_model, read_metadata
+from chest_ct.predict import load_predictor
 from chest_ct.fitting import Examples, fit_classifier, picture_weights
 from chest_ct.ingest import build_dataset
 from chest_ct.inputs import image_dataset
 from chest_ct.model import build_model, resolve_base_weights, split_model
+from chest_ct.ood import block_features, fit_guard
 from chest_ct.preprocess import decode_and_resize, to_model_input
 from chest_ct.records import TEST, TRAIN, VALID, Manifest
 from tests.conftest import synthetic_image, write_dataset
@@ -50,8 +52,11 @@ def trained(manifest):
 
 
 @pytest.fixture(scope="module")
-def exported(trained, tmp_path_factory):
-    return export_saved_model(trained[0].model, tmp_path_factory.mktemp("sm") / "model", {"mlflow_run_id": "run-1"})
+def exported(trained, tmp_path_factory, manifest):
+    files, _ = manifest.files_and_labels(TRAIN)
+    guard = fit_guard(block_features(trained[0].model, files, SIZE, 8), [r.group for r in manifest.role(TRAIN)])
+    return export_saved_model(trained[0].model, tmp_path_factory.mktemp("sm") / "model", {"mlflow_run_id": "run-1"},
+                              guard=guard)
 
 
 def test_model_is_frozen_vgg16_with_new_head():

@@ -328,7 +328,7 @@ def test_server_still_answers_good_requests_after_all_the_bad_ones(server, grpc_
     probs = {o["name"]: o for o in resp.json()["outputs"]}["probability"]["data"]
     assert len(probs) == 2 and all(0.0 <= p <= 1.0 for p in probs)
     reply = grpc_stub.ModelInfer(_grpc_request([_image(GOOD_PNG)], version=RUN_ID), timeout=60)
-    assert {o.name for o in reply.outputs} == {"probability", "label"}
+    assert {o.name for o in reply.outputs} == {"probability", "label", "ood_score", "in_distribution"}
     assert reply.model_version == RUN_ID
 
 

@@ -83,7 +83,7 @@ def test_concurrent_requests_share_one_model_call(runner, reference):
     assert merged_after - merged_before == 3  # ...that served all three requests
     for req, got in zip(requests, results, strict=True):
         assert got.shape == (len(req),)
-        assert np.max(np.abs(got - reference.images(req))) <= TOL
+        assert np.max(np.abs(got["probability"] - reference.images(req))) <= TOL
 
 
 def test_request_larger_than_the_batch_is_split_in_order(runner, reference):
@@ -92,7 +92,7 @@ def test_request_larger_than_the_batch_is_split_in_order(runner, reference):
     calls_before, _ = _calls()
     got = asyncio.run(run_images(engine, images))
     assert _calls()[0] - calls_before == 3  # 4 + 4 + 2
-    assert np.max(np.abs(got - reference.images(images))) <= TOL
+    assert np.max(np.abs(got["probability"] - reference.images(images))) <= TOL
 
 
 def test_chunks_are_sized_by_pixels_as_well_as_images(runner):
@@ -116,8 +116,8 @@ def test_a_bad_request_does_not_fail_the_requests_merged_with_it(runner, referen
                                     return_exceptions=True)
 
     res_a, res_bad, res_b = asyncio.run(go())
-    assert np.max(np.abs(res_a - reference.images(good_a))) <= TOL
-    assert np.max(np.abs(res_b - reference.images(good_b))) <= TOL
+    assert np.max(np.abs(res_a["probability"] - reference.images(good_a))) <= TOL
+    assert np.max(np.abs(res_b["probability"] - reference.images(good_b))) <= TOL
     assert isinstance(res_bad, ModelInputError)
     assert res_bad.index == 1 and "element 1" in str(res_bad)
 
@@ -135,7 +135,7 @@ def test_pixels_of_different_sizes_are_not_merged(runner, reference):
     got_small, got_large, got_same = asyncio.run(go())
     assert _calls()[0] - calls_before == 2  # 20x20 twice in one call, 40x24 alone
     for pixels, got in ((small, got_small), (large, got_large), (same, got_same)):
-        assert np.max(np.abs(got - reference.pixels(pixels))) <= TOL
+        assert np.max(np.abs(got["probability"] - reference.pixels(pixels))) <= TOL
 
 
 def test_a_cancelled_request_does_not_stop_the_engine(runner, reference):
@@ -149,7 +149,7 @@ def test_a_cancelled_request_does_not_stop_the_engine(runner, reference):
         return await run_images(engine, images)
 
     got = asyncio.run(go())
-    assert abs(float(got[0]) - float(reference.images(images)[0])) <= TOL
+    assert abs(float(got["probability"][0]) - float(reference.images(images)[0])) <= TOL
 
 
 def test_the_loop_survives_its_own_exceptions(runner, reference):
@@ -175,7 +175,7 @@ def test_the_loop_survives_its_own_exceptions(runner, reference):
 
     failed, served = asyncio.run(go())
     assert isinstance(failed, InternalError) and "doomed" in str(failed.details)
-    assert abs(float(served[0]) - float(reference.images(images)[0])) <= TOL
+    assert abs(float(served["probability"][0]) - float(reference.images(images)[0])) <= TOL
 
 
 def test_admission_refuses_what_would_miss_its_deadline_at_the_current_pace(runner):

@@ -21,24 +21,26 @@ import numpy as np
 import pytest
 import requests
 
-from tests.serving_helpers import (IMAGE_SIZE, MODEL_NAME, RUN_ID, InProcessModel, ServerProcess, b64, encode,
-                                   exported_model, length_prefixed, metric, rgb, run_in_subprocess,
-                                   set_threshold)
+from tests.serving_helpers import (IMAGE_SIZE, MODEL_NAME, RUN_ID, InProcessModel, ServerProcess, b64, ct_like,
+                                   encode, exported_model, length_prefixed, lung_window, metric, rgb,
+                                   run_in_subprocess, set_threshold)
 
 TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
 def images() -> dict[str, bytes]:
-    """Encoded test images of different formats, modes and sizes (none is the model's input size)."""
+    """Encoded CT-like slices of different formats, modes and sizes (none is the model's input size)."""
     from PIL import Image
 
-    gray = Image.fromarray(rgb(48, 40, seed=3)[..., 0])
-    rgba = Image.fromarray(np.dstack([rgb(36, 52, seed=4), np.full((36, 52), 200, np.uint8)]))
+    def slice_(seed: int, size: int, nodule: bool) -> np.ndarray:
+        return lung_window(ct_like(seed, size=size, nodule=nodule))
+
+    rgba = np.dstack([np.repeat(slice_(4, 52, False)[..., None], 3, axis=-1), np.full((52, 52), 200, np.uint8)])
     return {
-        "png": encode(rgb(40, 50, seed=1), "PNG"),
-        "jpeg": encode(rgb(64, 64, seed=2), "JPEG", quality=90),
-        "gray_png": encode(gray, "PNG"),
+        "png": encode(np.repeat(slice_(1, 50, True)[..., None], 3, axis=-1), "PNG"),
+        "jpeg": encode(Image.fromarray(slice_(2, 64, False)).convert("RGB"), "JPEG", quality=90),
+        "gray_png": encode(slice_(3, 40, True), "PNG"),
         "rgba_png": encode(rgba, "PNG"),
     }
 
@@ -47,8 +49,10 @@ def images() -> dict[str, bytes]:
 def model_dir(tmp_path_factory, images):
     """The exported test model, its threshold set between the test images' probabilities so both labels occur."""
     path = exported_model(str(tmp_path_factory.getbasetemp() / "serving"))
-    probs = InProcessModel(path).images(list(images.values()))
+    out = InProcessModel(path).outputs("images", list(images.values()))
+    probs = out["probability"]
     assert len(set(np.round(probs, 7))) > 1, "test images must get different probabilities"
+    assert out["in_distribution"].all(), "the labels below assume the guard accepts the test images"
     set_threshold(path, float(np.median(probs)))
     return path
 
@@ -148,9 +152,10 @@ def test_rest_model_metadata_lists_inputs_outputs_and_model_facts(server, thresh
     assert meta["name"] == MODEL_NAME
     assert meta["versions"] == [RUN_ID] and meta["platform"] == "tensorflow_savedmodel"
     assert {i["name"]: (i["datatype"], i["shape"]) for i in meta["inputs"]} == {
-        "image": ("BYTES", [-1]), "pixels": ("FP32", [-1, -1, -1, 3])}
+        "image": ("BYTES", [-1]), "pixels": ("FP32", [-1, -1, -1, 3]), "dicom": ("BYTES", [-1])}
     assert {o["name"]: (o["datatype"], o["shape"]) for o in meta["outputs"]} == {
-        "probability": ("FP32", [-1]), "label": ("BYTES", [-1])}
+        "probability": ("FP32", [-1]), "label": ("BYTES", [-1]), "ood_score": ("FP32", [-1]),
+        "in_distribution": ("BOOL", [-1])}
     params = meta["parameters"]
     assert params["threshold"] == pytest.approx(threshold)
     assert params["class_names"] == "normal,adenocarcinoma"
@@ -179,8 +184,9 @@ def test_grpc_model_metadata_and_health(server):
     meta = result["metadata"]
     assert meta["versions"] == [RUN_ID] and meta["platform"] == "tensorflow_savedmodel"
     assert {i["name"]: (i["datatype"], [int(d) for d in i["shape"]]) for i in meta["inputs"]} == {
-        "image": ("BYTES", [-1]), "pixels": ("FP32", [-1, -1, -1, 3])}
-    assert {o["name"]: o["datatype"] for o in meta["outputs"]} == {"probability": "FP32", "label": "BYTES"}
+        "image": ("BYTES", [-1]), "pixels": ("FP32", [-1, -1, -1, 3]), "dicom": ("BYTES", [-1])}
+    assert {o["name"]: o["datatype"] for o in meta["outputs"]} == {
+        "probability": "FP32", "label": "BYTES", "ood_score": "FP32", "in_distribution": "BOOL"}
 
 
 def test_grpc_versions_are_checked_and_server_metadata_is_honest(server):

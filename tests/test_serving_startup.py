@@ -39,23 +39,36 @@ def _linked_model(model_dir: Path, target: Path, metadata: dict | None) -> Path:
     return target
 
 
-def _tiny_saved_model(target: Path, metadata: dict, *, with_pixels: bool, probability: float) -> Path:
+def _tiny_saved_model(target: Path, metadata: dict, *, with_pixels: bool, probability: float,
+                      with_hu: bool = True, with_guard: bool = True) -> Path:
     """A small SavedModel with the right input names, for the signature and warm-up checks."""
     import tensorflow as tf
+
+    def outputs(n):
+        out = {"probability": tf.fill(n, probability)}
+        if with_guard:
+            out.update(ood_score=tf.fill(n, 0.5), in_distribution=tf.fill(n, True))
+        return out
 
     class Tiny(tf.Module):
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
         def images(self, images):
-            return {"probability": tf.fill(tf.shape(images), probability)}
+            return outputs(tf.shape(images))
 
         @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="pixels")])
         def pixels(self, pixels):
-            return {"probability": tf.fill(tf.shape(pixels)[:1], probability)}
+            return outputs(tf.shape(pixels)[:1])
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.float32, name="hu")])
+        def hu(self, hu):
+            return outputs(tf.shape(hu)[:1])
 
     module = Tiny()
     signatures = {"serving_default": module.images}
     if with_pixels:
         signatures["serve_pixels"] = module.pixels
+    if with_hu:
+        signatures["serve_hu"] = module.hu
     tf.saved_model.save(module, str(target), signatures=signatures)
     (target / "model_metadata.json").write_text(json.dumps(metadata))
     return target
@@ -112,8 +125,11 @@ def test_saved_model_without_metadata(tmp_path, model_dir):
     ({"positive_class": "cancer"}, "'positive_class' must be one of"),
     ({"image_size": "224"}, "'image_size' must be a positive integer"),
     ({"mlflow_run_id": 42}, "'mlflow_run_id' must be a string"),
+    ({"ood": None}, "'ood' must hold the out-of-distribution guard's numeric 'threshold'"),
+    ({"ood": {"threshold": "high"}}, "'ood' must hold the out-of-distribution guard's numeric 'threshold'"),
+    ({"window": {"level": -600}}, "'window' must hold the numeric 'level' and 'width'"),
 ], ids=["threshold_out_of_range", "threshold_null", "one_class", "unknown_positive_class", "image_size_string",
-        "run_id_not_string"])
+        "run_id_not_string", "no_guard", "guard_threshold_text", "window_without_width"])
 def test_invalid_metadata(tmp_path, model_dir, monkeypatch, change, message):
     meta = {**_metadata(model_dir), **change}
     target = _linked_model(model_dir, tmp_path / "m", meta)
@@ -142,6 +158,19 @@ def test_corrupt_saved_model(tmp_path, model_dir):
 def test_saved_model_without_the_pixels_signature(tmp_path, model_dir, monkeypatch):
     target = _tiny_saved_model(tmp_path / "m", _metadata(model_dir), with_pixels=False, probability=0.5)
     assert "no 'serve_pixels' signature" in _exit_message(monkeypatch, "--model_dir", str(target))
+
+
+def test_saved_model_without_the_hu_signature(tmp_path, model_dir, monkeypatch):
+    target = _tiny_saved_model(tmp_path / "m", _metadata(model_dir), with_pixels=True, with_hu=False, probability=0.5)
+    assert "no 'serve_hu' signature" in _exit_message(monkeypatch, "--model_dir", str(target))
+
+
+def test_saved_model_without_the_guard_outputs_is_refused(tmp_path, model_dir, monkeypatch):
+    """A model exported before the out-of-distribution guard would answer for anything: not served."""
+    target = _tiny_saved_model(tmp_path / "m", _metadata(model_dir), with_pixels=True, with_guard=False,
+                               probability=0.5)
+    message = _exit_message(monkeypatch, "--model_dir", str(target))
+    assert "must return ['probability', 'ood_score', 'in_distribution']" in message and "re-export" in message
 
 
 def test_model_failing_its_warm_up_call_never_becomes_ready(tmp_path, model_dir, monkeypatch):
