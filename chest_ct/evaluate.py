@@ -24,6 +24,7 @@ from chest_ct.blessing import BlessingPolicy, Decision, decide
 from chest_ct.export import read_metadata, write_metadata
 from chest_ct.metrics import roc_points
 from chest_ct.plots import save_plots
+from chest_ct.precision import precision_agreement
 from chest_ct.publishing import publish
 from chest_ct.records import EXCLUDED, TEST, TRAIN, Manifest
 from chest_ct.scoring import Comparison, Scores, compare_with_champion, score_model, scored_test_set
@@ -90,6 +91,8 @@ def evaluate_model(
     shutil.copytree(model_dir, out_model_dir)
     evaluation = {"per_image": scores.per_image, "per_group": scores.per_group, "scored_images": scores.images,
                   "scored_groups": sum(scores.groups_per_class.values()), "excluded_images": len(excluded)}
+    # Issue 14: how a bf16 server's answers differ from these float32 ones on the same split (chest_ct.precision).
+    evaluation["precision_agreement"] = precision_agreement(model_dir, [manifest.file(r) for r in scored], threshold)
     write_metadata(out_model_dir, {**metadata, "mlflow_run_id": run_id, "evaluation": evaluation})
 
     registry.use_tracking(experiment)

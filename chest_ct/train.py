@@ -15,12 +15,15 @@ from typing import Any
 
 import keras
 import mlflow
+import numpy as np
 
 from chest_ct import CLASS_NAMES, POSITIVE_CLASS, defaults, registry
 from chest_ct.determinism import seed_everything
+from chest_ct.devices import training_strategy
 from chest_ct.export import export_saved_model, read_metadata, write_metadata
 from chest_ct.fitting import FINE_TUNED, Examples, TrainResult, fit_classifier, head_fit_predict
-from chest_ct.model import image_size_of
+from chest_ct.golden import encode_golden, pick_golden, write_golden_set
+from chest_ct.model import image_size_of, split_model
 from chest_ct.records import FITTING_ROLES, TRAIN, VALID, Manifest
 from chest_ct.seen_images import SEEN_FILE, write_seen
 from chest_ct.threshold import ThresholdChoice, check_target, out_of_fold_threshold
@@ -57,9 +60,12 @@ def train_and_export(
     check_target(target_sensitivity)
     # Seeded before loading: layers draw their random-state seeds when they are created.
     seed_everything(hyper.get("seed", defaults.SEED), hyper.get("deterministic", defaults.DETERMINISTIC))
-    model = keras.models.load_model(base_model_file)
+    strategy = training_strategy()  # two or more GPUs: mirrored on each; else one device
+    with strategy.scope():
+        model = keras.models.load_model(base_model_file)
     train, valid = Examples.of_role(manifest, TRAIN), Examples.of_role(manifest, VALID)
     params = {**hyper, "target_sensitivity": target_sensitivity, "threshold_folds": threshold_folds,
+              "replicas": strategy.num_replicas_in_sync,
               "image_size": image_size_of(model), "dataset_fingerprint": manifest.fingerprint,
               "train_images": len(train), "valid_images": len(valid),
               "train_groups": len(set(train.groups)), "valid_groups": len(set(valid.groups))}
@@ -71,8 +77,10 @@ def train_and_export(
         log.info("epoch %d/%d %s", epoch, epochs, " ".join(f"{k}={v:.4f}" for k, v in sorted(logs.items())))
 
     # Inside the run's context, so a failure marks the MLflow run FAILED instead of leaving it FINISHED.
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), strategy.scope():
         result = fit_classifier(model, train, valid, on_epoch=on_epoch, **hyper)
+        mlflow.log_params({"precision_used": result.precision.policy, "precision_device": result.precision.device})
+        mlflow.set_tag("precision_reason", result.precision.reason[:5000])
         choice = out_of_fold_threshold(
             [*train.labels, *valid.labels], [*train.groups, *valid.groups],
             head_fit_predict(result, train, valid, batch_size=hyper.get("batch_size", defaults.BATCH_SIZE),
@@ -82,7 +90,7 @@ def train_and_export(
         if result.exported_stage == FINE_TUNED:
             choice.note = "; ".join(filter(None, [choice.note,
                                                   "folds fit the head only, the exported model is fine-tuned"]))
-        summary = _export(result, choice, manifest, out_dir, run_id)
+        summary = _export(result, choice, manifest, out_dir, run_id, train, valid)
         mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                             "best_val_loss": result.best_val_loss, "threshold": choice.threshold,
                             "threshold_fold_spread": choice.spread,
@@ -101,8 +109,8 @@ def train_and_export(
 
 
 def _export(result: TrainResult, choice: ThresholdChoice, manifest: Manifest, out_dir: Path,
-            run_id: str) -> dict[str, Any]:
-    """Write the SavedModel, its fitted-image record and metadata; return the training summary."""
+            run_id: str, train: Examples, valid: Examples) -> dict[str, Any]:
+    """Write the SavedModel, its fitted-image record, golden set and metadata; return the training summary."""
     summary = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                "best_val_loss": result.best_val_loss, "exported_stage": result.exported_stage,
                "train_examples": result.train_examples, "threshold": choice.threshold,
@@ -110,8 +118,30 @@ def _export(result: TrainResult, choice: ThresholdChoice, manifest: Manifest, ou
     export_saved_model(result.model, out_dir, {"mlflow_run_id": run_id, "dataset_fingerprint": manifest.fingerprint,
                                                "threshold": choice.threshold, "threshold_source": choice.source()})
     seen = write_seen(out_dir, (r for r in manifest.records if r.split in FITTING_ROLES))
+    _golden_set(result, choice.threshold, out_dir, train, valid)
     metadata = read_metadata(out_dir)
-    metadata.update(fitted_images=seen, training={k: summary[k] for k in ("best_epoch", "best_val_loss",
-                                                                          "exported_stage", "epochs_run")})
+    metadata.update(fitted_images=seen, training={
+        **{k: summary[k] for k in ("best_epoch", "best_val_loss", "exported_stage", "epochs_run")},
+        "precision": result.precision.to_dict()})
     write_metadata(out_dir, metadata)
     return summary
+
+
+def _golden_set(result: TrainResult, threshold: float, out_dir: Path, train: Examples, valid: Examples) -> None:
+    """Store a few fitting images with the model for the server's reduced-precision check (chest_ct/golden.py).
+
+    Picked on the head's probabilities for the cached features, clear of the threshold by twice the
+    tolerance (the exported model's own float32 answers, stored with them, may differ a little).
+    """
+    _, head = split_model(result.model)
+    features = np.concatenate([result.features.train, result.features.valid])
+    probabilities = np.asarray(head(features, training=False)).reshape(-1)
+    files, labels, groups = [*train.files, *valid.files], [*train.labels, *valid.labels], [*train.groups, *valid.groups]
+    picked = pick_golden(probabilities, labels, groups, threshold, margin=2 * defaults.PRECISION_TOLERANCE)
+    if not picked:
+        log.warning("no fitting image lies clear of the threshold: the model has no golden set and will be "
+                    "served in float32 only")
+        return
+    write_golden_set(out_dir, encode_golden([files[i] for i in picked], image_size_of(result.model)),
+                     f"{len(picked)} fitting images, both classes, one per picture, re-encoded as PNG at the "
+                     "model's input size")
