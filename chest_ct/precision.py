@@ -43,8 +43,21 @@ from serving.precision import (AUTO, BF16, FP32, GRAPPLER_OPTION, KEEP_FLOAT32_E
 log = logging.getLogger(__name__)
 
 FLOAT32, MIXED_BF16, MIXED_FP16 = "float32", "mixed_bfloat16", "mixed_float16"
-__all__ = ["AUTO", "BF16", "FP32", "FLOAT32", "MIXED_BF16", "MIXED_FP16", "PrecisionChoice", "check_choice",
-           "choose_precision", "conv_policy", "gpu_policy", "onednn_bf16", "precision_agreement"]
+__all__ = [
+    "AUTO",
+    "BF16",
+    "FLOAT32",
+    "FP32",
+    "MIXED_BF16",
+    "MIXED_FP16",
+    "PrecisionChoice",
+    "check_choice",
+    "choose_precision",
+    "conv_policy",
+    "gpu_policy",
+    "onednn_bf16",
+    "precision_agreement",
+]
 
 
 @dataclass(frozen=True)

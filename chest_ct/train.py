@@ -65,7 +65,7 @@ def train_and_export(
         model = keras.models.load_model(base_model_file)
     train, valid = Examples.of_role(manifest, TRAIN), Examples.of_role(manifest, VALID)
     params = {**hyper, "target_sensitivity": target_sensitivity, "threshold_folds": threshold_folds,
-              "replicas": strategy.num_replicas_in_sync,
+              "precision": hyper.get("precision", defaults.PRECISION), "replicas": strategy.num_replicas_in_sync,
               "image_size": image_size_of(model), "dataset_fingerprint": manifest.fingerprint,
               "train_images": len(train), "valid_images": len(valid),
               "train_groups": len(set(train.groups)), "valid_groups": len(set(valid.groups))}
@@ -77,19 +77,21 @@ def train_and_export(
         log.info("epoch %d/%d %s", epoch, epochs, " ".join(f"{k}={v:.4f}" for k, v in sorted(logs.items())))
 
     # Inside the run's context, so a failure marks the MLflow run FAILED instead of leaving it FINISHED.
-    with mlflow.start_run(run_id=run_id), strategy.scope():
-        result = fit_classifier(model, train, valid, on_epoch=on_epoch, **hyper)
-        mlflow.log_params({"precision_used": result.precision.policy, "precision_device": result.precision.device})
-        mlflow.set_tag("precision_reason", result.precision.reason[:5000])
-        choice = out_of_fold_threshold(
-            [*train.labels, *valid.labels], [*train.groups, *valid.groups],
-            head_fit_predict(result, train, valid, batch_size=hyper.get("batch_size", defaults.BATCH_SIZE),
-                             learning_rate=hyper.get("learning_rate", defaults.LEARNING_RATE)),
-            target_sensitivity=target_sensitivity, folds=threshold_folds, seed=hyper.get("seed", defaults.SEED),
-            class_names=manifest.classes)
-        if result.exported_stage == FINE_TUNED:
-            choice.note = "; ".join(filter(None, [choice.note,
-                                                  "folds fit the head only, the exported model is fine-tuned"]))
+    with mlflow.start_run(run_id=run_id):
+        with strategy.scope():  # models, and the folds' fresh heads, live on every replica
+            result = fit_classifier(model, train, valid, on_epoch=on_epoch, **hyper)
+            mlflow.log_params({"precision_used": result.precision.policy, "precision_device": result.precision.device})
+            mlflow.set_tag("precision_reason", result.precision.reason[:5000])
+            choice = out_of_fold_threshold(
+                [*train.labels, *valid.labels], [*train.groups, *valid.groups],
+                head_fit_predict(result, train, valid, batch_size=hyper.get("batch_size", defaults.BATCH_SIZE),
+                                 learning_rate=hyper.get("learning_rate", defaults.LEARNING_RATE)),
+                target_sensitivity=target_sensitivity, folds=threshold_folds, seed=hyper.get("seed", defaults.SEED),
+                class_names=manifest.classes)
+            if result.exported_stage == FINE_TUNED:
+                choice.note = "; ".join(filter(None, [choice.note,
+                                                      "folds fit the head only, the exported model is fine-tuned"]))
+        # Outside the scope: a SavedModel loaded inside it (the golden set's answers) gets mirrored variables.
         summary = _export(result, choice, manifest, out_dir, run_id, train, valid)
         mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                             "best_val_loss": result.best_val_loss, "threshold": choice.threshold,

@@ -151,7 +151,7 @@ def _golden_set(guard: Any, model_dir: Path) -> GoldenSet:
     if guard is None:
         raise ValueError(f"the model has no golden set ('{GUARD_KEY}' in {METADATA_FILE}); re-export it with chest_ct")
     if not isinstance(guard, dict):
-        raise ValueError(f"'{GUARD_KEY}' must be an object, got {type(guard).__name__}")
+        raise ValueError(f"'{GUARD_KEY}' must be an object, got {type(guard).__name__}")  # noqa: TRY004
     names, probs = guard.get("golden_images"), guard.get("fp32_probabilities")
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise ValueError(f"'{GUARD_KEY}.golden_images' must be a non-empty list of file names, got {names!r}")

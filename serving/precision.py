@@ -166,7 +166,7 @@ def settle_precision(runner, golden, golden_problem: str, threshold: float, requ
     runner.set_precision(BF16, golden.keep_float32_ops)
     try:
         reduced = runner.predict_images(golden.read_images())
-    except Exception as exc:  # an unreadable or undecodable golden image: the guard cannot vouch for bf16
+    except Exception as exc:  # noqa: BLE001  (an unreadable or undecodable golden image: the guard cannot vouch)
         runner.set_precision(FP32)
         return PrecisionState(requested, FP32, f"{reason}, but the golden set could not be run in bf16 "
                                                f"({type(exc).__name__}: {exc}): serving fp32", fell_back=True)

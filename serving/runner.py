@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import re
 import sys
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 

@@ -104,7 +104,7 @@ def test_a_zero_tolerance_refuses_any_difference(golden_dir, fp32_answers, tmp_p
 
 def test_a_model_without_golden_set_is_never_served_in_bf16(root, tmp_path):
     plain = exported_model(str(root))
-    params, probs, log = serve(plain, tmp_path, "--precision", "bf16")
+    params, probs, _ = serve(plain, tmp_path, "--precision", "bf16")
     assert params["precision"] == "fp32" and params["precision_fell_back"] is True
     assert "the model has no golden set" in params["precision_reason"]
     np.testing.assert_allclose(probs, InProcessModel(plain).images(IMAGES), atol=1e-5)
