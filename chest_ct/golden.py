@@ -36,8 +36,9 @@ GOLDEN_DIR = "golden"
 KEEP_FLOAT32_OPS = ("MatMul",)
 
 
-def pick_golden(probabilities: Sequence[float], labels: Sequence[int], groups: Sequence[int], threshold: float,
-                count: int = defaults.GOLDEN_IMAGES, margin: float = defaults.PRECISION_TOLERANCE) -> list[int]:
+def pick_golden(probabilities: Sequence[float] | np.ndarray, labels: Sequence[int], groups: Sequence[int],
+                threshold: float, count: int = defaults.GOLDEN_IMAGES,
+                margin: float = defaults.PRECISION_TOLERANCE) -> list[int]:
     """Indices of up to ``count`` images: both classes, one per picture, spread over the probabilities.
 
     Images within ``margin`` of ``threshold`` are left out.

@@ -114,7 +114,8 @@ class Parity:
                 "within_tolerance": self.ok}
 
 
-def parity(reference: Sequence[float], reduced: Sequence[float], threshold: float, tolerance: float) -> Parity:
+def parity(reference: Sequence[float] | np.ndarray, reduced: Sequence[float] | np.ndarray, threshold: float,
+           tolerance: float) -> Parity:
     """Compare probabilities; a label flips when the two sit on different sides of ``threshold`` (``>=``)."""
     ref, red = np.asarray(reference, np.float64).reshape(-1), np.asarray(reduced, np.float64).reshape(-1)
     if ref.shape != red.shape:
