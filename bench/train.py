@@ -145,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
             floors.append(floor())
         floor_s, chest_ct_s, bf16_s, bf16_floor_s = min(floors), min(ours), min(ours_bf16), min(floors_bf16)
         bf16_model = tmp / "chest-ct-bf16-0"
-        agreement = precision_agreement(bf16_model, valid_files, read_metadata(bf16_model)["threshold"])
+        shared_valid = [str(p) for p in sorted((args.data / "valid").rglob("*"))
+                        if p.suffix.lower() in (".png", ".jpg", ".jpeg")]
+        agreement = precision_agreement(bf16_model, shared_valid, read_metadata(bf16_model)["threshold"])
         print(f"bf16 vs fp32 on the valid images: {agreement}", file=sys.stderr, flush=True)
         baseline_s = float("nan")
         if not args.no_baseline:
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                   else "")
                + f"bf16 train step <= 0.75x the float32 floor: {met(figures['bf16_train_ratio_vs_fp32_floor'] <= 0.75)}"
                + ("" if cpu.native else f" (no native bf16 here: {cpu.source})")
-               + f"; bf16 probabilities within 0.01 of float32 on {agreement.get('images')} valid images, "
+               + f"; bf16 probabilities within 0.01 of float32 on the {agreement.get('images')} shared valid images, "
                + "no label flip: "
                + met(agreement.get("max_abs_diff", 1.0) <= 0.01 and agreement.get("label_flips", 1) == 0))
     print(text)
@@ -205,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         write_section("train", f"## Training ({args.image_size} px, {n} training images, {args.epochs} epochs, "
                                f"base weights: {Path(weights).name})\n\nMachine: {machine()}; native bf16: "
                                f"{cpu.native} ({cpu.source})\n\n{text}\n\n{verdict}\n\n"
-                               f"bf16 vs float32 answers of the bf16-trained model's SavedModel on the valid images "
-                               f"(oneDNN's graph rewrite, as a bf16 server runs it): {agreement}\n\n"
+                               "bf16 vs float32 answers of the bf16-trained model's SavedModel on the shared valid "
+                               f"images (oneDNN's graph rewrite, as a bf16 server runs it): {agreement}\n\n"
                                f"```json\n{__import__('json').dumps(figures)}\n```")
     emit(figures)
     return 0

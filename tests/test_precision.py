@@ -255,6 +255,17 @@ def test_the_train_step_records_its_precision_and_a_golden_set(manifest, tmp_pat
     encoded = set(encode_golden(fitting, SIZE))
     assert all((tmp_path / "out" / name).read_bytes() in encoded for name in guard["golden_images"]), \
         "golden images come from the fitting data only"
+    if cpu_flag == "1":  # evaluation reports how bf16 answers differ on its split, and keeps the golden set
+        from chest_ct.blessing import BlessingPolicy
+        from chest_ct.evaluate import evaluate_model
+
+        result = evaluate_model(tmp_path / "out", manifest.root, tmp_path / "evaluated", tmp_path / "plots",
+                                run_id=run_id, policy=BlessingPolicy(min_auc=0, min_sensitivity=0, min_specificity=0))
+        agreement = read_metadata(tmp_path / "evaluated")["evaluation"]["precision_agreement"]
+        assert agreement == result.report["precision_agreement"]
+        assert agreement["images"] == result.report["scored_images"] and agreement["precision"] == "bf16"
+        assert agreement["within_tolerance"] and agreement["label_flips"] == 0 and agreement["tolerance"] == 0.01
+        assert (tmp_path / "evaluated" / guard["golden_images"][0]).is_file()
 
 
 def test_a_bad_precision_is_refused_before_training(manifest):
