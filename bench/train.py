@@ -19,8 +19,9 @@
   VGG16's last block.
 
 All are measured in this run, so the ratios hold on a busy machine. Run-to-run
-speed on a shared 2-core VM varies by up to ~40% (the same VGG16 pass takes ~30
-or ~41 s at 224 px), so the floor and chest-ct are measured alternately (floor,
+speed on a shared 2-core VM varies widely (the same VGG16 pass took 14 s and 41 s
+at 224 px within one run; the CPU other processes took during each run is
+printed and written with the figures), so the floor and chest-ct are measured alternately (floor,
 chest-ct, chest-ct bf16, bf16 floor, floor, ...) and each is taken as its fastest
 run: the least disturbed estimate of each, and never a floor inflated by a slow moment.
 
@@ -122,18 +123,25 @@ def main(argv: list[str] | None = None) -> int:
         base, _ = split_model(model)
         extract_features(base, files[: args.batch_size], args.image_size, args.batch_size)  # warm-up, untimed
 
+        import psutil
+
+        from bench.serve_floor import CpuShare
+
+        share = CpuShare([lambda: [psutil.Process()]])  # CPU other processes take during each run
+
         def floor(policy: str = "float32") -> float:
             with conv_policy(base, policy, model):
                 if policy != "float32":  # the warm-up of this dtype's graph, untimed
                     extract_features(base, files[: args.batch_size], args.image_size, args.batch_size)
-                seconds, _ = timed(lambda: extract_features(base, files, args.image_size, args.batch_size))
+                seconds, _ = share.measure(f"floor {policy} #{len(share.phases)}", lambda: timed(
+                    lambda: extract_features(base, files, args.image_size, args.batch_size)))
             print(f"floor ({policy}): {seconds:.1f}s for {len(files)} images", file=sys.stderr, flush=True)
             return seconds
 
         def chest_ct(out: str, **extra) -> float:
             extra = {"precision": "fp32", **extra}
-            seconds, _ = timed(lambda: train_and_export(
-                tmp / "data", model_file, tmp / out, epochs=args.epochs, batch_size=args.batch_size, **extra))
+            seconds, _ = share.measure(out, lambda: timed(lambda: train_and_export(
+                tmp / "data", model_file, tmp / out, epochs=args.epochs, batch_size=args.batch_size, **extra)))
             print(f"{out}: {seconds:.1f}s", file=sys.stderr, flush=True)
             return seconds
 
@@ -187,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                "bf16_floor_ratio": round(bf16_floor_s / floor_s, 3),
                "bf16_max_abs_diff": agreement.get("max_abs_diff"), "bf16_label_flips": agreement.get("label_flips"),
                "bf16_parity_images": agreement.get("images"), "native_bf16": cpu.native,
+               "background_cpu_max": round(max(share.phases.values()), 3),
                "images": n, "epochs": args.epochs, "image_size": args.image_size, "base_weights": Path(weights).name,
                **{f"option_{i}_s": round(s, 2) for i, (_, s) in enumerate(options)}}
 
@@ -202,11 +211,14 @@ def main(argv: list[str] | None = None) -> int:
                + "no label flip: "
                + met(agreement.get("max_abs_diff", 1.0) <= 0.01 and agreement.get("label_flips", 1) == 0))
     print(text)
+    background = "; ".join(f"{name} {100 * v:.0f}%" for name, v in share.phases.items())
     print(verdict)
+    print(f"CPU taken by other processes on this machine, per run: {background}")
     if not args.no_write:
         write_section("train", f"## Training ({args.image_size} px, {n} training images, {args.epochs} epochs, "
                                f"base weights: {Path(weights).name})\n\nMachine: {machine()}; native bf16: "
                                f"{cpu.native} ({cpu.source})\n\n{text}\n\n{verdict}\n\n"
+                               f"CPU taken by other processes on this machine, per run: {background}.\n\n"
                                "bf16 vs float32 answers of the bf16-trained model's SavedModel on the shared valid "
                                f"images (oneDNN's graph rewrite, as a bf16 server runs it): {agreement}\n\n"
                                f"```json\n{__import__('json').dumps(figures)}\n```")
