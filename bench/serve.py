@@ -1,4 +1,4 @@
-"""Serving speed and overload: the real KServe server (REST and gRPC v2) against the SavedModel called in process.
+"""Serving speed, overload and bf16: the real KServe server (REST and gRPC v2) against the SavedModel in process.
 
     python -m bench.serve [--quick] [--no-write] [--image PNG] [--overload-seconds S] [--overload-clients N]
                           [--max-batch-size B] [--max-queued-images Q] [--server-arg=--flag=value ...]
@@ -19,12 +19,16 @@ as a trained one), the request one real CT image from
   process and its children, sampled throughout;
 - overload (``bench.serve_overload``): 128 clients for 60 s, 90% one image, 5% 64
   images, 5% eight images at the pixel cap, the server under the pod's memory
-  limit (killed and restarted past it, as the OOM killer would).
+  limit (killed and restarted past it, as the OOM killer would);
+- bf16 (``bench.serve_precision``): a second server with ``--precision bf16`` against
+  the same float32 floor (the main server runs ``--precision fp32``).
 
 Targets: REST p50 <= 1.10x floor p50; p99 <= 1.5x p50; 8 clients >= 0.9x the
 floor's best throughput; ready <= 8 s; memory <= 1.5 GB (1536 MiB). Overload: no
 restart, peak memory under 80% of the pod's limit, admitted work >= 0.9x the
 floor's best, refusals answered in p99 <= 50 ms, one-image p99 <= 3x unloaded.
+bf16 (a CPU with native bf16): 16 clients >= 1.7x the float32 floor's best, p50 <=
+0.65x the float32 floor, answers within 0.01 of float32 and no label flip.
 
 The machine may be shared, so ratios are protected from background load: the
 sequential floor, REST and gRPC calls are interleaved round by round; each
@@ -48,7 +52,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench import serve_overload  # noqa: E402
+from bench import serve_overload, serve_precision  # noqa: E402
 from bench.report import emit, machine, pct, table, write_section  # noqa: E402
 from bench.serve_clients import (GrpcClient, RestClient, interleaved_latency, rejected_by_reason,  # noqa: E402
                                  throughput)
@@ -57,7 +61,8 @@ from bench.serve_process import Server, pod_memory_limit  # noqa: E402
 
 TARGETS = {"p50_ratio": 1.10, "p99_over_p50": 1.5, "throughput_ratio_8": 0.9, "ready_s": 8.0, "rss_mb": 1536.0,
            "overload_restarts": 0, "overload_rss_share": 0.8, "overload_admitted_ratio": 0.9,
-           "overload_reject_p99_ms": 50.0, "overload_small_p99_ratio": 3.0}
+           "overload_reject_p99_ms": 50.0, "overload_small_p99_ratio": 3.0,
+           "bf16_ips_16_ratio": 1.7, "bf16_p50_ratio": 0.65, "bf16_max_abs_diff": 0.01, "bf16_label_flips": 0}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -94,14 +99,16 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None:
             extra += [flag, str(value)]
     limit = pod_memory_limit()
+    # The main server runs float32 (the floor's arithmetic) unless told otherwise; bf16 has its own phase.
+    main_extra = extra if any(a.startswith("--precision") for a in extra) else ["--precision", "fp32", *extra]
 
     image, image_text = request_image(args.image)
     cap = serve_overload.cap_image(image)
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-        model_dir = export_model(Path(tmp) / "model")
+        model_dir = export_model(Path(tmp) / "model", serve_precision.valid_images()[:8] or [image])
         say(f"exported the {IMAGE_SIZE} px model in {time.perf_counter() - began:.1f}s")
-        server = Server(model_dir, args.server_log or Path(tmp) / "server.log", extra, memory_limit=limit)
+        server = Server(model_dir, args.server_log or Path(tmp) / "server.log", main_extra, memory_limit=limit)
         share = CpuShare([lambda: [psutil.Process()], server.procs])
         share.rerun_until = time.monotonic() + (60 if quick else 200)
         try:
@@ -149,20 +156,24 @@ def main(argv: list[str] | None = None) -> int:
             raise
         finally:
             server.stop()
+        bf16 = serve_precision.run(model_dir, Path(tmp) / "server-bf16.log", extra, floor, image, best_b, share,
+                                   warmup=warmup, sequential=sequential, duration=duration, min_images=min_images,
+                                   memory_limit=limit)
+        floor_best = max(floor_best, bf16.floor_best_again)
     if not alive:
         raise RuntimeError("the server was dead at the end of the benchmark")
     max_diff = max(abs(probs["rest"] - probs["floor"]), abs(probs["grpc"] - probs["floor"]))
     if max_diff > 1e-4:
         raise RuntimeError(f"server answers differ from the in-process model by {max_diff:.2g}")
-    report(args, extra, image_text, times, floor_ips, recheck, best_b, floor_best, loads, ready_s, ready_rss,
+    report(args, main_extra, image_text, times, floor_ips, recheck, best_b, floor_best, loads, ready_s, ready_rss,
            peak_rss, share, over, restarts, overload_rss, limit, cap_s,
-           warmup, sequential, duration, overload_s)
+           warmup, sequential, duration, overload_s, bf16)
     return 0
 
 
 def report(args, extra, image_text, times, floor_ips, recheck, best_b, floor_best, loads, ready_s, ready_rss,
            peak_rss, share, over, restarts, overload_rss, limit, cap_s, warmup, sequential, duration,
-           overload_s) -> None:
+           overload_s, bf16: serve_precision.Bf16Phase) -> None:
     """Print the tables and checks, write the serving section of docs/benchmarks.md, emit the JSON line."""
     quick = args.quick
     ms = {k: (statistics.median(v) * 1000, pct(v, 99) * 1000) for k, v in times.items()}
@@ -190,6 +201,14 @@ def report(args, extra, image_text, times, floor_ips, recheck, best_b, floor_bes
         "overload_clients": args.overload_clients, "overload_seconds": overload_s,
         "pod_memory_limit_mb": round(limit / 2**20), "background_cpu_max": round(max(share.phases.values()), 3),
         "quick": quick, "server_args": " ".join(extra),
+        "bf16_precision": bf16.precision, "bf16_precision_reason": bf16.reason,
+        "bf16_floor_p50_ms": round(bf16.floor_p50_ms, 1), "bf16_rest_p50_ms": round(bf16.rest_p50_ms, 1),
+        "bf16_rest_p99_ms": round(bf16.rest_p99_ms, 1), "bf16_ips_16": round(bf16.ips_16, 2),
+        "bf16_p50_ratio": round(bf16.rest_p50_ms / bf16.floor_p50_ms, 3),
+        "bf16_ips_16_ratio": round(bf16.ips_16 / floor_best, 3), "bf16_ready_s": round(bf16.ready_s, 2),
+        "bf16_inprocess_p50_ms": round(bf16.inprocess_p50_ms, 1), "bf16_inprocess_ips": round(bf16.inprocess_ips, 2),
+        "bf16_max_abs_diff": bf16.parity.get("max_abs_diff"), "bf16_label_flips": bf16.parity.get("label_flips"),
+        "bf16_parity_images": bf16.parity.get("images", 0),
     }
     rows = [["floor: in-process call, 1 image, sequential", floor_p50, floor_p99, 1000 / floor_p50, "", ""]]
     rows += [[f"floor: in-process, batches of {b}, back to back", "", "", v, "", round(v / floor_best, 3)]
@@ -202,6 +221,18 @@ def report(args, extra, image_text, times, floor_ips, recheck, best_b, floor_bes
               round(1000 / grpc_p50 / floor_best, 3)]]
     rows += [[f"chest-ct REST, {c} concurrent clients ({loads[c]['refused']} refused)", "", "", loads[c]["ips"],
               round(loads[c]["images_per_call"], 2), round(loads[c]["ips"] / floor_best, 3)] for c in (1, 8, 16)]
+    rows += [["bf16 phase: floor (float32), 1 image, interleaved with the two below", bf16.floor_p50_ms, "",
+              1000 / bf16.floor_p50_ms, "", ""],
+             ["reference: the floor's signature in bf16 (oneDNN rewrite), 1 image, interleaved",
+              bf16.inprocess_p50_ms, "", 1000 / bf16.inprocess_p50_ms, "", ""],
+             [f"bf16 phase: floor batches of {best_b} again", "", "", bf16.floor_best_again, "",
+              round(bf16.floor_best_again / floor_best, 3)],
+             [f"reference: the floor's signature in bf16, batches of {best_b}", "", "", bf16.inprocess_ips, "",
+              round(bf16.inprocess_ips / floor_best, 3)],
+             [f"chest-ct REST --precision bf16 (served: {bf16.precision}), sequential", bf16.rest_p50_ms,
+              bf16.rest_p99_ms, 1000 / bf16.rest_p50_ms, 1.0, round(1000 / bf16.rest_p50_ms / floor_best, 3)],
+             [f"chest-ct REST --precision bf16, 16 concurrent clients ({bf16.refused_16} refused)", "", "",
+              bf16.ips_16, "", round(bf16.ips_16 / floor_best, 3)]]
     text = table(["what", "p50 ms", "p99 ms", "images/s", "images per model call", "x floor best images/s"], rows)
     text += "\n\n" + table(["server", "value"], [
         ["start to ready (spawn -> /v2/health/ready 200), s", ready_s],
@@ -246,6 +277,15 @@ def report(args, extra, image_text, times, floor_ips, recheck, best_b, floor_bes
               f"{over['reject_p99_ms']:.1f} ms"),
         check("overload: one-image p99 <= 3x unloaded", over["small_p99_ratio"] <= TARGETS["overload_small_p99_ratio"],
               f"{over['small_p99_ratio']:.2f}x"),
+        check("bf16: served in bf16 (golden set agreed)", bf16.precision == "bf16", bf16.precision),
+        check("bf16: 16 clients >= 1.7x the fp32 floor's best", figures["bf16_ips_16_ratio"] >=
+              TARGETS["bf16_ips_16_ratio"], f"{figures['bf16_ips_16_ratio']}x"),
+        check("bf16: p50 <= 0.65x the fp32 floor", figures["bf16_p50_ratio"] <= TARGETS["bf16_p50_ratio"],
+              f"{figures['bf16_p50_ratio']}x"),
+        check(f"bf16: within 0.01 of fp32, no label flip ({figures['bf16_parity_images']} valid images)",
+              bool(bf16.parity) and bf16.parity["max_abs_diff"] <= TARGETS["bf16_max_abs_diff"]
+              and bf16.parity["label_flips"] == TARGETS["bf16_label_flips"],
+              f"max {figures['bf16_max_abs_diff']}, {figures['bf16_label_flips']} flips"),
     ]
     verdict = "targets: " + "; ".join(checks)
     print(text)
@@ -262,7 +302,11 @@ def report(args, extra, image_text, times, floor_ips, recheck, best_b, floor_bes
             "client's first answer); a refused request is sent again after 0.1 s. Overload: "
             f"{args.overload_clients} REST clients for {overload_s:.0f} s, waiting the Retry-After (+-25%) after a "
             "503; figures over the window from 5 s to the end; admitted work counts each answered request's images "
-            "at what the in-process model needs for them, spread over the request's duration.\n\n"
+            "at what the in-process model needs for them, spread over the request's duration. The main server runs "
+            "float32 (--precision fp32). bf16 phase: a second server with --precision bf16; sequential REST "
+            "requests interleaved with float32 floor calls, 16 clients, and each shared valid image once against the "
+            "floor's float32 answer (random weights: all probabilities sit near 0.4, far from the 0.5 threshold, so "
+            "label flips are only meaningful in bench.train's trained-model figure).\n\n"
             f"{text}\n\n{verdict}\n\n"
             f"Server overhead per request over the in-process call (p50): REST {rest_p50 - floor_p50:+.1f} ms, "
             f"gRPC {grpc_p50 - floor_p50:+.1f} ms.\n\n"

@@ -50,6 +50,13 @@ class RestClient:
         outputs = {o["name"]: o["data"] for o in reply.json()["outputs"]}
         return 200, dict(reply.headers), float(outputs["probability"][0])
 
+    def probability(self, image: bytes) -> float:
+        """The server's probability for ``image`` alone."""
+        status, _, probability = self.post(image_body([image]))
+        if status != 200 or probability is None:
+            raise RuntimeError(f"REST infer answered {status}")
+        return probability
+
     def infer(self) -> float:
         status, headers, probability = self.post(self.body)
         if status == 503:

@@ -37,14 +37,16 @@ def request_image(path: Path | None) -> tuple[bytes, str]:
     return data, f"generated 512x512 grayscale PNG ({len(data) // 1024} KiB)"
 
 
-def export_model(out_dir: Path) -> Path:
-    """A random-weight model whose guard is fitted on shifted copies of the benchmark picture."""
+def export_model(out_dir: Path, golden: list[bytes]) -> Path:
+    """A random-weight model whose guard is fitted on shifted copies of the benchmark picture, with a golden
+    set of ``golden`` (encoded images) so a bf16 server may start."""
     import tempfile
 
     import numpy as np
     from PIL import Image
 
     from chest_ct.export import export_saved_model
+    from chest_ct.golden import write_golden_set
     from chest_ct.model import build_model
     from chest_ct.ood import block_features, fit_guard
 
@@ -57,6 +59,7 @@ def export_model(out_dir: Path) -> Path:
             Image.fromarray(np.roll(image, 20 * shift, axis=shift % 2)).save(files[-1])
         guard = fit_guard(block_features(model, files, IMAGE_SIZE, 4), list(range(len(files))))
     export_saved_model(model, out_dir, {"mlflow_run_id": "bench"}, guard=guard)
+    write_golden_set(out_dir, golden, f"{len(golden)} benchmark images")
     return out_dir
 
 
@@ -73,6 +76,9 @@ class Floor:
 
     def infer(self) -> float:
         return float(self._fn(images=self._one)["probability"].numpy()[0])
+
+    def probability(self, image: bytes) -> float:
+        return float(self._fn(images=self._tf.constant([image]))["probability"].numpy()[0])
 
     def throughput(self, b: int, min_images: int) -> float:
         """Images/s calling with batches of ``b`` (after one warm-up call: oneDNN builds primitives per shape)."""
@@ -110,6 +116,10 @@ class CpuShare:
         self.phases: dict[str, float] = {}
         self.reruns: list[str] = []
         self.rerun_until = float("inf")  # no re-runs after this time.monotonic(): keeps the run bounded
+
+    def track(self, procs) -> None:
+        """Count ``procs()`` (a callable returning psutil.Process lists) as this benchmark's own CPU too."""
+        self._own.append(procs)
 
     def _busy(self) -> float:
         t = self._psutil.cpu_times()

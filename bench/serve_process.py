@@ -19,16 +19,14 @@ from pathlib import Path
 from bench.report import PROJECT
 
 MODEL_NAME = "chest-ct"
-INFERENCE_SERVICE = PROJECT / "manifests" / "base" / "inferenceservice.yaml"
 _UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 
 
 def pod_memory_limit() -> int:
-    """The predictor's ``resources.limits.memory`` in manifests/base/inferenceservice.yaml, in bytes."""
-    import yaml
+    """The model server's memory limit in the InferenceService the deploy step writes, in bytes."""
+    from chest_ct.inference_service import DEFAULT_RESOURCES
 
-    spec = yaml.safe_load(INFERENCE_SERVICE.read_text())["spec"]["predictor"]["containers"][0]
-    text = str(spec["resources"]["limits"]["memory"])
+    text = str(DEFAULT_RESOURCES["limits"]["memory"])
     for suffix, factor in _UNITS.items():
         if text.endswith(suffix):
             return int(float(text[: -len(suffix)]) * factor)

@@ -26,6 +26,14 @@ FINE_TUNE_EPOCHS = 0
 FINE_TUNE_LEARNING_RATE = 1e-5
 #: Off by default: TF op determinism slows some GPU kernels; CPU runs are repeatable without it.
 DETERMINISTIC = False
+#: VGG16's arithmetic in the feature pass and fine-tuning: auto, fp32 or bf16 (chest_ct/precision.py).
+PRECISION = "auto"
+
+# Reduced-precision guard (chest_ct/golden.py, serving/precision.py)
+#: Images stored with the model whose float32 answers a reduced-precision server must reproduce.
+GOLDEN_IMAGES = 8
+#: Largest probability difference from float32 accepted on those images (and reported by evaluation).
+PRECISION_TOLERANCE = 0.01
 
 # DICOM: Hounsfield units -> the model's grey levels (a lung window: -1350 HU is black, +150 HU white)
 WINDOW_LEVEL = -600.0

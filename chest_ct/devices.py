@@ -10,6 +10,11 @@ image has a CPU build of TensorFlow.
 The compiled pipeline tells the train step how many GPUs it requested in
 ``CHEST_CT_EXPECTED_GPUS`` (pipelines/cluster.py); ``python -m chest_ct.devices``
 is the same check for a smoke-test Job.
+
+With two or more GPUs, :func:`training_strategy` mirrors the model on each of them
+(``tf.distribute.MirroredStrategy``): the feature pass, the head and fine-tuning split
+every batch across the replicas and average their gradients. Training across nodes is
+the next step (docs/cluster.md, "Several nodes").
 """
 
 from __future__ import annotations
@@ -41,6 +46,21 @@ def visible_gpus() -> list[str]:
     import tensorflow as tf
 
     return [device.name for device in tf.config.list_physical_devices("GPU")]
+
+
+def training_strategy(devices: Sequence[str] | None = None):
+    """``MirroredStrategy`` over ``devices`` (default: every visible GPU) when there are two or more, else
+    TensorFlow's default strategy (one device, its scope changes nothing).
+
+    The model must be built or loaded inside ``strategy.scope()``; ``batch_size`` stays the global batch,
+    split across the replicas.
+    """
+    import tensorflow as tf
+
+    names = [d.name for d in tf.config.list_logical_devices("GPU")] if devices is None else list(devices)
+    if len(names) < 2:
+        return tf.distribute.get_strategy()
+    return tf.distribute.MirroredStrategy(names)
 
 
 def check_gpus(expected: int, visible: Sequence[str] | None = None) -> list[str]:

@@ -30,6 +30,7 @@ from chest_ct.guard_eval import guard_markdown, guard_rates, log_guard_rates
 from chest_ct.metrics import bootstrap_intervals, calibration, roc_points
 from chest_ct.model_card import build_model_card, source_commit
 from chest_ct.plots import CALIBRATION_BINS, save_plots
+from chest_ct.precision import precision_agreement
 from chest_ct.publishing import log_report_html, publish
 from chest_ct.records import EXCLUDED, TEST, TRAIN, ImageRecord, Manifest
 from chest_ct.report_html import ReportContent, write_report
@@ -107,6 +108,8 @@ def evaluate_model(
     evaluation = {"per_image": scores.per_image, "per_group": scores.per_group, "scored_images": scores.images,
                   "scored_groups": sum(scores.groups_per_class.values()), "excluded_images": len(excluded),
                   "guard": guard.to_dict(), "git_commit": commit}
+    # How a bf16 server's answers differ from these float32 ones on the same split (chest_ct.precision).
+    evaluation["precision_agreement"] = precision_agreement(model_dir, [manifest.file(r) for r in scored], threshold)
     write_metadata(out_model_dir, {**metadata, "mlflow_run_id": run_id, "evaluation": evaluation})
 
     registry.use_tracking(experiment)

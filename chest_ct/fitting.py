@@ -14,6 +14,7 @@ block afterwards; its result is kept only if it lowers the validation loss.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,9 +26,11 @@ from chest_ct import defaults
 from chest_ct.determinism import seed_everything
 from chest_ct.inputs import extract_features, image_dataset
 from chest_ct.model import image_size_of, split_model
+from chest_ct.precision import PrecisionChoice, check_choice, choose_precision, conv_policy
 from chest_ct.records import Manifest
 from chest_ct.window import LUNG_WINDOW, Window
 
+log = logging.getLogger(__name__)
 EpochCallback = Callable[[int, dict[str, float]], None]
 #: ``fit_predict(fit_indices, predict_indices) -> probabilities`` over the fitting images (train, then valid).
 FitPredict = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -85,11 +88,13 @@ class TrainResult:
     train_examples: int
     features: Features
     initial_head_weights: list[np.ndarray]
+    #: VGG16's arithmetic in the feature pass and fine-tuning (the head is always float32).
+    precision: PrecisionChoice
     fine_tune_history: dict[str, list[float]] = field(default_factory=dict)
 
 
 def validate_params(epochs: int, batch_size: int, learning_rate: float, augment_copies: int, patience: int,
-                    fine_tune_epochs: int, fine_tune_learning_rate: float) -> None:
+                    fine_tune_epochs: int, fine_tune_learning_rate: float, precision: str = defaults.PRECISION) -> None:
     def is_int(v: object) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
 
@@ -107,10 +112,14 @@ def validate_params(epochs: int, batch_size: int, learning_rate: float, augment_
     for name, (value, ok, expected) in checks.items():
         if not ok:
             raise ValueError(f"{name}={value!r}: expected {expected}")
+    check_choice("precision", precision)
 
 
-def _compile(model: keras.Model, learning_rate: float) -> None:
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=keras.losses.BinaryCrossentropy(),
+def _compile(model: keras.Model, learning_rate: float, loss_scale: bool = False) -> None:
+    optimizer = keras.optimizers.Adam(learning_rate)
+    if loss_scale:  # float16 gradients: scale the loss so small ones do not underflow to zero
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    model.compile(optimizer=optimizer, loss=keras.losses.BinaryCrossentropy(),
                   metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")])
 
 
@@ -143,11 +152,16 @@ def fit_classifier(
     fine_tune_learning_rate: float = defaults.FINE_TUNE_LEARNING_RATE,
     deterministic: bool = defaults.DETERMINISTIC,
     window: Window = LUNG_WINDOW,
+    precision: str = defaults.PRECISION,
     on_epoch: EpochCallback | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place; return it as it should be exported, with what training learnt."""
+    """Train ``model`` in place; return it as it should be exported, with what training learnt.
+
+    Runs on the distribution strategy whose scope is active (``chest_ct.devices.training_strategy``),
+    in which ``model`` must have been built or loaded.
+    """
     validate_params(epochs, batch_size, learning_rate, augment_copies, patience, fine_tune_epochs,
-                    fine_tune_learning_rate)
+                    fine_tune_learning_rate, precision)
     for name, examples in (("training", train), ("validation", valid)):
         if len(set(examples.labels)) < 2:
             raise ValueError(f"{name} labels hold only class {sorted(set(examples.labels))}; need both classes")
@@ -155,12 +169,16 @@ def fit_classifier(
     base, head = split_model(model)
     size = image_size_of(model)
     initial_head_weights = head.get_weights()
+    choice = choose_precision(precision)
+    log.info("precision: %s (%s)", choice.policy, choice.reason)
 
     # One pass over train and valid together: one input pipeline and fewer odd-sized batches.
-    clean = extract_features(base, [*train.files, *valid.files], size, batch_size, window=window)
-    features = Features(train=clean[:len(train)], valid=clean[len(train):], train_augmented=[
-        extract_features(base, train.files, size, batch_size, augment_seed=seed + 1000 * (copy + 1), window=window)
-        for copy in range(augment_copies)])
+    with conv_policy(base, choice.policy, model):
+        clean = extract_features(base, [*train.files, *valid.files], size, batch_size, window=window)
+        features = Features(train=clean[:len(train)], valid=clean[len(train):], train_augmented=[
+            extract_features(base, train.files, size, batch_size, augment_seed=seed + 1000 * (copy + 1),
+                             window=window)
+            for copy in range(augment_copies)])
     x_train = np.concatenate([features.train, *features.train_augmented])
     y_train = np.tile(np.asarray(train.labels, np.float32), 1 + augment_copies)
     w_train = np.tile(picture_weights(train.labels, train.groups), 1 + augment_copies)
@@ -177,18 +195,24 @@ def fit_classifier(
         model=model, history=history, head_best_epoch=best + 1, epochs_run=len(history["val_loss"]),
         best_epoch=best + 1, best_val_loss=history["val_loss"][best], exported_stage=HEAD,
         train_examples=len(y_train), features=features, initial_head_weights=initial_head_weights,
+        precision=choice,
     )
     if fine_tune_epochs:
-        _fine_tune(result, train, valid, w_valid, epochs=fine_tune_epochs, batch_size=batch_size,
-                   learning_rate=fine_tune_learning_rate, patience=patience, seed=seed, on_epoch=on_epoch,
-                   window=window)
+        with conv_policy(base, choice.policy, model):
+            _fine_tune(result, train, valid, w_valid, epochs=fine_tune_epochs, batch_size=batch_size,
+                       learning_rate=fine_tune_learning_rate, patience=patience, seed=seed, on_epoch=on_epoch,
+                       window=window, loss_scale=choice.loss_scale)
     return result
 
 
 def _fine_tune(result: TrainResult, train: Examples, valid: Examples, w_valid: np.ndarray, *, epochs: int,
                batch_size: int, learning_rate: float, patience: int, seed: int,
-               on_epoch: EpochCallback | None, window: Window) -> None:
-    """Unfreeze VGG16's last block and train it with the head on images; keep it only if val_loss improves."""
+               on_epoch: EpochCallback | None, window: Window, loss_scale: bool = False) -> None:
+    """Unfreeze VGG16's last block and train it with the head on images; keep it only if val_loss improves.
+
+    Under a mixed policy (:func:`chest_ct.precision.conv_policy`) the convolutions run in
+    bf16/fp16 on float32 variables and the head's output stays float32.
+    """
     model = result.model
     base, _ = split_model(model)
     size = image_size_of(model)
@@ -196,7 +220,7 @@ def _fine_tune(result: TrainResult, train: Examples, valid: Examples, w_valid: n
     base.trainable = True
     for layer in base.layers:
         layer.trainable = layer.name.startswith("block5")
-    _compile(model, learning_rate)
+    _compile(model, learning_rate, loss_scale)
     w_train = picture_weights(train.labels, train.groups)
     offset = result.epochs_run
     history = _floats(model.fit(
@@ -226,8 +250,14 @@ def head_fit_predict(result: TrainResult, train: Examples, valid: Examples, *, b
 
     The fitting images are ``train`` then ``valid``; augmented copies of training
     images go with them into the fitted part. Used for out-of-fold predictions.
+    One head is built and compiled for all folds and reset to the start before each
+    (weights and optimizer state): a fresh Keras model per fold costs a compile and a
+    trace each, half of the folds' time.
     """
     _, template = split_model(result.model)
+    head = keras.models.clone_model(template)
+    head.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=keras.losses.BinaryCrossentropy())
+    head.optimizer.build(head.trainable_variables)
     feats = result.features
     x_all = np.concatenate([feats.train, feats.valid])
     y_all = np.asarray([*train.labels, *valid.labels], np.float32)
@@ -241,9 +271,9 @@ def head_fit_predict(result: TrainResult, train: Examples, valid: Examples, *, b
         origin = np.concatenate([fit_idx, *[fit_idx[has_copies]] * copies])
         x = np.concatenate([x_all[fit_idx], *[a[fit_idx[has_copies]] for a in feats.train_augmented]])
         w = np.concatenate([w, *[w[has_copies]] * copies])
-        head = keras.models.clone_model(template)
         head.set_weights(result.initial_head_weights)
-        _compile(head, learning_rate)
+        for variable in head.optimizer.variables:  # iterations, moments: as a new optimizer has them
+            variable.assign(np.zeros(variable.shape, variable.dtype))
         head.fit(x, y_all[origin], sample_weight=w / w.mean(), epochs=result.head_best_epoch,
                  batch_size=batch_size, shuffle=True, verbose=0)
         return np.asarray(head(x_all[predict_idx], training=False)).reshape(-1)  # a few rows: one call, no retracing

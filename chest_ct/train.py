@@ -16,12 +16,15 @@ from typing import Any
 
 import keras
 import mlflow
+import numpy as np
 
 from chest_ct import CLASS_NAMES, POSITIVE_CLASS, defaults, registry
 from chest_ct.determinism import seed_everything
+from chest_ct.devices import training_strategy
 from chest_ct.export import export_saved_model, read_metadata, write_metadata
 from chest_ct.fitting import FINE_TUNED, Examples, TrainResult, fit_classifier, head_fit_predict
-from chest_ct.model import image_size_of
+from chest_ct.golden import encode_golden, pick_golden, write_golden_set
+from chest_ct.model import image_size_of, split_model
 from chest_ct.ood import Guard, block_features, check_quantile, fit_guard
 from chest_ct.records import FITTING_ROLES, TRAIN, VALID, Manifest
 from chest_ct.seen_images import SEEN_FILE, write_seen
@@ -65,9 +68,12 @@ def train_and_export(
     check_quantile(ood_quantile)
     # Seeded before loading: layers draw their random-state seeds when they are created.
     seed_everything(hyper.get("seed", defaults.SEED), hyper.get("deterministic", defaults.DETERMINISTIC))
-    model = keras.models.load_model(base_model_file)
+    strategy = training_strategy()  # two or more GPUs: mirrored on each; else one device
+    with strategy.scope():
+        model = keras.models.load_model(base_model_file)
     train, valid = Examples.of_role(manifest, TRAIN), Examples.of_role(manifest, VALID)
     params = {**hyper, "target_sensitivity": target_sensitivity, "threshold_folds": threshold_folds,
+              "precision": hyper.get("precision", defaults.PRECISION), "replicas": strategy.num_replicas_in_sync,
               "image_size": image_size_of(model), "dataset_fingerprint": manifest.fingerprint,
               "window_level": window.level, "window_width": window.width, "ood_quantile": ood_quantile,
               "train_images": len(train), "valid_images": len(valid),
@@ -81,21 +87,25 @@ def train_and_export(
 
     # Inside the run's context, so a failure marks the MLflow run FAILED instead of leaving it FINISHED.
     with mlflow.start_run(run_id=run_id):
-        result = fit_classifier(model, train, valid, on_epoch=on_epoch, window=window, **hyper)
-        choice = out_of_fold_threshold(
-            [*train.labels, *valid.labels], [*train.groups, *valid.groups],
-            head_fit_predict(result, train, valid, batch_size=hyper.get("batch_size", defaults.BATCH_SIZE),
-                             learning_rate=hyper.get("learning_rate", defaults.LEARNING_RATE)),
-            target_sensitivity=target_sensitivity, folds=threshold_folds, seed=hyper.get("seed", defaults.SEED),
-            class_names=manifest.classes)
-        if result.exported_stage == FINE_TUNED:
-            choice.note = "; ".join(filter(None, [choice.note,
-                                                  "folds fit the head only, the exported model is fine-tuned"]))
-        # The guard reads the exported model's own base (fine-tuned or not), on the clean fitting images.
-        guard = fit_guard(block_features(result.model, [*train.files, *valid.files], image_size_of(model),
-                                         hyper.get("batch_size", defaults.BATCH_SIZE), window),
-                          [*train.groups, *valid.groups], quantile=ood_quantile)
-        summary = _export(result, choice, manifest, out_dir, run_id, guard, window)
+        with strategy.scope():  # models, and the folds' fresh heads, live on every replica
+            result = fit_classifier(model, train, valid, on_epoch=on_epoch, window=window, **hyper)
+            mlflow.log_params({"precision_used": result.precision.policy, "precision_device": result.precision.device})
+            mlflow.set_tag("precision_reason", result.precision.reason[:5000])
+            choice = out_of_fold_threshold(
+                [*train.labels, *valid.labels], [*train.groups, *valid.groups],
+                head_fit_predict(result, train, valid, batch_size=hyper.get("batch_size", defaults.BATCH_SIZE),
+                                 learning_rate=hyper.get("learning_rate", defaults.LEARNING_RATE)),
+                target_sensitivity=target_sensitivity, folds=threshold_folds, seed=hyper.get("seed", defaults.SEED),
+                class_names=manifest.classes)
+            if result.exported_stage == FINE_TUNED:
+                choice.note = "; ".join(filter(None, [choice.note,
+                                                      "folds fit the head only, the exported model is fine-tuned"]))
+            # The guard reads the exported model's own base (fine-tuned or not), on the clean fitting images.
+            guard = fit_guard(block_features(result.model, [*train.files, *valid.files], image_size_of(model),
+                                             hyper.get("batch_size", defaults.BATCH_SIZE), window),
+                              [*train.groups, *valid.groups], quantile=ood_quantile)
+        # Outside the scope: a SavedModel loaded inside it (the golden set's answers) gets mirrored variables.
+        summary = _export(result, choice, manifest, out_dir, run_id, train, valid, guard, window)
         mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                             "best_val_loss": result.best_val_loss, "threshold": choice.threshold,
                             "threshold_fold_spread": choice.spread,
@@ -117,8 +127,8 @@ def train_and_export(
 
 
 def _export(result: TrainResult, choice: ThresholdChoice, manifest: Manifest, out_dir: Path,
-            run_id: str, guard: Guard, window: Window) -> dict[str, Any]:
-    """Write the SavedModel, its fitted-image record and metadata; return the training summary."""
+            run_id: str, train: Examples, valid: Examples, guard: Guard, window: Window) -> dict[str, Any]:
+    """Write the SavedModel, its fitted-image record, golden set and metadata; return the training summary."""
     summary = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                "best_val_loss": result.best_val_loss, "exported_stage": result.exported_stage,
                "train_examples": result.train_examples, "threshold": choice.threshold,
@@ -127,8 +137,30 @@ def _export(result: TrainResult, choice: ThresholdChoice, manifest: Manifest, ou
                                                "threshold": choice.threshold, "threshold_source": choice.source()},
                        guard=guard, window=window)
     seen = write_seen(out_dir, (r for r in manifest.records if r.split in FITTING_ROLES))
+    _golden_set(result, choice.threshold, out_dir, train, valid)
     metadata = read_metadata(out_dir)
-    metadata.update(fitted_images=seen, training={k: summary[k] for k in ("best_epoch", "best_val_loss",
-                                                                          "exported_stage", "epochs_run")})
+    metadata.update(fitted_images=seen, training={
+        **{k: summary[k] for k in ("best_epoch", "best_val_loss", "exported_stage", "epochs_run")},
+        "precision": result.precision.to_dict()})
     write_metadata(out_dir, metadata)
     return summary
+
+
+def _golden_set(result: TrainResult, threshold: float, out_dir: Path, train: Examples, valid: Examples) -> None:
+    """Store a few fitting images with the model for the server's reduced-precision check (chest_ct/golden.py).
+
+    Picked on the head's probabilities for the cached features, clear of the threshold by twice the
+    tolerance (the exported model's own float32 answers, stored with them, may differ a little).
+    """
+    _, head = split_model(result.model)
+    features = np.concatenate([result.features.train, result.features.valid])
+    probabilities = np.asarray(head(features, training=False)).reshape(-1)
+    files, labels, groups = [*train.files, *valid.files], [*train.labels, *valid.labels], [*train.groups, *valid.groups]
+    picked = pick_golden(probabilities, labels, groups, threshold, margin=2 * defaults.PRECISION_TOLERANCE)
+    if not picked:
+        log.warning("no fitting image lies clear of the threshold: the model has no golden set and will be "
+                    "served in float32 only")
+        return
+    write_golden_set(out_dir, encode_golden([files[i] for i in picked], image_size_of(result.model)),
+                     f"{len(picked)} fitting images, both classes, one per picture, re-encoded as PNG at the "
+                     "model's input size")

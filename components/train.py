@@ -20,6 +20,7 @@ def train(
     seed: int,
     fine_tune_epochs: int,
     deterministic: bool,
+    precision: str,
     target_sensitivity: float,
     threshold_folds: int,
     window_level: float,
@@ -47,6 +48,7 @@ def train(
         window=Window(level=window_level, width=window_width), ood_quantile=ood_quantile,
         epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, augment_copies=augment_copies,
         patience=patience, seed=seed, fine_tune_epochs=fine_tune_epochs, deterministic=deterministic,
+        precision=precision,
     )
     model.metadata.update(mlflow_run_id=run_id, format="tf-savedmodel")
     return (run_id,)

@@ -44,6 +44,7 @@ def chest_ct_pipeline(
     threshold_folds: int = defaults.THRESHOLD_FOLDS,
     seed: int = defaults.SEED,
     deterministic: bool = defaults.DETERMINISTIC,
+    precision: str = defaults.PRECISION,
     augment_copies: int = defaults.AUGMENT_COPIES,
     fine_tune_epochs: int = defaults.FINE_TUNE_EPOCHS,
     patience: int = defaults.PATIENCE,
@@ -80,9 +81,10 @@ def chest_ct_pipeline(
         dataset=ingest_task.outputs["dataset"], base_model=base_task.outputs["model"],
         validation_report=ingest_task.outputs["validation_report"], epochs=epochs, batch_size=batch_size,
         learning_rate=learning_rate, augment_copies=augment_copies, fine_tune_epochs=fine_tune_epochs,
-        patience=patience, seed=seed, deterministic=deterministic, target_sensitivity=target_sensitivity,
-        threshold_folds=threshold_folds, window_level=window_level, window_width=window_width,
-        ood_quantile=ood_quantile, experiment=experiment, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+        patience=patience, seed=seed, deterministic=deterministic, precision=precision,
+        target_sensitivity=target_sensitivity, threshold_folds=threshold_folds, window_level=window_level,
+        window_width=window_width, ood_quantile=ood_quantile, experiment=experiment,
+        pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
     ).set_display_name("train")
     configure(train_task, "train", gpu=True)
     eval_task = evaluate(

@@ -28,6 +28,7 @@ import kserve.model_server as kserve_server  # noqa: E402  (parses kserve's flag
 
 from serving import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME, config  # noqa: E402
 from serving.model_dir import ModelLoadError, check_model_dir, read_model_info  # noqa: E402
+from serving.precision import cpu_bf16  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                  "scale with more replicas instead")
     try:
         cfg = config.from_args(args)
+        cpu_bf16()  # a malformed CHEST_CT_CPU_BF16 override is refused here, before the model loads
     except ValueError as exc:
         sys.exit(f"chest-ct serving: {exc}")
     try:  # cheap checks first, before the slow TensorFlow import

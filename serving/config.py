@@ -1,4 +1,4 @@
-"""Every server limit in one place: its default, its flag and environment variable, and one range check.
+"""Every server setting in one place (the limits, the precision): its default, flag, environment variable, check.
 
 Each field of ``ServerConfig`` is a flag ``--<name>`` whose default is the
 environment variable ``CHEST_CT_<NAME>`` when set (an InferenceService can tune
@@ -14,14 +14,20 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from serving.precision import AUTO, CHOICES
+
 MiB = 1024 * 1024
 #: Largest image accepted (pixels): 4096 x 4096, far above a CT slice (512 x 512) yet a bounded decode.
 CAP_PIXELS = 4096 * 4096
-_TYPES = {"int": int, "float": float}
+_TYPES = {"int": int, "float": float, "str": str}
 
 
 def _limit(default: float, text: str, low: float, high: float | None = None) -> Any:
     return field(default=default, metadata={"help": text, "low": low, "high": high})
+
+
+def _choice(default: str, text: str, choices: tuple[str, ...]) -> Any:
+    return field(default=default, metadata={"help": text, "choices": choices})
 
 
 @dataclass(frozen=True)
@@ -59,16 +65,27 @@ class ServerConfig:
     model_call_timeout_s: float = _limit(
         60.0, "a model call running longer than this makes /v2/health/ready and the model's ready endpoint "
               "answer not ready until it ends (watchdog)", 0.1, 86_400.0)
+    # --- numerics (serving/precision.py) -------------------------------------------------------
+    precision: str = _choice(
+        AUTO, "the model's arithmetic: auto (bf16 when the CPU has native bf16, else fp32), fp32 or bf16; "
+              "bf16 is used only if the model's golden set agrees with its stored float32 answers", CHOICES)
+    precision_tolerance: float = _limit(
+        0.01, "largest difference from the stored float32 probability a golden image may show in reduced "
+              "precision (any label flip at the threshold also falls back to fp32)", 0.0, 1.0)
 
     def __post_init__(self) -> None:
         bad = []
         for f in fields(self):
+            if "choices" in f.metadata:
+                if getattr(self, f.name) not in f.metadata["choices"]:
+                    bad.append(f"{f.name}={getattr(self, f.name)!r} (allowed: {', '.join(f.metadata['choices'])})")
+                continue
             value, low, high = getattr(self, f.name), f.metadata["low"], f.metadata["high"]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low or \
                     (high is not None and value > high) or (f.type == "int" and value != int(value)):
                 bad.append(f"{f.name}={value!r} (allowed: {low}..{'' if high is None else high})")
         if bad:
-            raise ValueError(f"invalid server limits: {'; '.join(bad)}")
+            raise ValueError(f"invalid server settings: {'; '.join(bad)}")
 
     @property
     def deadline_s(self) -> float:
@@ -83,10 +100,12 @@ def env_name(name: str) -> str:
     return f"CHEST_CT_{name.upper()}"
 
 
-def _env_default(name: str, kind: type, default: float) -> float:
+def _env_default(name: str, kind: type, default: Any) -> Any:
     raw = os.environ.get(env_name(name), "").strip()
     if not raw:
         return default
+    if kind is str:
+        return raw
     try:
         number = float(raw)
     except ValueError:
@@ -95,10 +114,14 @@ def _env_default(name: str, kind: type, default: float) -> float:
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
-    """One ``--<name>`` flag per ServerConfig field, its default read from ``CHEST_CT_<NAME>`` when set."""
+    """One ``--<name>`` flag per ServerConfig field, its default read from ``CHEST_CT_<NAME>`` when set.
+
+    A choice read from the environment is checked with the other values (``from_args``), so a wrong
+    ``CHEST_CT_PRECISION`` gets the same one-line refusal as a wrong limit.
+    """
     for f in fields(ServerConfig):
         kind = _TYPES[str(f.type)]
-        default = float(f.default)  # type: ignore[arg-type]  # every field has a numeric default
+        default = f.default if kind is str else float(f.default)  # type: ignore[arg-type]
         parser.add_argument(f"--{f.name}", type=kind, default=_env_default(f.name, kind, kind(default)),
                             help=f"{f.metadata['help']} (env {env_name(f.name)})")
 

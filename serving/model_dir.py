@@ -19,10 +19,25 @@ METADATA_FILE = "model_metadata.json"
 BYTES_SIGNATURE = "serving_default"
 PIXELS_SIGNATURE = "serve_pixels"
 HU_SIGNATURE = "serve_hu"
+#: The golden set written at export (``chest_ct/golden.py``): images in the model folder, their float32 answers.
+GUARD_KEY = "precision_guard"
 
 
 class ModelLoadError(RuntimeError):
     """The model directory cannot be served; the message says why and what was expected."""
+
+
+@dataclass(frozen=True)
+class GoldenSet:
+    """Images stored with the model and the probabilities the float32 graph gives them."""
+
+    files: tuple[Path, ...]
+    probabilities: tuple[float, ...]
+    keep_float32_ops: tuple[str, ...] = ()
+    source: str = ""
+
+    def read_images(self) -> list[bytes]:
+        return [path.read_bytes() for path in self.files]
 
 
 @dataclass(frozen=True)
@@ -42,6 +57,9 @@ class ModelInfo:
     #: The window ``serve_hu`` applies to Hounsfield units (level, width).
     window: tuple[float, float] = (-600.0, 1500.0)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: None when the model has no usable golden set; ``golden_problem`` then says why.
+    golden: GoldenSet | None = None
+    golden_problem: str = ""
 
     @property
     def version(self) -> str:
@@ -119,7 +137,12 @@ def _model_info(meta: dict[str, Any], path: Path) -> ModelInfo:
                           f"the guard existed: re-export it), got {ood!r}")
     if not isinstance(window, dict) or not _number(window.get("level")) or not _number(window.get("width")):
         raise fail("window", f"must hold the numeric 'level' and 'width' (HU) of the DICOM window, got {window!r}")
-    known = {"class_names", "positive_class", "image_size", "threshold", "threshold_source", "mlflow_run_id"}
+    known = {"class_names", "positive_class", "image_size", "threshold", "threshold_source", "mlflow_run_id",
+             GUARD_KEY}
+    try:
+        golden, golden_problem = _golden_set(meta.get(GUARD_KEY), path.parent), ""
+    except ValueError as exc:  # not fatal: the model is served in float32, and says why
+        golden, golden_problem = None, str(exc)
     return ModelInfo(
         class_names=(names[0], names[1]),
         positive_class=positive,
@@ -131,8 +154,37 @@ def _model_info(meta: dict[str, Any], path: Path) -> ModelInfo:
         ood_threshold=float(ood["threshold"]),
         window=(float(window["level"]), float(window["width"])),
         extra={k: v for k, v in meta.items() if k not in known},
+        golden=golden,
+        golden_problem=golden_problem,
     )
 
 
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _golden_set(guard: Any, model_dir: Path) -> GoldenSet:
+    """The golden set described under ``precision_guard``; ValueError says what is missing or malformed."""
+    if guard is None:
+        raise ValueError(f"the model has no golden set ('{GUARD_KEY}' in {METADATA_FILE}); re-export it with chest_ct")
+    if not isinstance(guard, dict):
+        raise ValueError(f"'{GUARD_KEY}' must be an object, got {type(guard).__name__}")  # noqa: TRY004
+    names, probs = guard.get("golden_images"), guard.get("fp32_probabilities")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"'{GUARD_KEY}.golden_images' must be a non-empty list of file names, got {names!r}")
+    if (not isinstance(probs, list) or len(probs) != len(names)
+            or not all(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1 for p in probs)):
+        raise ValueError(f"'{GUARD_KEY}.fp32_probabilities' must hold one probability per golden image")
+    root = model_dir.resolve()
+    files = []
+    for name in names:
+        file = (model_dir / name).resolve()
+        if root not in file.parents:
+            raise ValueError(f"golden image {name!r} is outside the model directory")
+        if not file.is_file():
+            raise ValueError(f"golden image {name!r} is missing from the model directory")
+        files.append(file)
+    ops = guard.get("keep_float32_ops") or []
+    if not isinstance(ops, list) or not all(isinstance(op, str) and op.isalnum() for op in ops):
+        raise ValueError(f"'{GUARD_KEY}.keep_float32_ops' must be a list of TensorFlow op names, got {ops!r}")
+    return GoldenSet(tuple(files), tuple(float(p) for p in probs), tuple(ops), str(guard.get("source") or ""))

@@ -37,6 +37,7 @@ from serving.images import image_pixels, verify_image
 from serving.inputs import INPUTS, DicomBatch, ImageBatch, parse_inputs
 from serving.model_dir import ModelInfo, ModelLoadError, check_model_dir, read_model_info
 from serving.outputs import OUTPUTS, UNSUPPORTED_INPUT, Prediction, build_response, parse_outputs
+from serving.precision import PrecisionState, cpu_bf16, settle_precision
 from serving.runner import ModelInputError, SavedModelRunner
 
 #: Requests larger than this are parsed in the one parser thread, so at most one large body at a time is
@@ -63,21 +64,27 @@ class ChestCtModel(Model):
         self.info: ModelInfo | None = None
         self.engine: BatchingEngine | None = None
         self.admission: Admission | None = None
+        self.precision: PrecisionState | None = None
         self.parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parser")
 
     # --- lifecycle --------------------------------------------------------------------------
 
     def load(self) -> bool:
-        """Load the model, check its metadata and answer warm-up calls before reporting ready.
+        """Load the model, settle its precision, answer warm-up calls, then report ready.
 
+        Reduced precision is used only when the model's golden set agrees (``serving.precision``).
         Raises ModelLoadError with a readable message when the directory cannot be served.
         """
         path = check_model_dir(self.model_dir)
         info = read_model_info(path)
+        cfg = self.config
         runner = SavedModelRunner(path)
+        self.precision = settle_precision(runner, info.golden, info.golden_problem, info.threshold, cfg.precision,
+                                          cfg.precision_tolerance, cpu_bf16(), runner.gpus())
+        (logger.warning if self.precision.fell_back else logger.info)("Precision %s: %s", self.precision.precision,
+                                                                       self.precision.reason)
         seconds_per_image = self._warm_up(runner, info)
         self.info = info
-        cfg = self.config
         self.engine = BatchingEngine(runner, model_name=self.name, max_batch_size=cfg.max_batch_size,
                                      max_call_pixels=cfg.max_call_pixels, max_wait_s=cfg.max_batch_wait_s,
                                      call_timeout_s=cfg.model_call_timeout_s, seconds_per_image=seconds_per_image)
@@ -86,8 +93,9 @@ class ChestCtModel(Model):
         self.ready = True
         if runner.tf_threads:
             logger.info("TensorFlow thread pools sized to the container's CPU limit: %d", runner.tf_threads)
-        logger.info("Loaded %s (version %r, image size %d, threshold %.4f, ood threshold %.4f, %.0f ms per image)",
-                    path, info.version or "unversioned", info.image_size, info.threshold, info.ood_threshold,
+        logger.info("Loaded %s (version %r, image size %d, threshold %.4f, ood threshold %.4f, %s, %.0f ms per "
+                    "image)", path, info.version or "unversioned", info.image_size, info.threshold, info.ood_threshold,
+                    runner.precision,
                     1000 * seconds_per_image)
         return self.ready
 
@@ -141,6 +149,8 @@ class ChestCtModel(Model):
             "max_images": cfg.max_images, "max_image_pixels": cfg.max_image_pixels,
             "max_request_bytes": cfg.max_request_bytes, "deadline_ms": cfg.deadline_ms,
         }
+        if self.precision is not None:
+            params.update(self.precision.parameters())
         if info.version:
             params["model_version"] = params["mlflow_run_id"] = info.version
         for key in ("dataset_fingerprint", "exported_at", "format_version"):

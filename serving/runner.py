@@ -15,12 +15,13 @@ from __future__ import annotations
 import os
 import re
 import sys
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
 from serving.model_dir import BYTES_SIGNATURE, HU_SIGNATURE, PIXELS_SIGNATURE, ModelLoadError
+from serving.precision import BF16, FP32, GRAPPLER_OPTION, KEEP_FLOAT32_ENV
 
 BYTES_ARG = "images"
 PIXELS_ARG = "pixels"
@@ -62,6 +63,22 @@ class SavedModelRunner:
         self._bytes_fn = _signature(signatures, BYTES_SIGNATURE, BYTES_ARG, tf.string, 1, model_dir)
         self._pixels_fn = _signature(signatures, PIXELS_SIGNATURE, PIXELS_ARG, tf.float32, 4, model_dir)
         self._hu_fn = _signature(signatures, HU_SIGNATURE, HU_ARG, tf.float32, 3, model_dir)
+        self.precision = FP32
+
+    def set_precision(self, precision: str, keep_float32_ops: Sequence[str] = ()) -> None:
+        """Run the signatures in ``fp32`` or ``bf16`` (oneDNN's grappler rewrite) from the next call on.
+
+        TensorFlow optimizes a function again when the optimizer options change (they are part of
+        its cache key), so switching back to fp32 after a failed golden check needs no reload. The
+        option is process-wide: this process serves one model.
+        """
+        if precision == BF16 and keep_float32_ops:
+            os.environ[KEEP_FLOAT32_ENV] = ",".join(keep_float32_ops)
+        self._tf.config.optimizer.set_experimental_options({GRAPPLER_OPTION: precision == BF16})
+        self.precision = precision
+
+    def gpus(self) -> int:
+        return len(self._tf.config.list_physical_devices("GPU"))
 
     def predict_images(self, encoded: Sequence[bytes]) -> np.ndarray:
         """Outputs for encoded PNG/JPEG files (one call)."""

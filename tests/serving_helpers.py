@@ -56,6 +56,19 @@ def exported_model(root: str) -> Path:
     return out
 
 
+def golden_model(root: str) -> Path:
+    """A copy of :func:`exported_model` carrying a golden set of six test images (chest_ct.golden)."""
+    import shutil
+
+    from chest_ct.golden import write_golden_set
+
+    out = Path(root) / "chest-ct-model-golden"
+    if not (out / "golden").is_dir():
+        shutil.copytree(exported_model(root), out, dirs_exist_ok=True)
+        write_golden_set(out, [encode(rgb(IMAGE_SIZE, IMAGE_SIZE, seed=100 + i)) for i in range(6)], "test images")
+    return out
+
+
 def set_threshold(model_dir: Path, threshold: float) -> None:
     path = model_dir / "model_metadata.json"
     meta = json.loads(path.read_text())
