@@ -26,6 +26,7 @@ from chest_ct import defaults
 from chest_ct.determinism import seed_everything
 from chest_ct.inputs import extract_features, image_dataset
 from chest_ct.model import image_size_of, split_model
+from chest_ct.ood import block_features
 from chest_ct.precision import PrecisionChoice, check_choice, choose_precision, conv_policy
 from chest_ct.records import Manifest
 from chest_ct.window import LUNG_WINDOW, Window
@@ -68,11 +69,17 @@ def picture_weights(labels: Sequence[int], groups: Sequence[int]) -> np.ndarray:
 
 @dataclass
 class Features:
-    """The frozen base's output: clean training images, each augmented copy of them, validation images."""
+    """The frozen base's output: clean training images, each augmented copy of them, validation images.
+
+    ``blocks``: the same pass's pooled feature maps after each of the guard's blocks
+    (:data:`chest_ct.ood.BLOCKS`), train then valid, so fitting the out-of-distribution
+    guard on the frozen base needs no second VGG16 pass.
+    """
 
     train: np.ndarray
     train_augmented: list[np.ndarray]
     valid: np.ndarray
+    blocks: list[np.ndarray] = field(default_factory=list)
 
 
 @dataclass
@@ -172,10 +179,12 @@ def fit_classifier(
     choice = choose_precision(precision)
     log.info("precision: %s (%s)", choice.policy, choice.reason)
 
-    # One pass over train and valid together: one input pipeline and fewer odd-sized batches.
+    # One pass over train and valid together: one input pipeline and fewer odd-sized batches. It also
+    # returns the pooled block features the guard is fitted on (the base's own output is the last of them).
     with conv_policy(base, choice.policy, model):
-        clean = extract_features(base, [*train.files, *valid.files], size, batch_size, window=window)
-        features = Features(train=clean[:len(train)], valid=clean[len(train):], train_augmented=[
+        blocks = block_features(model, [*train.files, *valid.files], size, batch_size, window=window)
+        clean = blocks[-1].astype(np.float32)  # exact: the float32 output, widened to float64 and back
+        features = Features(train=clean[:len(train)], valid=clean[len(train):], blocks=blocks, train_augmented=[
             extract_features(base, train.files, size, batch_size, augment_seed=seed + 1000 * (copy + 1),
                              window=window)
             for copy in range(augment_copies)])

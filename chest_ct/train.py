@@ -100,10 +100,14 @@ def train_and_export(
             if result.exported_stage == FINE_TUNED:
                 choice.note = "; ".join(filter(None, [choice.note,
                                                       "folds fit the head only, the exported model is fine-tuned"]))
-            # The guard reads the exported model's own base (fine-tuned or not), on the clean fitting images.
-            guard = fit_guard(block_features(result.model, [*train.files, *valid.files], image_size_of(model),
-                                             hyper.get("batch_size", defaults.BATCH_SIZE), window),
-                              [*train.groups, *valid.groups], quantile=ood_quantile)
+            # The guard reads the exported model's own base on the clean fitting images: the frozen base's
+            # features from fitting's one pass (in the precision training ran in, as a server of that precision
+            # computes them; evaluate's precision agreement counts the guard flips between fp32 and bf16),
+            # or a new pass when fine-tuning changed the base.
+            blocks = result.features.blocks if result.exported_stage != FINE_TUNED else block_features(
+                result.model, [*train.files, *valid.files], image_size_of(model),
+                hyper.get("batch_size", defaults.BATCH_SIZE), window)
+            guard = fit_guard(blocks, [*train.groups, *valid.groups], quantile=ood_quantile)
         # Outside the scope: a SavedModel loaded inside it (the golden set's answers) gets mirrored variables.
         summary = _export(result, choice, manifest, out_dir, run_id, train, valid, guard, window)
         mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,

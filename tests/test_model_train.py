@@ -16,6 +16,7 @@ from chest_ct.ingest import build_dataset
 from chest_ct.inputs import image_dataset
 from chest_ct.model import build_model, resolve_base_weights, split_model
 from chest_ct.ood import block_features, fit_guard
+from chest_ct.precision import conv_policy
 from chest_ct.preprocess import decode_and_resize, to_model_input
 from chest_ct.records import TEST, TRAIN, VALID, Manifest
 from tests.conftest import synthetic_image, write_dataset
@@ -129,6 +130,20 @@ def test_training_reports_every_epoch_and_learns(trained):
     assert result.best_val_loss == min(result.history["val_loss"])
     assert result.history["loss"][-1] < result.history["loss"][0]
     assert result.features.train.shape[0] == 24 and len(result.features.train_augmented) == 1
+
+
+def test_one_pass_gives_the_head_its_features_and_the_guard_its_blocks(trained, manifest):
+    """The guard is fitted on the blocks of fitting's own pass: they are what a separate pass would give."""
+    result, _ = trained
+    files = [*examples(manifest, TRAIN).files, *examples(manifest, VALID).files]
+    assert [b.shape[0] for b in result.features.blocks] == [len(files)] * 5
+    np.testing.assert_array_equal(result.features.blocks[-1].astype(np.float32),
+                                  np.concatenate([result.features.train, result.features.valid]))
+    base, _ = split_model(result.model)
+    with conv_policy(base, result.precision.policy, result.model):  # the precision fitting ran in (auto: bf16 here)
+        again = block_features(result.model, files, SIZE, 8)
+    for ours, theirs in zip(result.features.blocks, again, strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
 def test_same_seed_same_run(manifest, trained):
