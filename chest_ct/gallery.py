@@ -20,6 +20,10 @@ import numpy.typing as npt
 from PIL import Image
 
 from chest_ct.export import read_metadata
+from chest_ct.images import DEFAULT_MAX_PIXELS
+from chest_ct.predict import Predictor
+from chest_ct.window import LUNG_WINDOW, Window
+from serving.dicom import is_dicom, read_hu
 
 TRUE_POSITIVE, FALSE_NEGATIVE = "true positive", "false negative"
 FALSE_POSITIVE, TRUE_NEGATIVE = "false positive", "true negative"
@@ -72,26 +76,31 @@ def select(y: npt.ArrayLike, prob: npt.ArrayLike, groups: npt.ArrayLike, thresho
 
 
 def explain_files(model_dir: Path, files: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """``(probability [N], heatmap [N, h, w])`` from the model's explain signature for encoded image files."""
-    import tensorflow as tf
-
+    """``(probability [N], heatmap [N, h, w])`` from the model's explain signatures for image and DICOM files."""
     metadata = read_metadata(model_dir)
-    name = metadata.get("heatmap", {}).get("signatures", {}).get("images")
-    if not name:
+    if not metadata.get("heatmap", {}).get("signatures"):
         raise ValueError(f"{model_dir}: the model has no explain signature; re-export it with this chest-ct version")
-    fn = tf.saved_model.load(str(model_dir)).signatures[name]
-    grid = metadata["heatmap"]["grid"]
     if not files:
-        return np.zeros((0,), np.float32), np.zeros((0, *grid), np.float32)
-    out = fn(images=tf.constant([Path(f).read_bytes() for f in files]))
-    return out["probability"].numpy(), out["heatmap"].numpy()
+        return np.zeros((0,), np.float32), np.zeros((0, *metadata["heatmap"]["grid"]), np.float32)
+    out = Predictor(model_dir, head="explain")([Path(f).read_bytes() for f in files])
+    return out["probability"], out["heatmap"]
 
 
-def tile(encoded: bytes, heatmap: np.ndarray, size: int = TILE) -> bytes:
+def display_image(encoded: bytes, window: Window) -> Image.Image:
+    """The picture as a person would see it: a PNG/JPEG as it is, a DICOM slice through the model's window."""
+    if is_dicom(encoded):
+        hu = read_hu(encoded, DEFAULT_MAX_PIXELS)
+        low = window.level - window.width / 2.0
+        grey = np.clip((hu - low) * (255.0 / window.width), 0, 255).astype(np.uint8)  # as chest_ct.preprocess.window_hu
+        return Image.fromarray(grey, "L").convert("RGB")
+    return Image.open(io.BytesIO(encoded)).convert("RGB")
+
+
+def tile(encoded: bytes, heatmap: np.ndarray, size: int = TILE, window: Window = LUNG_WINDOW) -> bytes:
     """PNG: the scan resized to a square (what the model sees) beside it with the heatmap blended in."""
     from matplotlib import colormaps
 
-    scan = Image.open(io.BytesIO(encoded)).convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+    scan = display_image(encoded, window).resize((size, size), Image.Resampling.BILINEAR)
     heat = np.asarray(Image.fromarray(heatmap.astype(np.float32), "F").resize((size, size), Image.Resampling.BILINEAR))
     heat = np.clip(heat, 0.0, 1.0)
     colour = colormaps["jet"](heat)[..., :3] * 255
@@ -112,9 +121,10 @@ def build_gallery(model_dir: Path, files: Sequence[str], paths: Sequence[str], y
     picks = select(y, prob, groups, threshold, per_case)
     order = [i for case in CASES for i in picks[case]]
     probability, heatmaps = explain_files(model_dir, [files[i] for i in order])
+    window = Window(**read_metadata(model_dir).get("window", LUNG_WINDOW.to_dict()))
     explained = {i: (float(pr), hm) for i, pr, hm in zip(order, probability, heatmaps, strict=True)}
     labels = np.asarray(y, int)
     return {case: [Explained(path=paths[i], label=class_names[labels[i]], case=case, group=int(np.asarray(groups)[i]),
                              probability=explained[i][0], heatmap=explained[i][1],
-                             tile_png=tile(Path(files[i]).read_bytes(), explained[i][1]))
+                             tile_png=tile(Path(files[i]).read_bytes(), explained[i][1], window=window))
                    for i in picks[case]] for case in CASES}
