@@ -26,7 +26,8 @@ function el(tag, className, text) {
 /** The server's reason for a failed response: its JSON "error" (v2 protocol), else the body's text. */
 async function failure(resp) {
   const text = await resp.text();
-  let reason = text.trim() || resp.statusText;
+  // A proxy's HTML error page, shortened to its text.
+  let reason = text.replace(/<[^>]*>/g, " ").replace(/\s+/g, " ").trim().slice(0, 300) || resp.statusText;
   try { reason = JSON.parse(text).error || reason; } catch (_) { /* not JSON: keep the text */ }
   const retry = resp.headers.get("retry-after");
   return `HTTP ${resp.status}: ${reason}` + (retry ? ` (retry after ${retry} s)` : "");
