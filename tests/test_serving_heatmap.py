@@ -6,6 +6,8 @@ process on the same input (within 1e-5). A request that names no outputs must ge
 exactly the four outputs it got before the heatmap existed, and a model exported
 without explain signatures must refuse ``heatmap`` with a clear 400, not a 500.
 The engine's handling (separate batch kinds, separate pace) is tested in process.
+The map's meaning (its peak on the patch that decides the class) is tested in
+process by tests/test_gradcam.py and once here through the served path.
 """
 
 from __future__ import annotations
@@ -319,3 +321,42 @@ def test_admission_costs_a_heatmap_request_at_the_explain_pace(runner):
         admission.release(ticket)
     assert (admission.inflight_bytes, admission.held_pixels, admission.queue_images) == (0, 0, 0)
     assert admission._reserved_requests == []
+
+
+# --- meaning, through the server ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bright_rule_server(tmp_path_factory):
+    """tests/test_gradcam.py's "a bright patch means adenocarcinoma" model (spatially local base), served."""
+    from chest_ct.determinism import seed_everything
+    from chest_ct.export import export_saved_model
+    from chest_ct.model import build_model
+    from tests.test_gradcam import BRIGHT, DARK, guard_for, local_base, patch_images, train_head
+    from tests.test_gradcam import SIZE as PATCH_SIZE
+
+    seed_everything(0)
+    model = build_model(PATCH_SIZE, "none")
+    local_base(model, seed=0)
+    rng = np.random.default_rng(0)
+    train_head(model, patch_images(rng, 60, (BRIGHT,))[0], patch_images(rng, 60, (DARK,))[0], seed=0)
+    model_dir = export_saved_model(model, tmp_path_factory.mktemp("bright-rule") / "model", {"mlflow_run_id": "r"},
+                                   guard=guard_for(model, patch_images(rng, 10, (BRIGHT, DARK))[0]))
+    proc = ServerProcess(model_dir, tmp_path_factory.mktemp("serving-bright-rule-log") / "server.log")
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+def test_the_served_heatmap_peaks_on_the_patch_that_decides_the_class(bright_rule_server):
+    """The in-process localisation test (tests/test_gradcam.py) once through the served path: PNG over REST."""
+    from tests.test_gradcam import BRIGHT, DARK, GRID as PATCH_GRID, patch_images, peak_cells, png
+
+    pixels, cells = patch_images(np.random.default_rng(3), 20, (BRIGHT, DARK))
+    resp = infer(bright_rule_server, image_request([png(p) for p in pixels], outputs=["probability", "heatmap"]))
+    assert resp.status_code == 200, resp.text
+    maps = heatmap_of(by_name(resp.json())["heatmap"])
+    assert maps.shape == (20, PATCH_GRID, PATCH_GRID)
+    on_bright = (peak_cells(maps) == cells[:, 0]).all(axis=1)
+    assert on_bright.mean() >= 0.9, f"peak on the bright patch in {on_bright.mean():.0%} (chance {1 / 16:.0%})"
