@@ -8,7 +8,7 @@ path prefix without its trailing slash (a proxy that rewrites like KServe's
 ingress, refusing anything outside the prefix) shows the model's version and data
 fingerprint, classifies a real CT image exactly as the v2 API does and draws the
 heatmap overlay whose opacity the slider sets, with no CSP violation; a text file
-shows the server's 400; a full queue shows the server's 503; a file over the
+shows the server's 400; a DICOM file is sent as ``dicom``; a full queue shows the server's 503; a file over the
 server's request limit is refused with that limit; a model without explain
 signatures is served without a heatmap. Screenshots go to each test's tmp dir.
 """
@@ -266,6 +266,22 @@ def test_a_text_file_shows_the_servers_error(browser, server, tmp_path):
     assert card.find_element("css selector", "[role=alert]").is_displayed()
     screenshot(browser, tmp_path / "error.png")
     assert browser.execute_script("return window.__csp") == []
+
+
+def test_a_dicom_file_is_classified_and_its_heatmap_drawn_alone(browser, server, tmp_path):
+    from tests.dicom_helpers import real
+
+    open_page(browser, f"{server.url}/")
+    dicom = tmp_path / "slice"  # no extension: recognised by its DICM preamble
+    dicom.write_bytes(real("CT_small.dcm"))
+    card = upload(browser, dicom)
+    want = requests.post(f"{server.url}/v2/models/{MODEL_NAME}/infer", timeout=60, json={
+        "inputs": [{"name": "dicom", "datatype": "BYTES", "shape": [1], "data": [b64(dicom.read_bytes())]}]}).json()
+    probability = {o["name"]: o["data"] for o in want["outputs"]}["probability"][0]
+    assert float(card.get_attribute("data-probability")) == pytest.approx(probability, abs=1e-6)
+    assert "cannot display DICOM" in card.text
+    canvas = card.find_element("css selector", "canvas")
+    assert canvas.get_attribute("data-heatmap") == "drawn" and canvas.get_attribute("width") == "320"
 
 
 # --- a model without explain signatures, a full queue, a file over the limit ------------------------
