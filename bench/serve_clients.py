@@ -25,20 +25,23 @@ class Refused(Exception):
         self.retry_after = retry_after
 
 
-def image_body(images: list[bytes]) -> bytes:
-    """The v2 JSON request for ``images`` (base64), encoded once."""
-    return json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(images)],
-                                   "data": [base64.b64encode(i).decode() for i in images]}]}).encode()
+def image_body(images: list[bytes], outputs: tuple[str, ...] = ()) -> bytes:
+    """The v2 JSON request for ``images`` (base64), encoded once; ``outputs``: the outputs it names (none: defaults)."""
+    body: dict = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(images)],
+                              "data": [base64.b64encode(i).decode() for i in images]}]}
+    if outputs:
+        body["outputs"] = [{"name": name} for name in outputs]
+    return json.dumps(body).encode()
 
 
 class RestClient:
     """One persistent connection posting a prepared v2 JSON body."""
 
-    def __init__(self, url: str, image: bytes | None = None):
+    def __init__(self, url: str, image: bytes | None = None, outputs: tuple[str, ...] = ()):
         import requests
 
         self.url = f"{url}/v2/models/{MODEL_NAME}/infer"
-        self.body = image_body([image]) if image is not None else b""
+        self.body = image_body([image], outputs) if image is not None else b""
         self.session = requests.Session()
         self.headers = {"Content-Type": "application/json"}
 

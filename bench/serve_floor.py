@@ -64,13 +64,17 @@ def export_model(out_dir: Path, golden: list[bytes]) -> Path:
 
 
 class Floor:
-    """The SavedModel's ``serving_default`` called in this process on the encoded image."""
+    """The SavedModel's ``serving_default`` (or ``signature``) called in this process on the encoded image.
 
-    def __init__(self, model_dir: Path, image: bytes):
+    ``loaded``: the SavedModel already loaded by another Floor (one copy of the weights for both signatures).
+    """
+
+    def __init__(self, model_dir: Path, image: bytes, signature: str = "serving_default", loaded=None):
         import tensorflow as tf
 
         self._tf = tf
-        self._fn = tf.saved_model.load(str(model_dir)).signatures["serving_default"]
+        self.loaded = loaded if loaded is not None else tf.saved_model.load(str(model_dir))
+        self._fn = self.loaded.signatures[signature]
         self._one = tf.constant([image])
         self.image = image
 

@@ -18,6 +18,8 @@ Each budget counts work accepted and not yet answered:
 - **time**: a request that, at the pace the model keeps now, would not be
   answered before its deadline while the requests already admitted take turns
   with it is refused rather than dropped halfway (its work would be wasted).
+  Requests for the heatmap run the explain signature, whose pace the engine
+  measures apart (a backward pass more), so each request is costed at its own.
 
 A request bigger than a budget on its own is admitted when that budget is
 otherwise unused, so every request within the per-request limits is served by
@@ -44,6 +46,7 @@ class Ticket:
     pixels: int = 0
     images: int = 0
     reserved_images: int = 0
+    explain: bool = False
     released: bool = False
 
 
@@ -56,7 +59,8 @@ class Admission:
         self.inflight_bytes = 0
         self.held_pixels = 0
         self.reserved_images = 0
-        self._reserved_requests: list[int] = []
+        #: (images, explain) of admitted requests whose first chunk is not yet in the engine's queue.
+        self._reserved_requests: list[tuple[int, bool]] = []
 
     @property
     def queue_images(self) -> int:
@@ -65,7 +69,8 @@ class Admission:
 
     def retry_after_s(self) -> int:
         """Seconds until the waiting images should have gone into model calls, at the model's current pace."""
-        return max(1, min(60, math.ceil(self.queue_images * self.engine.seconds_per_image)))
+        waiting = self.engine.queued_seconds() + self.reserved_images * self.engine.pace()
+        return max(1, min(60, math.ceil(waiting)))
 
     def _refuse(self, what: str, reason: str) -> Overloaded:
         metrics.REJECTED.labels(reason=reason, **self._labels).inc()
@@ -110,9 +115,11 @@ class Admission:
 
     # --- after parsing (images and pixels known) -----------------------------------------------
 
-    def admit(self, ticket: Ticket, images: int, first_chunk: int, pixels: int, time_left_s: float) -> int:
+    def admit(self, ticket: Ticket, images: int, first_chunk: int, pixels: int, time_left_s: float,
+              explain: bool = False) -> int:
         """Admit a parsed request of ``images`` images (``pixels`` decoded pixels) or raise Overloaded.
 
+        ``explain``: the request asked for the heatmap (the explain signature's pace applies).
         Returns how many images its first chunk may have: ``first_chunk``, or fewer when the queue has
         room for fewer (a large request competes for a place like a small one, then takes turns).
         """
@@ -125,19 +132,22 @@ class Admission:
         if self.held_pixels > 0 and self.held_pixels + pixels > cfg.max_queued_pixels:
             raise self._refuse(f"admitted requests hold {self.held_pixels} decoded pixels and this one has {pixels}, "
                                f"the limit is {cfg.max_queued_pixels} (--max_queued_pixels)", "queue_pixels")
-        others = [*self.engine.remaining_images(), *self._reserved_requests]
+        others = [*self.engine.remaining_seconds(),
+                  *(n * self.engine.pace(heatmap) for n, heatmap in self._reserved_requests)]
         if others:
-            pace = self.engine.seconds_per_image
-            estimate = pace * (images + sum(min(r, images) for r in others))
+            pace = self.engine.pace(explain)
+            own = pace * images  # each request ahead gets a turn per chunk: at most as much model time as this one
+            estimate = own + sum(min(seconds, own) for seconds in others)
             if estimate > time_left_s:
-                raise self._refuse(f"at the current pace ({pace * 1000:.0f} ms per image, {len(others)} request(s) "
-                                   f"taking turns) these {images} image(s) would take about {estimate:.1f} s, more "
-                                   f"than the {time_left_s:.1f} s left before the request's deadline", "deadline")
+                raise self._refuse(f"at the current pace ({pace * 1000:.0f} ms per image{' with heatmap' * explain}, "
+                                   f"{len(others)} request(s) taking turns) these {images} image(s) would take about "
+                                   f"{estimate:.1f} s, more than the {time_left_s:.1f} s left before the request's "
+                                   "deadline", "deadline")
         ticket.pixels = pixels
         self.held_pixels += pixels
         self.reserved_images += first_chunk - ticket.reserved_images
-        ticket.images, ticket.reserved_images = images, first_chunk
-        self._reserved_requests.append(images)
+        ticket.images, ticket.reserved_images, ticket.explain = images, first_chunk, explain
+        self._reserved_requests.append((images, explain))
         metrics.HELD_PIXELS.labels(**self._labels).set(self.held_pixels)
         return first_chunk
 
@@ -146,8 +156,8 @@ class Admission:
         if ticket.reserved_images:
             self.reserved_images -= ticket.reserved_images
             ticket.reserved_images = 0
-        if ticket.images and ticket.images in self._reserved_requests:
-            self._reserved_requests.remove(ticket.images)
+        if ticket.images and (ticket.images, ticket.explain) in self._reserved_requests:
+            self._reserved_requests.remove((ticket.images, ticket.explain))
             ticket.images = 0
 
     def release(self, ticket: Ticket) -> None:

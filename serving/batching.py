@@ -15,9 +15,10 @@ free to answer health checks and to parse, validate and refuse other requests.
   requests take turns: a one-image request waits for one chunk of each request
   ahead of it, never for all 64 images of a large one (no head-of-line blocking).
 - **Merging.** A call takes queued chunks of the same kind (encoded images with
-  encoded images, pixel tensors of one height and width together) in queue order
-  while they fit in ``max_batch_size`` and ``max_call_pixels``; ``max_wait_s`` > 0
-  holds a lone chunk that long for company.
+  encoded images, pixel tensors of one height and width together; chunks that
+  asked for the heatmap run the explain signature, so they merge only with each
+  other) in queue order while they fit in ``max_batch_size`` and
+  ``max_call_pixels``; ``max_wait_s`` > 0 holds a lone chunk that long for company.
 - **Results** go back to each request in order; every chunk must get exactly as
   many results as images it sent, and every request as many as it asked for.
 - **Failures.** If a merged call fails on input (TensorFlow cannot decode one
@@ -27,6 +28,8 @@ free to answer health checks and to parse, validate and refuse other requests.
   The loop survives any exception, so later requests are still served.
 - **Watchdog.** ``stalled_for()`` says how long the running call has exceeded
   ``call_timeout_s``; the model reports not ready while it is positive.
+- **Pace.** Model seconds per image, a moving average per signature family
+  (predict, explain), feeds admission's deadline estimate and Retry-After.
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ import contextvars
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -47,16 +50,31 @@ from serving import metrics
 from serving.errors import InternalError
 from serving.runner import ModelInputError, SavedModelRunner
 
-IMAGES: Hashable = ("image",)
+@dataclass(frozen=True)
+class CallKind:
+    """What a chunk needs from the model: only chunks of one kind share a call (one signature, one tensor shape)."""
+
+    input: str  # "image" (encoded files), "pixels" (RGB [N, H, W, 3]) or "hu" (Hounsfield units [N, H, W])
+    height: int = 0  # pixels and hu: one tensor, one size
+    width: int = 0
+    explain: bool = False  # the explain signature (with the heatmap) instead of the predict one
 
 
-def pixels_kind(height: int, width: int) -> Hashable:
-    return ("pixels", height, width)
+IMAGES = CallKind("image")
 
 
-def hu_kind(height: int, width: int) -> Hashable:
+def pixels_kind(height: int, width: int) -> CallKind:
+    return CallKind("pixels", height, width)
+
+
+def hu_kind(height: int, width: int) -> CallKind:
     """CT slices in Hounsfield units (DICOM), merged with slices of the same size."""
-    return ("hu", height, width)
+    return CallKind("hu", height, width)
+
+
+def explaining(kind: CallKind) -> CallKind:
+    """The same input through the explain signature (the heatmap too)."""
+    return replace(kind, explain=True)
 
 
 @dataclass(eq=False)
@@ -76,7 +94,7 @@ class _Job:
 class _Work:
     """One request in the engine."""
 
-    kind: Hashable
+    kind: CallKind
     request_id: str
     deadline: float
     future: asyncio.Future
@@ -99,15 +117,18 @@ class BatchingEngine:
     """``await engine.run(kind, payload, pixels, request_id=..., deadline=...)`` -> one output record per image."""
 
     def __init__(self, runner: SavedModelRunner, *, model_name: str, max_batch_size: int, max_call_pixels: int,
-                 max_wait_s: float = 0.0, call_timeout_s: float = 60.0, seconds_per_image: float = 0.1):
+                 max_wait_s: float = 0.0, call_timeout_s: float = 60.0, seconds_per_image: float = 0.1,
+                 explain_seconds_per_image: float | None = None):
         self._runner = runner
         self.model_name = model_name
         self.max_batch_size = max_batch_size
         self.max_call_pixels = max_call_pixels
         self.max_wait_s = max_wait_s
         self.call_timeout_s = call_timeout_s
-        #: Model seconds per image, a moving average of the calls so far (admission's time estimates).
+        #: Model seconds per image, a moving average of the calls so far (admission's time estimates)...
         self.seconds_per_image = seconds_per_image
+        #: ... and the same for explain calls (a backward pass more), kept apart so neither skews the other.
+        self.explain_seconds_per_image = explain_seconds_per_image or seconds_per_image
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._queue: deque[_Job] = deque()
         self._active: set[_Work] = set()
@@ -122,9 +143,17 @@ class BatchingEngine:
     def queue_images(self) -> int:
         return sum(job.size for job in self._queue if not job.work.finished)
 
-    def remaining_images(self) -> list[int]:
-        """Images not yet in a model call, per admitted request."""
-        return [w.remaining for w in self._active if not w.finished]
+    def pace(self, explain: bool = False) -> float:
+        """Model seconds per image of a predict (or explain) call, at the pace kept lately."""
+        return self.explain_seconds_per_image if explain else self.seconds_per_image
+
+    def remaining_seconds(self) -> list[float]:
+        """Model seconds of the images not yet in a model call, per admitted request."""
+        return [w.remaining * self.pace(w.kind.explain) for w in self._active if not w.finished]
+
+    def queued_seconds(self) -> float:
+        """Model seconds of the chunks waiting in the queue."""
+        return sum(job.size * self.pace(job.work.kind.explain) for job in self._queue if not job.work.finished)
 
     def stalled_for(self) -> float:
         """Seconds the running model call is past ``call_timeout_s`` (0 when none is)."""
@@ -133,9 +162,9 @@ class BatchingEngine:
 
     # --- requests ------------------------------------------------------------------------------
 
-    async def run(self, kind: Hashable, payload: Any, pixels: Sequence[int], *, request_id: str,
+    async def run(self, kind: CallKind, payload: Any, pixels: Sequence[int], *, request_id: str,
                   deadline: float, first_chunk: int | None = None) -> np.ndarray:
-        """Probabilities for ``payload`` (images or pixel rows, ``pixels`` decoded pixels each), in order.
+        """Output records for ``payload`` (images or pixel rows, ``pixels`` decoded pixels each), in order.
 
         Raises TimeoutError when ``deadline`` (time.monotonic()) passes first; its work is dropped.
         ``first_chunk`` caps the images of the first chunk (what admission had room for).
@@ -288,7 +317,10 @@ class BatchingEngine:
                 logger.warning("The stalled model call ended after %.1f s; ready again", elapsed)
         metrics.MODEL_CALL_SECONDS.labels(**self._labels).observe(elapsed)
         if not any(isinstance(r, BaseException) for r in results):
-            self.seconds_per_image = 0.8 * self.seconds_per_image + 0.2 * elapsed / images
+            if kind.explain:
+                self.explain_seconds_per_image = 0.8 * self.explain_seconds_per_image + 0.2 * elapsed / images
+            else:
+                self.seconds_per_image = 0.8 * self.seconds_per_image + 0.2 * elapsed / images
         for job, result in zip(jobs, results, strict=True):
             self._deliver(job, result)
 
@@ -325,7 +357,7 @@ class BatchingEngine:
 
     # --- in the model thread -------------------------------------------------------------------
 
-    def _call_guarded(self, kind: Hashable, jobs: list[_Job]) -> list[np.ndarray | BaseException]:
+    def _call_guarded(self, kind: CallKind, jobs: list[_Job]) -> list[np.ndarray | BaseException]:
         """One call for all chunks; on an input error each chunk alone; each result checked against its size."""
         try:
             probs = self._call(kind, [job.payload for job in jobs])
@@ -341,9 +373,9 @@ class BatchingEngine:
         bounds = np.cumsum([0] + [job.size for job in jobs])
         return [probs[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
 
-    def _locate(self, kind: Hashable, job: _Job, exc: ModelInputError) -> ModelInputError:
+    def _locate(self, kind: CallKind, job: _Job, exc: ModelInputError) -> ModelInputError:
         """The input error of one chunk, naming the request's element when it is an encoded image."""
-        if kind == IMAGES:
+        if kind.input == IMAGES.input:
             found = self._runner.first_undecodable(job.payload)
             if found is not None:
                 index, message = found
@@ -351,8 +383,10 @@ class BatchingEngine:
                                        index=job.offset + index)
         return exc
 
-    def _call(self, kind: Hashable, payloads: list[Any]) -> np.ndarray:
-        if kind == IMAGES:
-            return self._runner.predict_images([b for p in payloads for b in p])
+    def _call(self, kind: CallKind, payloads: list[Any]) -> np.ndarray:
+        if kind.input == IMAGES.input:
+            return self._runner.predict_images([b for p in payloads for b in p], explain=kind.explain)
         batch = payloads[0] if len(payloads) == 1 else np.concatenate(payloads)
-        return self._runner.predict_hu(batch) if kind[0] == "hu" else self._runner.predict_pixels(batch)
+        if kind.input == "hu":
+            return self._runner.predict_hu(batch, explain=kind.explain)
+        return self._runner.predict_pixels(batch, explain=kind.explain)

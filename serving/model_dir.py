@@ -19,6 +19,8 @@ METADATA_FILE = "model_metadata.json"
 BYTES_SIGNATURE = "serving_default"
 PIXELS_SIGNATURE = "serve_pixels"
 HU_SIGNATURE = "serve_hu"
+#: The same inputs, returning ``heatmap`` (Grad-CAM) besides the outputs above; optional (older models lack them).
+EXPLAIN_SIGNATURES = {BYTES_SIGNATURE: "explain_images", PIXELS_SIGNATURE: "explain_pixels", HU_SIGNATURE: "explain_hu"}
 #: The golden set written at export (``chest_ct/golden.py``): images in the model folder, their float32 answers.
 GUARD_KEY = "precision_guard"
 

@@ -8,13 +8,13 @@ admission for room (``serving.admission``), checks image files with Pillow
 (``serving.batching``) within the request's deadline, records what it saw for
 drift monitoring (``serving.drift``) and builds the response. An image the
 SavedModel's out-of-distribution guard rejects is labelled ``unsupported-input``.
+A request that names the opt-in output ``heatmap`` runs the explain signature of
+its input kind instead of the predict one (a separate batch kind, same budgets).
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
-import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -25,20 +25,28 @@ from kserve import Model
 from kserve.errors import InvalidInput, ModelNotFound
 from kserve.logging import logger
 from kserve.protocol.infer_type import InferRequest, InferResponse, to_http_parameters
-from PIL import Image
 
 from serving import context, drift, metrics
 from serving.admission import Admission
-from serving.batching import IMAGES, BatchingEngine, hu_kind, pixels_kind
+from serving.batching import IMAGES, BatchingEngine, explaining, hu_kind, pixels_kind
 from serving.config import ServerConfig
 from serving.dicom import DicomError, DicomSlice, read_header, to_hu
 from serving.errors import DeadlineExceeded, clip, new_id, safe_id
 from serving.images import image_pixels, verify_image
 from serving.inputs import INPUTS, DicomBatch, ImageBatch, parse_inputs
-from serving.model_dir import ModelInfo, ModelLoadError, check_model_dir, read_model_info
-from serving.outputs import OUTPUTS, UNSUPPORTED_INPUT, Prediction, build_response, parse_outputs
+from serving.model_dir import ModelInfo, check_model_dir, read_model_info
+from serving.outputs import (
+    DEFAULT_OUTPUTS,
+    HEATMAP,
+    OUTPUTS,
+    UNSUPPORTED_INPUT,
+    Prediction,
+    build_response,
+    parse_outputs,
+)
 from serving.precision import PrecisionState, cpu_bf16, settle_precision
-from serving.runner import ModelInputError, SavedModelRunner
+from serving.runner import HEATMAP_KEY, ModelInputError, SavedModelRunner
+from serving.warm_up import warm_up
 
 #: Requests larger than this are parsed in the one parser thread, so at most one large body at a time is
 #: expanded into Python objects and numpy arrays; smaller ones are parsed on the event loop (sub-millisecond).
@@ -65,6 +73,8 @@ class ChestCtModel(Model):
         self.engine: BatchingEngine | None = None
         self.admission: Admission | None = None
         self.precision: PrecisionState | None = None
+        #: (h, w) of the ``heatmap`` output; None when the model has no explain signatures.
+        self.heatmap_grid: tuple[int, int] | None = None
         self.parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parser")
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -83,40 +93,25 @@ class ChestCtModel(Model):
                                           cfg.precision_tolerance, cpu_bf16(), runner.gpus())
         (logger.warning if self.precision.fell_back else logger.info)("Precision %s: %s", self.precision.precision,
                                                                        self.precision.reason)
-        seconds_per_image = self._warm_up(runner, info)
-        self.info = info
+        warm = warm_up(runner, info)
+        seconds_per_image = warm.seconds_per_image
+        self.info, self.heatmap_grid = info, warm.heatmap_grid
         self.engine = BatchingEngine(runner, model_name=self.name, max_batch_size=cfg.max_batch_size,
                                      max_call_pixels=cfg.max_call_pixels, max_wait_s=cfg.max_batch_wait_s,
-                                     call_timeout_s=cfg.model_call_timeout_s, seconds_per_image=seconds_per_image)
+                                     call_timeout_s=cfg.model_call_timeout_s, seconds_per_image=seconds_per_image,
+                                     explain_seconds_per_image=warm.explain_seconds_per_image)
         self.admission = Admission(cfg, self.engine, self.name)
         drift.create_series(self.name, info.ood_threshold)
         self.ready = True
         if runner.tf_threads:
             logger.info("TensorFlow thread pools sized to the container's CPU limit: %d", runner.tf_threads)
+        heatmap = (f"heatmap {warm.heatmap_grid[0]}x{warm.heatmap_grid[1]} (opt-in), "
+                   f"{1000 * (warm.explain_seconds_per_image or 0):.0f} ms per image with it"
+                   if warm.heatmap_grid else "no heatmap (the model has no explain signatures)")
         logger.info("Loaded %s (version %r, image size %d, threshold %.4f, ood threshold %.4f, %s, %.0f ms per "
-                    "image)", path, info.version or "unversioned", info.image_size, info.threshold, info.ood_threshold,
-                    runner.precision,
-                    1000 * seconds_per_image)
+                    "image; %s)", path, info.version or "unversioned", info.image_size, info.threshold,
+                    info.ood_threshold, runner.precision, 1000 * seconds_per_image, heatmap)
         return self.ready
-
-    @staticmethod
-    def _warm_up(runner: SavedModelRunner, info: ModelInfo) -> float:
-        """Run every signature (traces them, proves the model answers sensibly); return seconds per image."""
-        rgb = np.linspace(0, 255, info.image_size * info.image_size * 3).reshape(info.image_size, info.image_size, 3)
-        buffer = io.BytesIO()
-        Image.fromarray(rgb.astype(np.uint8)).save(buffer, "PNG")
-        hu = np.linspace(-1000, 400, info.image_size * info.image_size, dtype=np.float32)
-        for name, out in (("serving_default", runner.predict_images([buffer.getvalue()])),
-                          ("serve_pixels", runner.predict_pixels(rgb[None].astype(np.float32))),
-                          ("serve_hu", runner.predict_hu(hu.reshape(1, info.image_size, info.image_size)))):
-            probs, scores = out["probability"], out["ood_score"]
-            if out.shape != (1,) or not np.all(np.isfinite(probs)) or not 0.0 <= float(probs[0]) <= 1.0 \
-                    or not np.all(np.isfinite(scores)):
-                raise ModelLoadError(f"warm-up call of signature '{name}' returned {out!r}; expected one "
-                                     "probability in [0, 1] and a finite ood_score")
-        started = time.monotonic()
-        runner.predict_images([buffer.getvalue()])
-        return max(1e-4, time.monotonic() - started)
 
     async def healthy(self) -> bool:
         """Loaded, and no model call has run past ``--model_call_timeout_s`` (the watchdog)."""
@@ -133,7 +128,16 @@ class ChestCtModel(Model):
         return [spec.metadata() for spec in INPUTS]
 
     def get_output_types(self) -> list[dict]:
-        return [spec.metadata() for spec in OUTPUTS]
+        """The outputs, ``heatmap`` (opt-in) with its grid and only when the model has the explain signatures."""
+        types = []
+        for spec in OUTPUTS:
+            meta = spec.metadata()
+            if spec.name == HEATMAP:
+                if self.heatmap_grid is None:
+                    continue
+                meta["shape"] = [-1, *self.heatmap_grid]
+            types.append(meta)
+        return types
 
     def metadata_parameters(self) -> dict[str, Any]:
         """Model facts and server limits for the REST metadata endpoint (v2 parameters: scalar values only)."""
@@ -148,7 +152,15 @@ class ChestCtModel(Model):
             "window_level": info.window[0], "window_width": info.window[1],
             "max_images": cfg.max_images, "max_image_pixels": cfg.max_image_pixels,
             "max_request_bytes": cfg.max_request_bytes, "deadline_ms": cfg.deadline_ms,
+            "default_outputs": ",".join(DEFAULT_OUTPUTS),
         }
+        if self.heatmap_grid is not None:  # opt-in: the protocol's default ("all outputs") leaves it out
+            heatmap = info.extra.get("heatmap") if isinstance(info.extra.get("heatmap"), dict) else {}
+            params.update({"opt_in_outputs": HEATMAP, "heatmap_grid_height": self.heatmap_grid[0],
+                           "heatmap_grid_width": self.heatmap_grid[1]})
+            for key in ("layer", "method"):
+                if isinstance(heatmap.get(key), str):
+                    params[f"heatmap_{key}"] = heatmap[key]
         if self.precision is not None:
             params.update(self.precision.parameters())
         if info.version:
@@ -201,7 +213,7 @@ class ChestCtModel(Model):
         engine, admission = self._running()
         self.check_version(request.model_version)
         scope.shorten(context.client_timeout_s(_parameters(request)))
-        outputs = parse_outputs(request)
+        outputs = parse_outputs(request, heatmap_available=self.heatmap_grid is not None)
         admission.hold(scope.ticket)  # a place in the queue while it is parsed (REST holds one already)
         loop = asyncio.get_running_loop()
         if scope.ticket.bytes > INLINE_PARSE_BYTES:
@@ -221,11 +233,13 @@ class ChestCtModel(Model):
         else:
             n, height, width, _ = batch.pixels.shape
             name, kind, payload, pixels = "pixels", pixels_kind(height, width), batch.pixels, [height * width] * n
+        if outputs.explain:
+            kind = explaining(kind)
         if scope.time_left() <= 0:
             metrics.DROPPED.labels(model_name=self.name, reason="deadline_exceeded").inc()
             raise DeadlineExceeded(scope.budget_s, "before the request was admitted")
         first_chunk = admission.admit(scope.ticket, len(pixels), engine.chunk_bounds(pixels)[0][1], sum(pixels),
-                                      scope.time_left())
+                                      scope.time_left(), explain=outputs.explain)
         if isinstance(batch, ImageBatch):
             await loop.run_in_executor(None, _verify_all, batch.encoded)
         elif slices:
@@ -256,7 +270,10 @@ class ChestCtModel(Model):
         probs = np.asarray(result["probability"], dtype=np.float32).reshape(-1)
         inside = np.asarray(result["in_distribution"], dtype=np.bool_).reshape(-1)
         labels = [info.label_for(float(p)) if ok else UNSUPPORTED_INPUT for p, ok in zip(probs, inside, strict=True)]
-        return Prediction(probs, labels, np.asarray(result["ood_score"], dtype=np.float32).reshape(-1), inside)
+        heatmap = np.asarray(result[HEATMAP_KEY], dtype=np.float32) if HEATMAP_KEY in (result.dtype.names or ()) \
+            else None
+        return Prediction(probs, labels, np.asarray(result["ood_score"], dtype=np.float32).reshape(-1), inside,
+                          heatmap)
 
 
 def _verify_all(encoded: list[bytes]) -> None:

@@ -11,7 +11,8 @@ Routes registered here come before kserve's (first match wins):
   headers;
 - ``GET /v2/models/{name}[/versions/{v}]``: kserve's response model drops
   ``parameters`` (threshold, class names, limits) and its versioned route is 501;
-- ``GET /v2/models/{name}/versions/{v}/ready``: kserve's is 501 with a traceback.
+- ``GET /v2/models/{name}/versions/{v}/ready``: kserve's is 501 with a traceback;
+- ``GET /``: the web page for browsers (``serving.page``), kserve's liveness answer for everyone else.
 
 Health, model readiness, server metadata, v1, metrics and gRPC stay kserve's
 (with ``serving.dataplane`` behind them).
@@ -30,7 +31,7 @@ from grpc_interceptor.exceptions import GrpcException
 from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
 from kserve.logging import logger
 
-from serving import context
+from serving import context, page
 from serving.dataplane import ChestCtDataPlane
 from serving.errors import DeadlineExceeded, InternalError, NotReady, Overloaded, clip, unexpected
 from serving.predictor import INLINE_PARSE_BYTES, ChestCtModel
@@ -132,6 +133,7 @@ def install(app: FastAPI, dataplane: ChestCtDataPlane, max_request_bytes: int) -
     ):
         # Hidden from /openapi.json: kserve's (shadowed) routes document the same JSON schema.
         app.add_api_route(path, endpoint, methods=methods, include_in_schema=False)
+    page.install(app, dataplane.live)
 
 
 async def _infer(request: Request, dataplane: ChestCtDataPlane, model_name: str, model_version: str | None,

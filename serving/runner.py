@@ -1,13 +1,15 @@
-"""The SavedModel's three signatures as plain, synchronous numpy functions.
+"""The SavedModel's signatures as plain, synchronous numpy functions.
 
 This is the only module that imports TensorFlow. One call here is one
 SavedModel call: ``serving.batching`` sizes the chunks (by images and pixels).
 Each call returns one record per image (:data:`OUTPUT_DTYPE`: the probability and
 the out-of-distribution guard's ``ood_score`` and ``in_distribution``), a 1-D numpy
 structured array that slices and concatenates like the plain probabilities did.
-TensorFlow's ``InvalidArgumentError`` is the only error treated as the input's
-fault (``ModelInputError``); every other error (out of memory, internal errors)
-propagates as it is.
+With ``explain=True`` the input kind's explain signature runs instead and each
+record also holds the image's Grad-CAM ``heatmap`` (a float32 ``[h, w]`` field,
+:func:`explain_dtype`). TensorFlow's ``InvalidArgumentError`` is the only error
+treated as the input's fault (``ModelInputError``); every other error (out of
+memory, internal errors) propagates as it is.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.model_dir import BYTES_SIGNATURE, HU_SIGNATURE, PIXELS_SIGNATURE, ModelLoadError
+from serving.model_dir import BYTES_SIGNATURE, EXPLAIN_SIGNATURES, HU_SIGNATURE, PIXELS_SIGNATURE, ModelLoadError
 from serving.precision import BF16, FP32, GRAPPLER_OPTION, KEEP_FLOAT32_ENV
 
 BYTES_ARG = "images"
@@ -29,6 +31,12 @@ HU_ARG = "hu"
 OUTPUT_KEY = "probability"
 #: One record per image: what every signature returns.
 OUTPUT_DTYPE = np.dtype([("probability", "<f4"), ("ood_score", "<f4"), ("in_distribution", "?")])
+HEATMAP_KEY = "heatmap"
+
+
+def explain_dtype(grid: tuple[int, int]) -> np.dtype:
+    """One record per image of an explain call: :data:`OUTPUT_DTYPE` plus the ``[h, w]`` heatmap."""
+    return np.dtype([*OUTPUT_DTYPE.descr, (HEATMAP_KEY, "<f4", tuple(grid))])
 
 #: Packages that ``import tensorflow`` pulls in through Keras only when they happen to be installed
 #: (scikit-learn wrappers, a SciPy sparse check, matplotlib plotting); each such import is guarded by
@@ -46,7 +54,11 @@ class ModelInputError(ValueError):
 
 
 class SavedModelRunner:
-    """Loads the SavedModel and calls ``serving_default`` / ``serve_pixels`` / ``serve_hu`` on numpy data."""
+    """Loads the SavedModel and calls ``serving_default`` / ``serve_pixels`` / ``serve_hu`` on numpy data.
+
+    The explain signatures (``explain_images`` / ``explain_pixels`` / ``explain_hu``) are used when the
+    model has all three (``has_explain``); a model exported before them is served without heatmaps.
+    """
 
     def __init__(self, model_dir: str | Path):
         tf = import_tensorflow()
@@ -63,7 +75,23 @@ class SavedModelRunner:
         self._bytes_fn = _signature(signatures, BYTES_SIGNATURE, BYTES_ARG, tf.string, 1, model_dir)
         self._pixels_fn = _signature(signatures, PIXELS_SIGNATURE, PIXELS_ARG, tf.float32, 4, model_dir)
         self._hu_fn = _signature(signatures, HU_SIGNATURE, HU_ARG, tf.float32, 3, model_dir)
+        explain = [name for name in EXPLAIN_SIGNATURES.values() if name in signatures]
+        self._explain: dict[str, object] = {}
+        if explain:  # all three or none: a partial set is a broken export, not an older one
+            self._explain = {
+                BYTES_ARG: _signature(signatures, EXPLAIN_SIGNATURES[BYTES_SIGNATURE], BYTES_ARG, tf.string, 1,
+                                      model_dir, (HEATMAP_KEY,)),
+                PIXELS_ARG: _signature(signatures, EXPLAIN_SIGNATURES[PIXELS_SIGNATURE], PIXELS_ARG, tf.float32, 4,
+                                       model_dir, (HEATMAP_KEY,)),
+                HU_ARG: _signature(signatures, EXPLAIN_SIGNATURES[HU_SIGNATURE], HU_ARG, tf.float32, 3, model_dir,
+                                   (HEATMAP_KEY,)),
+            }
         self.precision = FP32
+
+    @property
+    def has_explain(self) -> bool:
+        """Whether the model can return ``heatmap`` (it has the explain signatures)."""
+        return bool(self._explain)
 
     def set_precision(self, precision: str, keep_float32_ops: Sequence[str] = ()) -> None:
         """Run the signatures in ``fp32`` or ``bf16`` (oneDNN's grappler rewrite) from the next call on.
@@ -80,10 +108,10 @@ class SavedModelRunner:
     def gpus(self) -> int:
         return len(self._tf.config.list_physical_devices("GPU"))
 
-    def predict_images(self, encoded: Sequence[bytes]) -> np.ndarray:
-        """Outputs for encoded PNG/JPEG files (one call)."""
+    def predict_images(self, encoded: Sequence[bytes], explain: bool = False) -> np.ndarray:
+        """Outputs for encoded PNG/JPEG files (one call); with ``explain``, the heatmap too."""
         try:
-            return self._call(self._bytes_fn, BYTES_ARG, list(encoded))
+            return self._call(self._fn(BYTES_ARG, self._bytes_fn, explain), BYTES_ARG, list(encoded), explain)
         except self._tf.errors.InvalidArgumentError as exc:
             raise ModelInputError(f"the model rejected the images: {_tf_message(exc)}") from exc
 
@@ -91,34 +119,50 @@ class SavedModelRunner:
         """(index, TensorFlow's reason) of the first file the model cannot decode on its own, or None."""
         for i, one in enumerate(encoded):
             try:
-                self._call(self._bytes_fn, BYTES_ARG, [one])
+                self._call(self._bytes_fn, BYTES_ARG, [one], False)
             except self._tf.errors.InvalidArgumentError as exc:
                 return i, _tf_message(exc)
         return None
 
-    def predict_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """Outputs for float32 RGB pixels ``[N, H, W, 3]`` in 0..255 (one call)."""
+    def predict_pixels(self, pixels: np.ndarray, explain: bool = False) -> np.ndarray:
+        """Outputs for float32 RGB pixels ``[N, H, W, 3]`` in 0..255 (one call); with ``explain``, the heatmap too."""
         try:
-            return self._call(self._pixels_fn, PIXELS_ARG, np.asarray(pixels, dtype=np.float32))
+            return self._call(self._fn(PIXELS_ARG, self._pixels_fn, explain), PIXELS_ARG,
+                              np.asarray(pixels, dtype=np.float32), explain)
         except self._tf.errors.InvalidArgumentError as exc:
             raise ModelInputError(f"the model rejected the pixels: {_tf_message(exc)}") from exc
 
-    def predict_hu(self, hu: np.ndarray) -> np.ndarray:
+    def predict_hu(self, hu: np.ndarray, explain: bool = False) -> np.ndarray:
         """Outputs for CT slices in Hounsfield units, float32 ``[N, H, W]`` (one call; the window is in the graph)."""
         try:
-            return self._call(self._hu_fn, HU_ARG, np.asarray(hu, dtype=np.float32))
+            return self._call(self._fn(HU_ARG, self._hu_fn, explain), HU_ARG, np.asarray(hu, dtype=np.float32),
+                              explain)
         except self._tf.errors.InvalidArgumentError as exc:
             raise ModelInputError(f"the model rejected the slices: {_tf_message(exc)}") from exc
 
-    def _call(self, fn, arg: str, values) -> np.ndarray:
+    def _fn(self, arg: str, predict, explain: bool):
+        if not explain:
+            return predict
+        if not self._explain:
+            raise RuntimeError("the model has no explain signatures")  # the predictor refuses such requests first
+        return self._explain[arg]
+
+    def _call(self, fn, arg: str, values, explain: bool) -> np.ndarray:
         dtype = self._tf.string if arg == BYTES_ARG else self._tf.float32
         out = fn(**{arg: self._tf.constant(values, dtype=dtype)})
         columns = {name: np.asarray(out[name].numpy()).reshape(-1) for name in OUTPUT_DTYPE.names}
         n = len(columns[OUTPUT_KEY])
+        record = OUTPUT_DTYPE
+        if explain:
+            heatmap = np.asarray(out[HEATMAP_KEY].numpy(), dtype=np.float32)
+            if heatmap.ndim != 3:
+                raise RuntimeError(f"the model returned a heatmap of shape {heatmap.shape}; expected [N, h, w]")
+            columns[HEATMAP_KEY] = heatmap
+            record = explain_dtype((heatmap.shape[1], heatmap.shape[2]))
         if any(len(c) != n for c in columns.values()):
             raise RuntimeError(f"the model returned outputs of different lengths: "
                                f"{ {k: len(c) for k, c in columns.items()} }")
-        records = np.empty(n, dtype=OUTPUT_DTYPE)
+        records = np.empty(n, dtype=record)
         for name, column in columns.items():
             records[name] = column
         return records
@@ -185,7 +229,7 @@ def fit_threads_to_cpu_limit(tf) -> int | None:
     return cpus if setters else None
 
 
-def _signature(signatures, name: str, arg: str, dtype, rank: int, model_dir):
+def _signature(signatures, name: str, arg: str, dtype, rank: int, model_dir, extra_outputs: tuple[str, ...] = ()):
     if name not in signatures:
         raise ModelLoadError(f"the SavedModel in {model_dir} has no '{name}' signature "
                              f"(found: {sorted(signatures.keys())}); re-export it with chest_ct.export")
@@ -195,9 +239,10 @@ def _signature(signatures, name: str, arg: str, dtype, rank: int, model_dir):
     if spec is None or spec.dtype != dtype or spec.shape.rank != rank:
         raise ModelLoadError(f"signature '{name}' of {model_dir} must take '{arg}' as {dtype.name} "
                              f"of rank {rank}, but takes {kwargs}")
-    missing = [key for key in OUTPUT_DTYPE.names if key not in fn.structured_outputs]
+    expected = [*OUTPUT_DTYPE.names, *extra_outputs]
+    missing = [key for key in expected if key not in fn.structured_outputs]
     if missing:
-        raise ModelLoadError(f"signature '{name}' of {model_dir} must return {list(OUTPUT_DTYPE.names)}, "
+        raise ModelLoadError(f"signature '{name}' of {model_dir} must return {expected}, "
                              f"returns {sorted(fn.structured_outputs)} (a model exported before the "
                              "out-of-distribution guard existed: re-export it)")
     return fn

@@ -29,29 +29,30 @@ RUN_ID = "test-run-0123456789"
 # --- model -------------------------------------------------------------------------------------
 
 @cache
-def exported_model(root: str) -> Path:
+def exported_model(root: str, size: int = IMAGE_SIZE) -> Path:
     """Export a tiny random-weight model once per test process under ``root``; return its directory.
 
     Its out-of-distribution guard is fitted on :func:`ct_like` slices in the lung window, so
     such slices are in distribution, and photos, flat images or random colours are not.
+    ``size``: the model's input size (its heatmap grid is ``size // 16`` a side).
     """
     from chest_ct.export import export_saved_model
     from chest_ct.model import build_model
     from chest_ct.ood import block_features, fit_guard
 
-    out = Path(root) / "chest-ct-model"
+    out = Path(root) / ("chest-ct-model" if size == IMAGE_SIZE else f"chest-ct-model-{size}px")
     if not (out / "saved_model.pb").is_file():
         import keras
 
         keras.utils.set_random_seed(7)
-        model = build_model(IMAGE_SIZE, "none")
+        model = build_model(size, "none")
         folder = Path(root) / "guard-images"
         folder.mkdir(parents=True, exist_ok=True)
         files = []
         for i in range(40):
             files.append(folder / f"ct{i}.png")
             files[-1].write_bytes(encode(lung_window(ct_like(1000 + i, size=48 + i % 3 * 16, nodule=i % 2 == 0))))
-        guard = fit_guard(block_features(model, [str(f) for f in files], IMAGE_SIZE, 8), list(range(len(files))))
+        guard = fit_guard(block_features(model, [str(f) for f in files], size, 8), list(range(len(files))))
         export_saved_model(model, out, {"mlflow_run_id": RUN_ID, "dataset_fingerprint": "sha256:test"}, guard=guard)
     return out
 
@@ -95,9 +96,11 @@ class InProcessModel:
     def hu(self, hu: np.ndarray) -> np.ndarray:
         return self.outputs("hu", np.asarray(hu, np.float32))["probability"]
 
-    def outputs(self, kind: str, values) -> dict[str, np.ndarray]:
-        """Every output of the signature for ``kind`` (images, pixels or hu)."""
+    def outputs(self, kind: str, values, explain: bool = False) -> dict[str, np.ndarray]:
+        """Every output of the signature for ``kind`` (images, pixels or hu); ``explain``: its explain signature."""
         name = {"images": "serving_default", "pixels": "serve_pixels", "hu": "serve_hu"}[kind]
+        if explain:
+            name = {"images": "explain_images", "pixels": "explain_pixels", "hu": "explain_hu"}[kind]
         dtype = self._tf.string if kind == "images" else self._tf.float32
         out = self._loaded.signatures[name](**{kind: self._tf.constant(values, dtype=dtype)})
         return {k: v.numpy() for k, v in out.items()}

@@ -153,9 +153,11 @@ def test_rest_model_metadata_lists_inputs_outputs_and_model_facts(server, thresh
     assert meta["versions"] == [RUN_ID] and meta["platform"] == "tensorflow_savedmodel"
     assert {i["name"]: (i["datatype"], i["shape"]) for i in meta["inputs"]} == {
         "image": ("BYTES", [-1]), "pixels": ("FP32", [-1, -1, -1, 3]), "dicom": ("BYTES", [-1])}
+    grid = IMAGE_SIZE // 16
     assert {o["name"]: (o["datatype"], o["shape"]) for o in meta["outputs"]} == {
         "probability": ("FP32", [-1]), "label": ("BYTES", [-1]), "ood_score": ("FP32", [-1]),
-        "in_distribution": ("BOOL", [-1])}
+        "in_distribution": ("BOOL", [-1]), "heatmap": ("FP32", [-1, grid, grid])}
+    assert meta["parameters"]["opt_in_outputs"] == "heatmap"  # listed, but returned only when named
     params = meta["parameters"]
     assert params["threshold"] == pytest.approx(threshold)
     assert params["class_names"] == "normal,adenocarcinoma"
@@ -186,7 +188,7 @@ def test_grpc_model_metadata_and_health(server):
     assert {i["name"]: (i["datatype"], [int(d) for d in i["shape"]]) for i in meta["inputs"]} == {
         "image": ("BYTES", [-1]), "pixels": ("FP32", [-1, -1, -1, 3]), "dicom": ("BYTES", [-1])}
     assert {o["name"]: o["datatype"] for o in meta["outputs"]} == {
-        "probability": "FP32", "label": "BYTES", "ood_score": "FP32", "in_distribution": "BOOL"}
+        "probability": "FP32", "label": "BYTES", "ood_score": "FP32", "in_distribution": "BOOL", "heatmap": "FP32"}
 
 
 def test_grpc_versions_are_checked_and_server_metadata_is_honest(server):
