@@ -47,8 +47,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from bench.report import emit, machine, table, write_section  # noqa: E402
 
-TARGETS = {"dedup_1m_s": 60.0, "dedup_growth_ratio": 15.0, "ingest_ratio_vs_floor": 0.7, "ingest_peak_rss_mb": 1024.0,
-           "s3_speedup": 4.0}
+TARGETS = {
+    "dedup_1m_s": 60.0,
+    "dedup_growth_ratio": 15.0,
+    "ingest_ratio_vs_floor": 0.7,
+    "ingest_peak_rss_mb": 1024.0,
+    "s3_speedup": 4.0,
+}
 
 
 def timed(fn) -> tuple[float, object]:
@@ -58,6 +63,7 @@ def timed(fn) -> tuple[float, object]:
 
 
 # --- duplicate search ----------------------------------------------------------------------------
+
 
 def planted_hashes(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
     """Random sha256s and phashes with 10% near copies (1-4 bits) and 5% exact copies of other items."""
@@ -103,6 +109,7 @@ def bench_dedup(sizes: list[int]) -> tuple[list[list], dict]:
 
 
 # --- synthetic images ----------------------------------------------------------------------------
+
 
 def synthetic_png(index: int, size: int) -> bytes:
     """A smooth random 'slice' (a few random cosine waves) plus noise, grayscale PNG; distinct phash per index."""
@@ -164,6 +171,7 @@ def make_dataset(root: Path, n: int, size: int, workers: int) -> dict:
 
 # --- floor and memory ------------------------------------------------------------------------------
 
+
 def _floor_chunk(paths: list[str]) -> int:
     """The floor's work per file: read once, sha256, decode with the model's decoder."""
     from chest_ct.preprocess import decode
@@ -196,7 +204,7 @@ def run_floor(fn, files: list[str], workers: int) -> float:
     from chest_ct.parallel import chunk_size_for, worker_context
 
     size = chunk_size_for(len(files), workers)
-    chunks = [files[i:i + size] for i in range(0, len(files), size)]
+    chunks = [files[i : i + size] for i in range(0, len(files), size)]
     with ProcessPoolExecutor(workers, mp_context=worker_context(WORKER_PRELOAD), initializer=_init_worker) as pool:
         list(pool.map(_floor_chunk, chunks[:workers]))  # workers forked and warm, as the ingest's are
         seconds, done = timed(lambda: sum(pool.map(fn, chunks)))
@@ -223,8 +231,13 @@ class TreeMemory:
         for proc in [me, *me.children(recursive=True)]:
             try:
                 info = proc.memory_full_info()
-                role = ("ingest process" if proc.pid == me.pid else
-                        "forkserver" if "forkserver" in " ".join(proc.cmdline()) else "workers")
+                role = (
+                    "ingest process"
+                    if proc.pid == me.pid
+                    else "forkserver"
+                    if "forkserver" in " ".join(proc.cmdline())
+                    else "workers"
+                )
             except self.psutil.Error:
                 continue
             pss += info.pss
@@ -265,7 +278,7 @@ def bench_ingest(n: int, size: int, workers: int, repeats: int) -> tuple[list[li
         print(f"made {len(files)} images ({mib:.0f} MiB) in {seconds:.0f}s", file=sys.stderr, flush=True)
 
         baseline = psutil.Process().memory_info().rss / 2**20
-        start_s, _ = timed(lambda: inspect_files(files[:2 * workers], workers=workers))  # forkserver: imports TF once
+        start_s, _ = timed(lambda: inspect_files(files[: 2 * workers], workers=workers))  # forkserver: imports TF once
         floors, ingests, reports = [], [], []
         memory = None
         for i in range(repeats):
@@ -288,29 +301,46 @@ def bench_ingest(n: int, size: int, workers: int, repeats: int) -> tuple[list[li
     for g in report["duplicate_groups"]:
         for m in g["members"]:
             group_of[m["path"]] = g["group"]
-    found = {kind: sum(1 for a, b in ps if a in group_of and group_of.get(a) == group_of.get(b)) for kind, ps in pairs.items()}
+    found = {
+        kind: sum(1 for a, b in ps if a in group_of and group_of.get(a) == group_of.get(b))
+        for kind, ps in pairs.items()
+    }
     floor_s, ingest_s = min(floors), min(ingests)
     ips = lambda s: len(files) / s  # noqa: E731
     rows = [
         [f"floor: read + sha256 + TF decode, {workers} workers (best of {len(floors)})", floor_s, ips(floor_s), 1.0],
-        ["floor + imagehash phash (least work that also finds near copies)", phash_floor, ips(phash_floor),
-         floor_s / phash_floor],
+        [
+            "floor + imagehash phash (least work that also finds near copies)",
+            phash_floor,
+            ips(phash_floor),
+            floor_s / phash_floor,
+        ],
         ["chest-ct validation alone (inspect_files)", validate_s, ips(validate_s), floor_s / validate_s],
         [f"chest-ct full ingest, build_dataset (best of {len(ingests)})", ingest_s, ips(ingest_s), floor_s / ingest_s],
     ]
     per_image_kib = max(memory.peak_parent_rss - baseline, 0) * 1024 / len(files)
     figures = {
-        "ingest_images": len(files), "image_size": size, "workers": workers, "dataset_mib": round(mib, 1),
-        "floor_s": round(floor_s, 2), "floor_runs_s": [round(v, 2) for v in floors],
-        "floor_phash_s": round(phash_floor, 2), "validate_s": round(validate_s, 2),
-        "ingest_s": round(ingest_s, 2), "ingest_runs_s": [round(v, 2) for v in ingests],
-        "ingest_ratio_vs_floor": round(floor_s / ingest_s, 3), "validate_ratio_vs_floor": round(floor_s / validate_s, 3),
+        "ingest_images": len(files),
+        "image_size": size,
+        "workers": workers,
+        "dataset_mib": round(mib, 1),
+        "floor_s": round(floor_s, 2),
+        "floor_runs_s": [round(v, 2) for v in floors],
+        "floor_phash_s": round(phash_floor, 2),
+        "validate_s": round(validate_s, 2),
+        "ingest_s": round(ingest_s, 2),
+        "ingest_runs_s": [round(v, 2) for v in ingests],
+        "ingest_ratio_vs_floor": round(floor_s / ingest_s, 3),
+        "validate_ratio_vs_floor": round(floor_s / validate_s, 3),
         "ingest_ratio_vs_floor_with_phash": round(phash_floor / ingest_s, 3),
         "worker_start_s": round(start_s, 2),
-        "ingest_peak_rss_mb": round(memory.peak_pss, 1), "ingest_peak_rss_sum_mb": round(memory.peak_rss_sum, 1),
+        "ingest_peak_rss_mb": round(memory.peak_pss, 1),
+        "ingest_peak_rss_sum_mb": round(memory.peak_rss_sum, 1),
         "peak_pss_by_process_mb": {k: round(v, 1) for k, v in memory.at_peak.items()},
-        "parent_peak_rss_mb": round(memory.peak_parent_rss, 1), "parent_kib_per_image": round(per_image_kib, 2),
-        "quarantined": len(report["quarantined"]), "groups": report["distinct_pictures"],
+        "parent_peak_rss_mb": round(memory.peak_parent_rss, 1),
+        "parent_kib_per_image": round(per_image_kib, 2),
+        "quarantined": len(report["quarantined"]),
+        "groups": report["distinct_pictures"],
         "planted_exact_found": f"{found['exact']}/{len(pairs['exact'])}",
         "planted_near_found": f"{found['near']}/{len(pairs['near'])}",
         "invalid_in_validation": sum(1 for r in results if not hasattr(r, "sha256")),
@@ -319,6 +349,7 @@ def bench_ingest(n: int, size: int, workers: int, repeats: int) -> tuple[list[li
 
 
 # --- S3 ------------------------------------------------------------------------------------------
+
 
 def _serve_s3(port_queue, latency_s: float) -> None:
     """A moto S3 server (its own process, so the client and server do not share a GIL), with added latency."""
@@ -359,14 +390,22 @@ def bench_s3(objects: int, latency_ms: float) -> tuple[list[list], dict]:
             client.create_bucket(Bucket="bench")
             body = bytes(range(256)) * 8  # 2 KiB: a thumbnail-sized object, latency-bound
             with ThreadPoolExecutor(32) as pool:
-                list(pool.map(lambda i: client.put_object(Bucket="bench", Key=f"ct/{i % 2}/{i:05d}.png", Body=body),
-                              range(objects)))
+                list(
+                    pool.map(
+                        lambda i: client.put_object(Bucket="bench", Key=f"ct/{i % 2}/{i:05d}.png", Body=body),
+                        range(objects),
+                    )
+                )
             with tempfile.TemporaryDirectory() as tmp:
-                one, fetched = timed(lambda: fetch_dataset("s3://bench/ct", Path(tmp) / "one", s3_endpoint_url=endpoint,
-                                                           s3_concurrency=1))
+                one, fetched = timed(
+                    lambda: fetch_dataset(
+                        "s3://bench/ct", Path(tmp) / "one", s3_endpoint_url=endpoint, s3_concurrency=1
+                    )
+                )
                 assert fetched.downloaded_files == objects
-                many, fetched = timed(lambda: fetch_dataset("s3://bench/ct", Path(tmp) / "many",
-                                                            s3_endpoint_url=endpoint))
+                many, fetched = timed(
+                    lambda: fetch_dataset("s3://bench/ct", Path(tmp) / "many", s3_endpoint_url=endpoint)
+                )
                 assert fetched.downloaded_files == objects
         finally:
             server.terminate()
@@ -381,6 +420,7 @@ def bench_s3(objects: int, latency_ms: float) -> tuple[list[list], dict]:
 
 
 # --- report ---------------------------------------------------------------------------------------
+
 
 def scaling(figures: dict, dedup: dict) -> list[list]:
     """Expected ingest time and memory at 100k and 1M images, from this run's per-image figures."""
@@ -397,13 +437,22 @@ def scaling(figures: dict, dedup: dict) -> list[list]:
 def verdict(figures: dict) -> str:
     checks = [
         ("1M hashes <= 60 s", figures["dedup_1m_s"] <= TARGETS["dedup_1m_s"], f"{figures['dedup_1m_s']:.1f} s"),
-        ("growth t(1M)/t(100k) <= 15", figures["dedup_growth_ratio"] <= TARGETS["dedup_growth_ratio"],
-         f"{figures['dedup_growth_ratio']:.1f}"),
+        (
+            "growth t(1M)/t(100k) <= 15",
+            figures["dedup_growth_ratio"] <= TARGETS["dedup_growth_ratio"],
+            f"{figures['dedup_growth_ratio']:.1f}",
+        ),
         ("10k groups = all-pairs", bool(figures["dedup_exact_match"]), str(figures["dedup_exact_match"])),
-        ("ingest >= 0.7x floor", figures["ingest_ratio_vs_floor"] >= TARGETS["ingest_ratio_vs_floor"],
-         f"{figures['ingest_ratio_vs_floor']:.2f}x"),
-        ("peak memory <= 1 GB", figures["ingest_peak_rss_mb"] <= TARGETS["ingest_peak_rss_mb"],
-         f"{figures['ingest_peak_rss_mb']:.0f} MiB PSS"),
+        (
+            "ingest >= 0.7x floor",
+            figures["ingest_ratio_vs_floor"] >= TARGETS["ingest_ratio_vs_floor"],
+            f"{figures['ingest_ratio_vs_floor']:.2f}x",
+        ),
+        (
+            "peak memory <= 1 GB",
+            figures["ingest_peak_rss_mb"] <= TARGETS["ingest_peak_rss_mb"],
+            f"{figures['ingest_peak_rss_mb']:.0f} MiB PSS",
+        ),
         ("S3 >= 4x", figures["s3_speedup"] >= TARGETS["s3_speedup"], f"{figures['s3_speedup']:.1f}x"),
     ]
     return "targets: " + "; ".join(f"{name} ({value}): {'met' if ok else 'MISSED'}" for name, ok, value in checks)
@@ -433,27 +482,56 @@ def main(argv: list[str] | None = None) -> int:
 
     small, mid, big = sizes
     figures = {
-        "dedup_10k_s": round(dedup[small][0], 3), "dedup_100k_s": round(dedup[mid][0], 3),
-        "dedup_1m_s": round(dedup[big][0], 3), "dedup_growth_ratio": round(dedup[big][0] / dedup[mid][0], 2),
-        "dedup_1m_peak_mb": round(dedup[big][1], 1), "dedup_exact_match": bool(dedup[small][2]),
+        "dedup_10k_s": round(dedup[small][0], 3),
+        "dedup_100k_s": round(dedup[mid][0], 3),
+        "dedup_1m_s": round(dedup[big][0], 3),
+        "dedup_growth_ratio": round(dedup[big][0] / dedup[mid][0], 2),
+        "dedup_1m_peak_mb": round(dedup[big][1], 1),
+        "dedup_exact_match": bool(dedup[small][2]),
         "dedup_reference_growth_ratio": round(dedup[big][3] / dedup[mid][3], 2),
-        "dedup_sizes": sizes, **ingest, **s3, "quick": args.quick,
+        "dedup_sizes": sizes,
+        **ingest,
+        **s3,
+        "quick": args.quick,
     }
     scale_rows = scaling(figures, dedup if not args.quick else {})
     texts = [
-        table(["duplicate search", "seconds (best of 3)", "peak MiB", "groups", "= all-pairs",
-               "linear reference s (dict of the sha256s)"], dedup_rows),
+        table(
+            [
+                "duplicate search",
+                "seconds (best of 3)",
+                "peak MiB",
+                "groups",
+                "= all-pairs",
+                "linear reference s (dict of the sha256s)",
+            ],
+            dedup_rows,
+        ),
         table(["ingest", "seconds", "images/s", "x floor images/s"], ingest_rows),
-        table(["ingest memory", "MiB"], [
-            ["peak, process + forkserver + workers (PSS: shared pages counted once)", ingest["ingest_peak_rss_mb"]],
-            ["peak, same processes, RSS summed (TensorFlow's shared pages counted per process)",
-             ingest["ingest_peak_rss_sum_mb"]],
-            *[[f"  of which {name} (PSS)", mib] for name, mib in ingest["peak_pss_by_process_mb"].items()],
-            ["peak RSS of the ingest process alone", ingest["parent_peak_rss_mb"]],
-            ["ingest process growth per image, KiB", ingest["parent_kib_per_image"]],
-        ]),
-        table(["S3 folder of small objects", "one at a time s", "objects/s", f"{s3['s3_concurrency']} at a time s",
-               "objects/s", "speed-up"], s3_rows),
+        table(
+            ["ingest memory", "MiB"],
+            [
+                ["peak, process + forkserver + workers (PSS: shared pages counted once)", ingest["ingest_peak_rss_mb"]],
+                [
+                    "peak, same processes, RSS summed (TensorFlow's shared pages counted per process)",
+                    ingest["ingest_peak_rss_sum_mb"],
+                ],
+                *[[f"  of which {name} (PSS)", mib] for name, mib in ingest["peak_pss_by_process_mb"].items()],
+                ["peak RSS of the ingest process alone", ingest["parent_peak_rss_mb"]],
+                ["ingest process growth per image, KiB", ingest["parent_kib_per_image"]],
+            ],
+        ),
+        table(
+            [
+                "S3 folder of small objects",
+                "one at a time s",
+                "objects/s",
+                f"{s3['s3_concurrency']} at a time s",
+                "objects/s",
+                "speed-up",
+            ],
+            s3_rows,
+        ),
         table(["expected full ingest", "minutes", "peak MiB"], scale_rows),
     ]
     text = "\n\n".join(texts)
@@ -461,18 +539,22 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print(check)
     if not args.no_write:
-        write_section("ingest", (
-            f"## Ingest at scale ({args.images:,} synthetic {args.image_size}x{args.image_size} grayscale PNGs, "
-            f"{workers} workers; hashes: 10% near and 5% exact copies planted)\n\nMachine: {machine()}\n\n{text}\n\n"
-            f"{check}\n\nDuplicate search growth t(1M)/t(100k): {figures['dedup_growth_ratio']:.1f}; a linear-time "
-            f"reference on the same input (a dict of the sha256s) grows {figures['dedup_reference_growth_ratio']:.1f}x on "
-            f"this machine (caches), quadratic work would grow 100x.\n\nPlanted copies found in one group with their source: exact {ingest['planted_exact_found']}, "
-            f"near {ingest['planted_near_found']}. Worker start (forkserver importing TensorFlow once, before the "
-            f"timed runs): {ingest['worker_start_s']:.1f} s. S3: {s3['s3_objects']:,} objects of 2 KiB, the local server "
-            f"adds {args.s3_latency_ms:g} ms per request (S3's typical small-GET latency); without it, both runs are "
-            f"bound by this machine's CPU. Expected times scale this run's images/s linearly and add the measured "
-            f"duplicate search; memory adds the ingest process's per-image growth to this run's peak.\n\n"
-            f"```json\n{json.dumps(figures)}\n```"))
+        write_section(
+            "ingest",
+            (
+                f"## Ingest at scale ({args.images:,} synthetic {args.image_size}x{args.image_size} grayscale PNGs, "
+                f"{workers} workers; hashes: 10% near and 5% exact copies planted)\n\nMachine: {machine()}\n\n{text}\n\n"
+                f"{check}\n\nDuplicate search growth t(1M)/t(100k): {figures['dedup_growth_ratio']:.1f}; a linear-time "
+                f"reference on the same input (a dict of the sha256s) grows {figures['dedup_reference_growth_ratio']:.1f}x on "
+                f"this machine (caches), quadratic work would grow 100x.\n\nPlanted copies found in one group with their source: exact {ingest['planted_exact_found']}, "
+                f"near {ingest['planted_near_found']}. Worker start (forkserver importing TensorFlow once, before the "
+                f"timed runs): {ingest['worker_start_s']:.1f} s. S3: {s3['s3_objects']:,} objects of 2 KiB, the local server "
+                f"adds {args.s3_latency_ms:g} ms per request (S3's typical small-GET latency); without it, both runs are "
+                f"bound by this machine's CPU. Expected times scale this run's images/s linearly and add the measured "
+                f"duplicate search; memory adds the ingest process's per-image growth to this run's peak.\n\n"
+                f"```json\n{json.dumps(figures)}\n```"
+            ),
+        )
     emit(figures)
     return 0
 

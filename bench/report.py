@@ -25,10 +25,15 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    versions = ", ".join(f"{p} {version(p)}" for p in ("tensorflow", "tensorflow-cpu", "keras", "kserve", "mlflow", "kfp")
-                         if _installed(p))
-    return (f"{os.cpu_count()} cores ({cpu}), GPU: {gpus()}, Python {platform.python_version()}, {versions}; "
-            f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
+    versions = ", ".join(
+        f"{p} {version(p)}"
+        for p in ("tensorflow", "tensorflow-cpu", "keras", "kserve", "mlflow", "kfp")
+        if _installed(p)
+    )
+    return (
+        f"{os.cpu_count()} cores ({cpu}), GPU: {gpus()}, Python {platform.python_version()}, {versions}; "
+        f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}"
+    )
 
 
 def gpus() -> str:
@@ -77,7 +82,11 @@ def vgg16_weights() -> str:
 def write_section(name: str, body: str) -> None:
     """Replace the ``name`` section of docs/benchmarks.md (between its markers) with ``body``."""
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nWritten by the `bench/` scripts (`make bench`); do not edit by hand.\n"
+    text = (
+        DOC.read_text()
+        if DOC.exists()
+        else "# Benchmarks\n\nWritten by the `bench/` scripts (`make bench`); do not edit by hand.\n"
+    )
     block = f"{start}\n{body.rstrip()}\n{end}"
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"

@@ -105,8 +105,11 @@ def _partitions(total: int, parts: int, cap: int) -> list[tuple[int, ...]]:
     """Non-increasing tuples of ``parts`` non-negative ints summing to ``total``, each at most ``cap``."""
     if parts == 1:
         return [(total,)] if total <= cap else []
-    return [(first, *rest) for first in range(min(total, cap), -1, -1)
-            for rest in _partitions(total - first, parts - 1, first)]
+    return [
+        (first, *rest)
+        for first in range(min(total, cap), -1, -1)
+        for rest in _partitions(total - first, parts - 1, first)
+    ]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -115,7 +118,9 @@ def _band_cost(width: int, radius: int, n: int) -> float:
     probes = sum(math.comb(width, t) for t in range(radius + 1))
     queries = n * (1 + (probes - 1) / 2)  # each flipped probe runs from half the keys
     table = width <= _BandIndex.TABLE_MAX_WIDTH
-    return queries * (15e-9 if table else 60e-9) + queries * n / 2.0**width * 30e-9 + (1.5e-9 * 2**width if table else 0)
+    return (
+        queries * (15e-9 if table else 60e-9) + queries * n / 2.0**width * 30e-9 + (1.5e-9 * 2**width if table else 0)
+    )
 
 
 def _best_widths(radii: tuple[int, ...], n: int) -> tuple[float, list[int]]:
@@ -217,8 +222,12 @@ def _first_index_labels(labels: np.ndarray) -> list[int]:
 
 
 def group_duplicates(
-    sha256s: Sequence[str], phashes: Sequence[str], *, max_distance: int = DEFAULT_PHASH_DISTANCE,
-    max_group_share: float | None = DEFAULT_MAX_GROUP_SHARE, names: Sequence[str] | None = None,
+    sha256s: Sequence[str],
+    phashes: Sequence[str],
+    *,
+    max_distance: int = DEFAULT_PHASH_DISTANCE,
+    max_group_share: float | None = DEFAULT_MAX_GROUP_SHARE,
+    names: Sequence[str] | None = None,
 ) -> list[int]:
     """Return a group id per item; items share an id when they are copies of one picture.
 
@@ -251,13 +260,21 @@ def group_duplicates(
     _, labels = connected_components(graph, directed=False)
     groups = _first_index_labels(labels)
     if max_group_share is not None:
-        check_chaining(groups, sha256s, phashes, max_distance=max_distance, max_group_share=max_group_share,
-                       names=names)
+        check_chaining(
+            groups, sha256s, phashes, max_distance=max_distance, max_group_share=max_group_share, names=names
+        )
     return groups
 
 
-def largest_groups(groups: Sequence[int], sha256s: Sequence[str], phashes: Sequence[str], *,
-                   names: Sequence[str] | None = None, top: int = 5, examples: int = 3) -> list[GroupSummary]:
+def largest_groups(
+    groups: Sequence[int],
+    sha256s: Sequence[str],
+    phashes: Sequence[str],
+    *,
+    names: Sequence[str] | None = None,
+    top: int = 5,
+    examples: int = 3,
+) -> list[GroupSummary]:
     """The ``top`` largest groups with more than one member, largest first."""
     labels = np.asarray(groups, dtype=np.int64)
     if len(labels) == 0:
@@ -270,23 +287,37 @@ def largest_groups(groups: Sequence[int], sha256s: Sequence[str], phashes: Seque
         if sizes[gid] < 2:
             break
         members = np.flatnonzero(labels == gid)
-        out.append(GroupSummary(
-            group=int(gid), size=int(sizes[gid]),
-            distinct_files=len({sha256s[m] for m in members}),
-            spread_bits=int(_distance(hashes[members], hashes[members[0]]).max()),
-            examples=tuple(str(names[m]) if names is not None else str(m) for m in members[:examples]),
-        ))
+        out.append(
+            GroupSummary(
+                group=int(gid),
+                size=int(sizes[gid]),
+                distinct_files=len({sha256s[m] for m in members}),
+                spread_bits=int(_distance(hashes[members], hashes[members[0]]).max()),
+                examples=tuple(str(names[m]) if names is not None else str(m) for m in members[:examples]),
+            )
+        )
     return out
 
 
-def check_chaining(groups: Sequence[int], sha256s: Sequence[str], phashes: Sequence[str], *, max_distance: int,
-                   max_group_share: float = DEFAULT_MAX_GROUP_SHARE, names: Sequence[str] | None = None) -> None:
+def check_chaining(
+    groups: Sequence[int],
+    sha256s: Sequence[str],
+    phashes: Sequence[str],
+    *,
+    max_distance: int,
+    max_group_share: float = DEFAULT_MAX_GROUP_SHARE,
+    names: Sequence[str] | None = None,
+) -> None:
     """Raise :class:`DuplicateChainError` when the largest group is over the share (see :func:`group_duplicates`)."""
     n = len(groups)
     top = largest_groups(groups, sha256s, phashes, names=names)
     if top:
-        log.info("largest duplicate groups: %s", "; ".join(
-            f"{g.size} images ({g.distinct_files} distinct files, phash spread {g.spread_bits} bits)" for g in top))
+        log.info(
+            "largest duplicate groups: %s",
+            "; ".join(
+                f"{g.size} images ({g.distinct_files} distinct files, phash spread {g.spread_bits} bits)" for g in top
+            ),
+        )
     if not top or top[0].size <= max(max_group_share * n, CHAIN_MIN_SIZE):
         return
     worst = top[0]
@@ -294,18 +325,26 @@ def check_chaining(groups: Sequence[int], sha256s: Sequence[str], phashes: Seque
     raise DuplicateChainError(
         f"duplicate search joined {worst.size} of {n} images ({worst.size / n:.0%}) into one group, over the "
         f"cap of {max_group_share:.0%}: no balanced split can keep such a group on one side. "
-        + (f"Its members are up to {worst.spread_bits} bits apart although copies are joined at <= {max_distance}: "
-           "near copies chain (e.g. neighbouring slices of one scan). " if chained else
-           f"It has {worst.distinct_files} distinct files. ")
-        + "Largest groups: " + "; ".join(f"{g.size} images, {g.distinct_files} distinct files, spread {g.spread_bits} "
-                                        f"bits, e.g. {', '.join(g.examples)}" for g in top)
+        + (
+            f"Its members are up to {worst.spread_bits} bits apart although copies are joined at <= {max_distance}: "
+            "near copies chain (e.g. neighbouring slices of one scan). "
+            if chained
+            else f"It has {worst.distinct_files} distinct files. "
+        )
+        + "Largest groups: "
+        + "; ".join(
+            f"{g.size} images, {g.distinct_files} distinct files, spread {g.spread_bits} "
+            f"bits, e.g. {', '.join(g.examples)}"
+            for g in top
+        )
         + ". Lower the phash distance (0 joins equal hashes only, -1 exact copies only), supply the split "
         "folders yourself, or raise the cap (max_group_share) if one picture really is that common."
     )
 
 
-def group_duplicates_all_pairs(sha256s: Sequence[str], phashes: Sequence[str], *,
-                               max_distance: int = DEFAULT_PHASH_DISTANCE) -> list[int]:
+def group_duplicates_all_pairs(
+    sha256s: Sequence[str], phashes: Sequence[str], *, max_distance: int = DEFAULT_PHASH_DISTANCE
+) -> list[int]:
     """The definition: compare every pair, union-find. O(N^2): for tests and benchmarks, not for data."""
     n = len(sha256s)
     parent = list(range(n))
@@ -327,7 +366,7 @@ def group_duplicates_all_pairs(sha256s: Sequence[str], phashes: Sequence[str], *
     if n > 1 and max_distance >= 0:
         hashes = phash_array(phashes)
         for i in range(n - 1):
-            for j in np.flatnonzero(_distance(hashes[i + 1:], hashes[i]) <= max_distance):
+            for j in np.flatnonzero(_distance(hashes[i + 1 :], hashes[i]) <= max_distance):
                 union(i, i + 1 + int(j))
     renumber: dict[int, int] = {}
     return [renumber.setdefault(find(i), len(renumber)) for i in range(n)]

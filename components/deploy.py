@@ -25,9 +25,15 @@ def deploy(
     from chest_ct.deploy import deploy_model
 
     done = deploy_model(
-        Path(model.path), model_store_uri=model_store_uri, version=mlflow_run_id, name=inference_service_name,
-        namespace=namespace, image=serving_image, kserve_version=kserve_version,
-        canary_traffic_percent=canary_traffic_percent or None, s3_endpoint_url=s3_endpoint_url or None,
+        Path(model.path),
+        model_store_uri=model_store_uri,
+        version=mlflow_run_id,
+        name=inference_service_name,
+        namespace=namespace,
+        image=serving_image,
+        kserve_version=kserve_version,
+        canary_traffic_percent=canary_traffic_percent or None,
+        s3_endpoint_url=s3_endpoint_url or None,
         ready_timeout_s=ready_timeout_seconds,
     )
     print(f"InferenceService {namespace}/{inference_service_name} {done.change.action}: {done.change.note}", flush=True)

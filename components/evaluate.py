@@ -41,11 +41,22 @@ def evaluate(
 
     show_progress()
     result = evaluate_model(
-        Path(model.path), Path(dataset.path), Path(evaluated_model.path), Path(plots.path),
-        run_id=mlflow_run_id, registered_model_name=registered_model_name, experiment=experiment,
-        report_html=Path(report_html.path), base_weights=base_weights,
-        policy=BlessingPolicy(min_auc=min_auc, min_sensitivity=min_sensitivity, min_specificity=min_specificity,
-                              max_auc_drop=max_auc_drop, min_compare_per_class=min_compare_per_class),
+        Path(model.path),
+        Path(dataset.path),
+        Path(evaluated_model.path),
+        Path(plots.path),
+        run_id=mlflow_run_id,
+        registered_model_name=registered_model_name,
+        experiment=experiment,
+        report_html=Path(report_html.path),
+        base_weights=base_weights,
+        policy=BlessingPolicy(
+            min_auc=min_auc,
+            min_sensitivity=min_sensitivity,
+            min_specificity=min_specificity,
+            max_auc_drop=max_auc_drop,
+            min_compare_per_class=min_compare_per_class,
+        ),
     )
     for unit in ("per_group", "per_image"):
         for name, value in result.report[unit].items():
@@ -61,8 +72,12 @@ def evaluate(
     summary = summary_markdown(result)
     Path(evaluation_summary.path).write_text(summary)
     Path(evaluation_report.path).write_text(json.dumps(result.report, indent=2))
-    evaluated_model.metadata.update(mlflow_run_id=mlflow_run_id, threshold=result.scores.threshold,
-                                    blessed=result.blessed, registered_version=result.model_version,
-                                    plots=result.plots)
+    evaluated_model.metadata.update(
+        mlflow_run_id=mlflow_run_id,
+        threshold=result.scores.threshold,
+        blessed=result.blessed,
+        registered_version=result.model_version,
+        plots=result.plots,
+    )
     print(summary, flush=True)
     return (result.blessed, "; ".join(result.reasons), result.model_version)

@@ -43,17 +43,26 @@ def ingest(
         # A data problem ends in one line naming the URI or file and what was expected, no traceback.
         try:
             fetched = fetch_dataset(data_uri, Path(tmp), s3_endpoint_url=s3_endpoint_url or None)
-            report = build_dataset(fetched.root, Path(dataset.path), seed=seed, valid_fraction=valid_fraction,
-                                   test_fraction=test_fraction, source_uri=data_uri,
-                                   refused=[asdict(r) for r in fetched.refused],
-                                   window=window)
+            report = build_dataset(
+                fetched.root,
+                Path(dataset.path),
+                seed=seed,
+                valid_fraction=valid_fraction,
+                test_fraction=test_fraction,
+                source_uri=data_uri,
+                refused=[asdict(r) for r in fetched.refused],
+                window=window,
+            )
         except (DataSourceError, DatasetError, DuplicateChainError) as err:
             raise SystemExit(f"ingest: {err}") from None
     Path(validation_report.path).write_text(json.dumps(report, indent=2))
     Path(validation_summary.path).write_text(report_markdown(report))
     dataset.metadata.update(fingerprint=report["fingerprint"], images=report["images"], counts=report["counts"])
-    validation_report.metadata.update(files=report["files"], leaks=len(report["leaks"]),
-                                      excluded=len(report["excluded"]),
-                                      duplicate_groups=len(report["duplicate_groups"]))
+    validation_report.metadata.update(
+        files=report["files"],
+        leaks=len(report["leaks"]),
+        excluded=len(report["excluded"]),
+        duplicate_groups=len(report["duplicate_groups"]),
+    )
     print(report_markdown(report), flush=True)
     return (report["fingerprint"], report["images"])

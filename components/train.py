@@ -41,13 +41,24 @@ def train(
     show_progress()
     check_gpus(expected_gpus())  # GPUs requested but invisible to TensorFlow: stop now, not after hours on CPU
     run_id = train_and_export(
-        Path(dataset.path), Path(base_model.path) / "model.keras", Path(model.path),
-        experiment=experiment, tags={"kfp_run": pipeline_run} if pipeline_run else None,
+        Path(dataset.path),
+        Path(base_model.path) / "model.keras",
+        Path(model.path),
+        experiment=experiment,
+        tags={"kfp_run": pipeline_run} if pipeline_run else None,
         extra_artifacts={"validation_report.json": Path(validation_report.path)},
-        target_sensitivity=target_sensitivity, threshold_folds=threshold_folds,
-        window=Window(level=window_level, width=window_width), ood_quantile=ood_quantile,
-        epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, augment_copies=augment_copies,
-        patience=patience, seed=seed, fine_tune_epochs=fine_tune_epochs, deterministic=deterministic,
+        target_sensitivity=target_sensitivity,
+        threshold_folds=threshold_folds,
+        window=Window(level=window_level, width=window_width),
+        ood_quantile=ood_quantile,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        augment_copies=augment_copies,
+        patience=patience,
+        seed=seed,
+        fine_tune_epochs=fine_tune_epochs,
+        deterministic=deterministic,
         precision=precision,
     )
     model.metadata.update(mlflow_run_id=run_id, format="tf-savedmodel")

@@ -93,8 +93,11 @@ class Admission:
 
     def _check_room(self, queued: int) -> None:
         if queued >= self.config.max_queued_images:
-            raise self._refuse(f"{queued} image(s) are waiting for the model, the limit is "
-                               f"{self.config.max_queued_images} (--max_queued_images)", "queue_images")
+            raise self._refuse(
+                f"{queued} image(s) are waiting for the model, the limit is "
+                f"{self.config.max_queued_images} (--max_queued_images)",
+                "queue_images",
+            )
 
     def add_bytes(self, ticket: Ticket, more: int) -> None:
         """Count ``more`` body bytes for ``ticket`` (a chunked body as it streams in)."""
@@ -102,8 +105,11 @@ class Admission:
             return
         limit = self.config.max_inflight_bytes
         if self.inflight_bytes - ticket.bytes > 0 and self.inflight_bytes + more > limit:
-            raise self._refuse(f"requests being read or served hold {self.inflight_bytes} bytes, this one adds "
-                               f"{ticket.bytes + more}, the limit is {limit} (--max_inflight_bytes)", "inflight_bytes")
+            raise self._refuse(
+                f"requests being read or served hold {self.inflight_bytes} bytes, this one adds "
+                f"{ticket.bytes + more}, the limit is {limit} (--max_inflight_bytes)",
+                "inflight_bytes",
+            )
         ticket.bytes += more
         self.inflight_bytes += more
         metrics.INFLIGHT_BYTES.labels(**self._labels).set(self.inflight_bytes)
@@ -123,16 +129,22 @@ class Admission:
             self._check_room(queued)
             first_chunk = min(first_chunk, cfg.max_queued_images - queued)
         if self.held_pixels > 0 and self.held_pixels + pixels > cfg.max_queued_pixels:
-            raise self._refuse(f"admitted requests hold {self.held_pixels} decoded pixels and this one has {pixels}, "
-                               f"the limit is {cfg.max_queued_pixels} (--max_queued_pixels)", "queue_pixels")
+            raise self._refuse(
+                f"admitted requests hold {self.held_pixels} decoded pixels and this one has {pixels}, "
+                f"the limit is {cfg.max_queued_pixels} (--max_queued_pixels)",
+                "queue_pixels",
+            )
         others = [*self.engine.remaining_images(), *self._reserved_requests]
         if others:
             pace = self.engine.seconds_per_image
             estimate = pace * (images + sum(min(r, images) for r in others))
             if estimate > time_left_s:
-                raise self._refuse(f"at the current pace ({pace * 1000:.0f} ms per image, {len(others)} request(s) "
-                                   f"taking turns) these {images} image(s) would take about {estimate:.1f} s, more "
-                                   f"than the {time_left_s:.1f} s left before the request's deadline", "deadline")
+                raise self._refuse(
+                    f"at the current pace ({pace * 1000:.0f} ms per image, {len(others)} request(s) "
+                    f"taking turns) these {images} image(s) would take about {estimate:.1f} s, more "
+                    f"than the {time_left_s:.1f} s left before the request's deadline",
+                    "deadline",
+                )
         ticket.pixels = pixels
         self.held_pixels += pixels
         self.reserved_images += first_chunk - ticket.reserved_images

@@ -49,8 +49,7 @@ class OutputSpec:
 
 OUTPUTS: tuple[OutputSpec, ...] = (
     OutputSpec("probability", "FP32", (-1,), "probability of adenocarcinoma", lambda p: p.probability),
-    OutputSpec("label", "BYTES", (-1,), f"class at the model's threshold, or '{UNSUPPORTED_INPUT}'",
-               lambda p: p.label),
+    OutputSpec("label", "BYTES", (-1,), f"class at the model's threshold, or '{UNSUPPORTED_INPUT}'", lambda p: p.label),
     OutputSpec("ood_score", "FP32", (-1,), "out-of-distribution score", lambda p: p.ood_score),
     OutputSpec("in_distribution", "BOOL", (-1,), "false: the guard rejected the image", lambda p: p.in_distribution),
 )
@@ -85,15 +84,24 @@ def parse_outputs(request: InferRequest) -> OutputRequest:
             raise InvalidInput(f"output {clip(out.name)} is requested more than once")
         flag = _params(out.parameters).get("binary_data", default_binary)
         if not isinstance(flag, bool):
-            raise InvalidInput(f"output {clip(out.name)}: parameter 'binary_data' must be true or false, "
-                               f"got {clip(flag)}")
+            raise InvalidInput(
+                f"output {clip(out.name)}: parameter 'binary_data' must be true or false, got {clip(flag)}"
+            )
         chosen.append(out.name)
         binary[out.name] = flag
     return OutputRequest(tuple(chosen), binary)
 
 
-def build_response(request: InferRequest, outputs: OutputRequest, prediction: Prediction, *, model_name: str,
-                   model_version: str, response_id: str, parameters: dict[str, Any]) -> InferResponse:
+def build_response(
+    request: InferRequest,
+    outputs: OutputRequest,
+    prediction: Prediction,
+    *,
+    model_name: str,
+    model_version: str,
+    response_id: str,
+    parameters: dict[str, Any],
+) -> InferResponse:
     """The v2 response with the requested outputs, as REST (numpy) or gRPC (lists) wants them."""
     as_list = bool(request.from_grpc)  # kserve's to_grpc() only accepts lists safely; to_rest() takes numpy
     infer_outputs = []

@@ -50,8 +50,11 @@ class VersionNotFound(ModelNotFound):
 
     def __init__(self, name: str, served: str, requested: str):
         super().__init__(clip(name))
-        self.reason = (f"model {clip(name)} has no version {clip(requested)}; it serves version {served!r}" if served
-                       else f"model {clip(name)} is unversioned; leave the version out of the request")
+        self.reason = (
+            f"model {clip(name)} has no version {clip(requested)}; it serves version {served!r}"
+            if served
+            else f"model {clip(name)} is unversioned; leave the version out of the request"
+        )
 
 
 class ChestCtModel(Model):
@@ -79,24 +82,45 @@ class ChestCtModel(Model):
         info = read_model_info(path)
         cfg = self.config
         runner = SavedModelRunner(path)
-        self.precision = settle_precision(runner, info.golden, info.golden_problem, info.threshold, cfg.precision,
-                                          cfg.precision_tolerance, cpu_bf16(), runner.gpus())
-        (logger.warning if self.precision.fell_back else logger.info)("Precision %s: %s", self.precision.precision,
-                                                                       self.precision.reason)
+        self.precision = settle_precision(
+            runner,
+            info.golden,
+            info.golden_problem,
+            info.threshold,
+            cfg.precision,
+            cfg.precision_tolerance,
+            cpu_bf16(),
+            runner.gpus(),
+        )
+        (logger.warning if self.precision.fell_back else logger.info)(
+            "Precision %s: %s", self.precision.precision, self.precision.reason
+        )
         seconds_per_image = self._warm_up(runner, info)
         self.info = info
-        self.engine = BatchingEngine(runner, model_name=self.name, max_batch_size=cfg.max_batch_size,
-                                     max_call_pixels=cfg.max_call_pixels, max_wait_s=cfg.max_batch_wait_s,
-                                     call_timeout_s=cfg.model_call_timeout_s, seconds_per_image=seconds_per_image)
+        self.engine = BatchingEngine(
+            runner,
+            model_name=self.name,
+            max_batch_size=cfg.max_batch_size,
+            max_call_pixels=cfg.max_call_pixels,
+            max_wait_s=cfg.max_batch_wait_s,
+            call_timeout_s=cfg.model_call_timeout_s,
+            seconds_per_image=seconds_per_image,
+        )
         self.admission = Admission(cfg, self.engine, self.name)
         drift.create_series(self.name, info.ood_threshold)
         self.ready = True
         if runner.tf_threads:
             logger.info("TensorFlow thread pools sized to the container's CPU limit: %d", runner.tf_threads)
-        logger.info("Loaded %s (version %r, image size %d, threshold %.4f, ood threshold %.4f, %s, %.0f ms per "
-                    "image)", path, info.version or "unversioned", info.image_size, info.threshold, info.ood_threshold,
-                    runner.precision,
-                    1000 * seconds_per_image)
+        logger.info(
+            "Loaded %s (version %r, image size %d, threshold %.4f, ood threshold %.4f, %s, %.0f ms per image)",
+            path,
+            info.version or "unversioned",
+            info.image_size,
+            info.threshold,
+            info.ood_threshold,
+            runner.precision,
+            1000 * seconds_per_image,
+        )
         return self.ready
 
     @staticmethod
@@ -106,14 +130,22 @@ class ChestCtModel(Model):
         buffer = io.BytesIO()
         Image.fromarray(rgb.astype(np.uint8)).save(buffer, "PNG")
         hu = np.linspace(-1000, 400, info.image_size * info.image_size, dtype=np.float32)
-        for name, out in (("serving_default", runner.predict_images([buffer.getvalue()])),
-                          ("serve_pixels", runner.predict_pixels(rgb[None].astype(np.float32))),
-                          ("serve_hu", runner.predict_hu(hu.reshape(1, info.image_size, info.image_size)))):
+        for name, out in (
+            ("serving_default", runner.predict_images([buffer.getvalue()])),
+            ("serve_pixels", runner.predict_pixels(rgb[None].astype(np.float32))),
+            ("serve_hu", runner.predict_hu(hu.reshape(1, info.image_size, info.image_size))),
+        ):
             probs, scores = out["probability"], out["ood_score"]
-            if out.shape != (1,) or not np.all(np.isfinite(probs)) or not 0.0 <= float(probs[0]) <= 1.0 \
-                    or not np.all(np.isfinite(scores)):
-                raise ModelLoadError(f"warm-up call of signature '{name}' returned {out!r}; expected one "
-                                     "probability in [0, 1] and a finite ood_score")
+            if (
+                out.shape != (1,)
+                or not np.all(np.isfinite(probs))
+                or not 0.0 <= float(probs[0]) <= 1.0
+                or not np.all(np.isfinite(scores))
+            ):
+                raise ModelLoadError(
+                    f"warm-up call of signature '{name}' returned {out!r}; expected one "
+                    "probability in [0, 1] and a finite ood_score"
+                )
         started = time.monotonic()
         runner.predict_images([buffer.getvalue()])
         return max(1e-4, time.monotonic() - started)
@@ -122,8 +154,9 @@ class ChestCtModel(Model):
         """Loaded, and no model call has run past ``--model_call_timeout_s`` (the watchdog)."""
         return self.ready and self.engine is not None and self.engine.stalled_for() == 0
 
-    def request_scope(self, headers: dict[str, str] | None, body_bytes: int,
-                      time_remaining: float | None = None) -> AbstractContextManager[context.RequestScope]:
+    def request_scope(
+        self, headers: dict[str, str] | None, body_bytes: int, time_remaining: float | None = None
+    ) -> AbstractContextManager[context.RequestScope]:
         """See ``serving.context.request_scope``: opened by the transport when a request arrives."""
         return context.request_scope(self._running()[1], headers, body_bytes, time_remaining)
 
@@ -139,15 +172,23 @@ class ChestCtModel(Model):
         """Model facts and server limits for the REST metadata endpoint (v2 parameters: scalar values only)."""
         info, cfg = self._info(), self.config
         params: dict[str, Any] = {
-            "class_names": ",".join(info.class_names), "positive_class": info.positive_class,
-            "negative_class": info.negative_class, "threshold": info.threshold,
-            "threshold_source": info.threshold_source, "image_size": info.image_size,
-            "pixels_datatypes": "UINT8,FP32", "image_formats": "PNG,JPEG",
+            "class_names": ",".join(info.class_names),
+            "positive_class": info.positive_class,
+            "negative_class": info.negative_class,
+            "threshold": info.threshold,
+            "threshold_source": info.threshold_source,
+            "image_size": info.image_size,
+            "pixels_datatypes": "UINT8,FP32",
+            "image_formats": "PNG,JPEG",
             "dicom": "DICOM Part 10 CT slices, one frame, one size per request",
-            "ood_threshold": info.ood_threshold, "unsupported_label": UNSUPPORTED_INPUT,
-            "window_level": info.window[0], "window_width": info.window[1],
-            "max_images": cfg.max_images, "max_image_pixels": cfg.max_image_pixels,
-            "max_request_bytes": cfg.max_request_bytes, "deadline_ms": cfg.deadline_ms,
+            "ood_threshold": info.ood_threshold,
+            "unsupported_label": UNSUPPORTED_INPUT,
+            "window_level": info.window[0],
+            "window_width": info.window[1],
+            "max_images": cfg.max_images,
+            "max_image_pixels": cfg.max_image_pixels,
+            "max_request_bytes": cfg.max_request_bytes,
+            "deadline_ms": cfg.deadline_ms,
         }
         if self.precision is not None:
             params.update(self.precision.parameters())
@@ -183,11 +224,14 @@ class ChestCtModel(Model):
 
     # --- inference --------------------------------------------------------------------------
 
-    async def predict(self, payload: Any, headers: dict[str, str] | None = None,
-                      response_headers: dict[str, str] | None = None) -> InferResponse:
+    async def predict(
+        self, payload: Any, headers: dict[str, str] | None = None, response_headers: dict[str, str] | None = None
+    ) -> InferResponse:
         if not isinstance(payload, InferRequest):
-            raise InvalidInput(f"model {clip(self.name)} speaks the v2 inference protocol: "
-                               f"POST /v2/models/{self.name}/infer (or gRPC ModelInfer)")
+            raise InvalidInput(
+                f"model {clip(self.name)} speaks the v2 inference protocol: "
+                f"POST /v2/models/{self.name}/infer (or gRPC ModelInfer)"
+            )
         scope = context.current()
         with self.request_scope(headers, 0) if scope is None else nullcontext(scope) as scope:
             response_id = payload.id or scope.header_id or new_id()
@@ -195,8 +239,9 @@ class ChestCtModel(Model):
                 response_headers["x-request-id"] = response_id
             return await self._predict(payload, scope, response_id, safe_id(response_id) or new_id())
 
-    async def _predict(self, request: InferRequest, scope: context.RequestScope, response_id: str,
-                       log_id: str) -> InferResponse:
+    async def _predict(
+        self, request: InferRequest, scope: context.RequestScope, response_id: str, log_id: str
+    ) -> InferResponse:
         info, cfg = self._info(), self.config
         engine, admission = self._running()
         self.check_version(request.model_version)
@@ -224,8 +269,9 @@ class ChestCtModel(Model):
         if scope.time_left() <= 0:
             metrics.DROPPED.labels(model_name=self.name, reason="deadline_exceeded").inc()
             raise DeadlineExceeded(scope.budget_s, "before the request was admitted")
-        first_chunk = admission.admit(scope.ticket, len(pixels), engine.chunk_bounds(pixels)[0][1], sum(pixels),
-                                      scope.time_left())
+        first_chunk = admission.admit(
+            scope.ticket, len(pixels), engine.chunk_bounds(pixels)[0][1], sum(pixels), scope.time_left()
+        )
         if isinstance(batch, ImageBatch):
             await loop.run_in_executor(None, _verify_all, batch.encoded)
         elif slices:
@@ -233,8 +279,9 @@ class ChestCtModel(Model):
             del slices
         admission.queued(scope.ticket)
         try:
-            result = await engine.run(kind, payload, pixels, request_id=log_id, deadline=scope.deadline,
-                                      first_chunk=first_chunk)
+            result = await engine.run(
+                kind, payload, pixels, request_id=log_id, deadline=scope.deadline, first_chunk=first_chunk
+            )
         except TimeoutError:
             raise DeadlineExceeded(scope.budget_s, "while the request waited for or ran in the model") from None
         except ModelInputError as exc:
@@ -245,10 +292,15 @@ class ChestCtModel(Model):
         threshold, ood_threshold = info.threshold, info.ood_threshold
         if request.from_grpc:
             threshold, ood_threshold = str(threshold), str(ood_threshold)
-        return build_response(request, outputs, prediction, model_name=self.name, model_version=info.version,
-                              response_id=response_id,
-                              parameters={"threshold": threshold, "positive_class": info.positive_class,
-                                          "ood_threshold": ood_threshold})
+        return build_response(
+            request,
+            outputs,
+            prediction,
+            model_name=self.name,
+            model_version=info.version,
+            response_id=response_id,
+            parameters={"threshold": threshold, "positive_class": info.positive_class, "ood_threshold": ood_threshold},
+        )
 
     def _prediction(self, result: np.ndarray) -> Prediction:
         """The engine's records as outputs; an image outside the training distribution is ``unsupported-input``."""
@@ -274,8 +326,10 @@ def _dicom_headers(encoded: list[bytes], max_pixels: int) -> list[DicomSlice]:
             raise InvalidInput(f"input 'dicom' element {i}: {exc.reason}") from None
         first = slices[0]
         if (slices[-1].rows, slices[-1].columns) != (first.rows, first.columns):
-            raise InvalidInput(f"input 'dicom' element {i} is {slices[-1].columns}x{slices[-1].rows} but element 0 "
-                               f"is {first.columns}x{first.rows}; send slices of one size per request")
+            raise InvalidInput(
+                f"input 'dicom' element {i} is {slices[-1].columns}x{slices[-1].rows} but element 0 "
+                f"is {first.columns}x{first.rows}; send slices of one size per request"
+            )
     return slices
 
 

@@ -57,8 +57,9 @@ class SavedModelRunner:
         try:
             self._loaded = tf.saved_model.load(str(model_dir))
         except Exception as exc:  # TF raises many types (OSError, DecodeError, InvalidArgumentError...)
-            raise ModelLoadError(f"TensorFlow cannot load the SavedModel in {model_dir}: "
-                                 f"{type(exc).__name__}: {_first_line(exc)}") from exc
+            raise ModelLoadError(
+                f"TensorFlow cannot load the SavedModel in {model_dir}: {type(exc).__name__}: {_first_line(exc)}"
+            ) from exc
         signatures = getattr(self._loaded, "signatures", {})
         self._bytes_fn = _signature(signatures, BYTES_SIGNATURE, BYTES_ARG, tf.string, 1, model_dir)
         self._pixels_fn = _signature(signatures, PIXELS_SIGNATURE, PIXELS_ARG, tf.float32, 4, model_dir)
@@ -116,8 +117,9 @@ class SavedModelRunner:
         columns = {name: np.asarray(out[name].numpy()).reshape(-1) for name in OUTPUT_DTYPE.names}
         n = len(columns[OUTPUT_KEY])
         if any(len(c) != n for c in columns.values()):
-            raise RuntimeError(f"the model returned outputs of different lengths: "
-                               f"{ {k: len(c) for k, c in columns.items()} }")
+            raise RuntimeError(
+                f"the model returned outputs of different lengths: { {k: len(c) for k, c in columns.items()} }"
+            )
         records = np.empty(n, dtype=OUTPUT_DTYPE)
         for name, column in columns.items():
             records[name] = column
@@ -173,10 +175,14 @@ def fit_threads_to_cpu_limit(tf) -> int | None:
     visible = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if cpus >= visible:
         return None
-    setters = [setter for env, setter in (
-        ("TF_NUM_INTRAOP_THREADS", tf.config.threading.set_intra_op_parallelism_threads),
-        ("TF_NUM_INTEROP_THREADS", tf.config.threading.set_inter_op_parallelism_threads),
-    ) if not os.environ.get(env)]
+    setters = [
+        setter
+        for env, setter in (
+            ("TF_NUM_INTRAOP_THREADS", tf.config.threading.set_intra_op_parallelism_threads),
+            ("TF_NUM_INTEROP_THREADS", tf.config.threading.set_inter_op_parallelism_threads),
+        )
+        if not os.environ.get(env)
+    ]
     try:
         for setter in setters:
             setter(cpus)
@@ -187,19 +193,24 @@ def fit_threads_to_cpu_limit(tf) -> int | None:
 
 def _signature(signatures, name: str, arg: str, dtype, rank: int, model_dir):
     if name not in signatures:
-        raise ModelLoadError(f"the SavedModel in {model_dir} has no '{name}' signature "
-                             f"(found: {sorted(signatures.keys())}); re-export it with chest_ct.export")
+        raise ModelLoadError(
+            f"the SavedModel in {model_dir} has no '{name}' signature "
+            f"(found: {sorted(signatures.keys())}); re-export it with chest_ct.export"
+        )
     fn = signatures[name]
     _, kwargs = fn.structured_input_signature
     spec = kwargs.get(arg)
     if spec is None or spec.dtype != dtype or spec.shape.rank != rank:
-        raise ModelLoadError(f"signature '{name}' of {model_dir} must take '{arg}' as {dtype.name} "
-                             f"of rank {rank}, but takes {kwargs}")
+        raise ModelLoadError(
+            f"signature '{name}' of {model_dir} must take '{arg}' as {dtype.name} of rank {rank}, but takes {kwargs}"
+        )
     missing = [key for key in OUTPUT_DTYPE.names if key not in fn.structured_outputs]
     if missing:
-        raise ModelLoadError(f"signature '{name}' of {model_dir} must return {list(OUTPUT_DTYPE.names)}, "
-                             f"returns {sorted(fn.structured_outputs)} (a model exported before the "
-                             "out-of-distribution guard existed: re-export it)")
+        raise ModelLoadError(
+            f"signature '{name}' of {model_dir} must return {list(OUTPUT_DTYPE.names)}, "
+            f"returns {sorted(fn.structured_outputs)} (a model exported before the "
+            "out-of-distribution guard existed: re-export it)"
+        )
     return fn
 
 

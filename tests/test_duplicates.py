@@ -62,7 +62,7 @@ def test_every_band_plan_is_exact_by_pigeonhole(n, max_distance):
 
 def test_small_example_exact_near_and_transitive():
     base = "ffffffff00000000"
-    near = "fffffff700000000"    # 1 bit from base
+    near = "fffffff700000000"  # 1 bit from base
     nearer = "fffffff700000003"  # 2 bits from near, 3 from base
     far = "00000000ffffffff"
     shas = ["a", "b", "a", "c", "d"]

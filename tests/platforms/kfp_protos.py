@@ -89,6 +89,9 @@ def backend(version: str) -> BackendProtos:
         module.DESCRIPTOR.CopyToProto(proto)
         pool.Add(proto)
     pool.Add(_file_descriptor(read_member(archive("kfp-pipeline-spec", spec_version), "pipeline_spec_pb2.py")))
-    pool.Add(_file_descriptor(read_member(archive("kfp-kubernetes", kubernetes_version),
-                                          "kubernetes_executor_config_pb2.py")))
+    pool.Add(
+        _file_descriptor(
+            read_member(archive("kfp-kubernetes", kubernetes_version), "kubernetes_executor_config_pb2.py")
+        )
+    )
     return BackendProtos(version, pool)
