@@ -29,7 +29,7 @@ import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench.report import PROJECT, SHARED_DATA, emit, machine, table, vgg16_weights, write_section  # noqa: E402
+from bench.report import PROJECT, SHARED_DATA, publish, table, vgg16_weights  # noqa: E402
 from chest_ct import defaults  # noqa: E402
 from chest_ct.metrics import BOOTSTRAP_ROUNDS, INTERVAL_METRICS, bootstrap_intervals  # noqa: E402
 
@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from chest_ct.export import read_metadata
-    from chest_ct.predict import predict_files
     from chest_ct.metrics import by_group
+    from chest_ct.predict import predict_files
     from chest_ct.records import TEST, TRAIN, Manifest
     from chest_ct.scoring import scored_test_set
     from chest_ct.shortcut import shortcut_audit
@@ -131,16 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     text = table(["unit", "metric", "value", "95% bootstrap CI", "units"], rows)
     print(text)
     print(audit["message"])
-    if not args.no_write:
-        write_section(
-            "quality",
-            f"## Quality on the real data (given valid folder less copies of fitted pictures, "
-            f"threshold {threshold:.4f} stored with the model, {args.bootstrap} bootstrap "
-            f"rounds)\n\nThreshold: {figures['threshold_source']}\n\nMachine: {machine()}\n\n"
-            f"{text}\n\nShortcut audit: {audit['message']}\n\n"
-            f"```json\n{json.dumps(figures)}\n```",
-        )
-    emit(figures)
+    publish(
+        "quality",
+        f"Quality on the real data (given valid folder less copies of fitted pictures, "
+        f"threshold {threshold:.4f} stored with the model, {args.bootstrap} bootstrap rounds)",
+        f"Threshold: {figures['threshold_source']}\n\n{text}\n\nShortcut audit: {audit['message']}",
+        figures,
+        write=not args.no_write,
+    )
     return 0
 
 

@@ -36,19 +36,12 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench.report import SHARED_DATA, emit, machine, table, vgg16_weights, write_section  # noqa: E402
+from bench.report import SHARED_DATA, publish, table, timed, vgg16_weights  # noqa: E402
 from chest_ct import defaults  # noqa: E402
-
-
-def timed(fn) -> tuple[float, object]:
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
 
 
 def tutorial_baseline(
@@ -147,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                     extract_features(base, files[: args.batch_size], args.image_size, args.batch_size)
                 seconds, _ = share.measure(
                     f"floor {policy} #{len(share.phases)}",
-                    lambda: timed(lambda: extract_features(base, files, args.image_size, args.batch_size)),
+                    lambda: timed(extract_features, base, files, args.image_size, args.batch_size),
                 )
             print(f"floor ({policy}): {seconds:.1f}s for {len(files)} images", file=sys.stderr, flush=True)
             return seconds
@@ -157,9 +150,13 @@ def main(argv: list[str] | None = None) -> int:
             seconds, _ = share.measure(
                 out,
                 lambda: timed(
-                    lambda: train_and_export(
-                        tmp / "data", model_file, tmp / out, epochs=args.epochs, batch_size=args.batch_size, **extra
-                    )
+                    train_and_export,
+                    tmp / "data",
+                    model_file,
+                    tmp / out,
+                    epochs=args.epochs,
+                    batch_size=args.batch_size,
+                    **extra,
                 ),
             )
             print(f"{out}: {seconds:.1f}s", file=sys.stderr, flush=True)
@@ -181,9 +178,15 @@ def main(argv: list[str] | None = None) -> int:
         baseline_s = float("nan")
         if not args.no_baseline:
             baseline_s, _ = timed(
-                lambda: tutorial_baseline(
-                    model_file, files, labels, valid_files, valid_labels, args.image_size, args.batch_size, args.epochs
-                )
+                tutorial_baseline,
+                model_file,
+                files,
+                labels,
+                valid_files,
+                valid_labels,
+                args.image_size,
+                args.batch_size,
+                args.epochs,
             )
             print(f"baseline: {baseline_s:.1f}s", file=sys.stderr, flush=True)
         options = []
@@ -290,18 +293,18 @@ def main(argv: list[str] | None = None) -> int:
     background = "; ".join(f"{name} {100 * v:.0f}%" for name, v in share.phases.items())
     print(verdict)
     print(f"CPU taken by other processes on this machine, per run: {background}")
-    if not args.no_write:
-        write_section(
-            "train",
-            f"## Training ({args.image_size} px, {n} training images, {args.epochs} epochs, "
-            f"base weights: {Path(weights).name})\n\nMachine: {machine()}; native bf16: "
-            f"{cpu.native} ({cpu.source})\n\n{text}\n\n{verdict}\n\n"
-            f"CPU taken by other processes on this machine, per run: {background}.\n\n"
-            "bf16 vs float32 answers of the bf16-trained model's SavedModel on the shared valid "
-            f"images (oneDNN's graph rewrite, as a bf16 server runs it): {agreement}\n\n"
-            f"```json\n{__import__('json').dumps(figures)}\n```",
-        )
-    emit(figures)
+    publish(
+        "train",
+        f"Training ({args.image_size} px, {n} training images, {args.epochs} epochs, "
+        f"base weights: {Path(weights).name})",
+        f"{text}\n\n{verdict}\n\n"
+        f"CPU taken by other processes on this machine, per run: {background}.\n\n"
+        "bf16 vs float32 answers of the bf16-trained model's SavedModel on the shared valid "
+        f"images (oneDNN's graph rewrite, as a bf16 server runs it): {agreement}",
+        figures,
+        write=not args.no_write,
+        machine_note=f"; native bf16: {cpu.native} ({cpu.source})",
+    )
     return 0
 
 

@@ -113,8 +113,8 @@ def extract_zip(
         raise UnsafeArchiveError(f"{archive}: not a valid zip archive ({exc})") from exc
     with zf:
         infos = zf.infolist()
-        files = [(info, _member_target(dest, info, archive)) for info in infos]
-        files = [(info, target) for info, target in files if target is not None]
+        targets = [(info, _member_target(dest, info, archive)) for info in infos]
+        files = [(info, target) for info, target in targets if target is not None]
         if len(files) > max_files:
             raise UnsafeArchiveError(f"{archive}: {len(files)} files, more than the cap of {max_files}")
         declared = sum(info.file_size for info, _ in files)

@@ -1,11 +1,14 @@
 """Fit the classifier: the head on cached features of the frozen VGG16 base, then optional fine-tuning.
 
+(Over 300 lines: the head fit and the fine-tuning share the compile settings, the callbacks and
+the TrainResult both fill in; the out-of-fold refits of the head live in :mod:`chest_ct.fold_head`.)
+
 The base is frozen, so its output for an image never changes during training.
 Running it once per image (plus once per augmented copy, ``augment_copies``, off
 by default: each costs one more VGG16 pass over the training set) and fitting the
 head on those cached features gives the same model as re-running VGG16 every
 epoch, at a fraction of the cost. The cached features also let the threshold be
-chosen out-of-fold in seconds (:func:`head_fit_predict`).
+chosen out-of-fold in seconds (:func:`chest_ct.fold_head.head_fit_predict`).
 
 Every picture counts once: images are weighted by their duplicate group, and the
 classes weigh the same. ``fine_tune_epochs`` optionally unfreezes VGG16's last
@@ -32,8 +35,6 @@ from chest_ct.window import LUNG_WINDOW, Window
 
 log = logging.getLogger(__name__)
 EpochCallback = Callable[[int, dict[str, float]], None]
-#: ``fit_predict(fit_indices, predict_indices) -> probabilities`` over the fitting images (train, then valid).
-FitPredict = Callable[[np.ndarray, np.ndarray], np.ndarray]
 HEAD, FINE_TUNED = "head", "fine-tuned"
 
 
@@ -329,48 +330,3 @@ def _fine_tune(
     else:  # fine-tuning did not help: export the head-only model, as the logged best epoch says
         for variable, value in head_only:
             variable.assign(value)
-
-
-def head_fit_predict(
-    result: TrainResult, train: Examples, valid: Examples, *, batch_size: int, learning_rate: float
-) -> FitPredict:
-    """Fit a fresh head (same start, same epochs as the exported one) on some fitting images, predict others.
-
-    The fitting images are ``train`` then ``valid``; augmented copies of training
-    images go with them into the fitted part. Used for out-of-fold predictions.
-    One head is built and compiled for all folds and reset to the start before each
-    (weights and optimizer state): a fresh Keras model per fold costs a compile and a
-    trace each, half of the folds' time.
-    """
-    _, template = split_model(result.model)
-    head = keras.models.clone_model(template)
-    head.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=keras.losses.BinaryCrossentropy())
-    head.optimizer.build(head.trainable_variables)
-    feats = result.features
-    x_all = np.concatenate([feats.train, feats.valid])
-    y_all = np.asarray([*train.labels, *valid.labels], np.float32)
-    g_all = np.asarray([*train.groups, *valid.groups])
-    copies = len(feats.train_augmented)
-
-    def fit_predict(fit_idx: np.ndarray, predict_idx: np.ndarray) -> np.ndarray:
-        has_copies = fit_idx < len(train)
-        # An image's weight is shared among its augmented copies, as in the exported model's fit.
-        w = picture_weights(y_all[fit_idx], g_all[fit_idx]) * np.where(has_copies, 1.0 / (1 + copies), 1.0)
-        origin = np.concatenate([fit_idx, *[fit_idx[has_copies]] * copies])
-        x = np.concatenate([x_all[fit_idx], *[a[fit_idx[has_copies]] for a in feats.train_augmented]])
-        w = np.concatenate([w, *[w[has_copies]] * copies])
-        head.set_weights(result.initial_head_weights)
-        for variable in head.optimizer.variables:  # iterations, moments: as a new optimizer has them
-            variable.assign(np.zeros(variable.shape, variable.dtype))
-        head.fit(
-            x,
-            y_all[origin],
-            sample_weight=w / w.mean(),
-            epochs=result.head_best_epoch,
-            batch_size=batch_size,
-            shuffle=True,
-            verbose=0,
-        )
-        return np.asarray(head(x_all[predict_idx], training=False)).reshape(-1)  # a few rows: one call, no retracing
-
-    return fit_predict

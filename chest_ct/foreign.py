@@ -85,7 +85,9 @@ def photos() -> list[ForeignImage]:
 
 def noise(seed: int = 0) -> list[ForeignImage]:
     rng = np.random.default_rng(seed)
-    smooth = Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).resize((SIZE, SIZE), Image.BICUBIC)
+    smooth = Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).resize(
+        (SIZE, SIZE), Image.Resampling.BICUBIC
+    )
     salt = np.where(rng.random((SIZE, SIZE)) < 0.5, 0, 255).astype(np.uint8)
     return [
         ForeignImage("noise", name, png(pixels))
@@ -154,11 +156,18 @@ def _ct_pixels(file: str, window: Window) -> np.ndarray:
         return np.asarray(img.convert("RGB"))
 
 
-def bone_windowed(ct_files: Sequence[str] = ()) -> list[ForeignImage]:
-    """pydicom's CT slices and any DICOM ``ct_files`` in the bone window (whole, and a centre crop)."""
+def _pydicom_test_file(name: str) -> Path:
     from pydicom.data import get_testdata_file
 
-    sources = [(name, Path(get_testdata_file(name)).read_bytes()) for name in PYDICOM_CT_FILES]
+    found = get_testdata_file(name)
+    if not isinstance(found, str):
+        raise FileNotFoundError(f"pydicom's test file {name} is not installed")
+    return Path(found)
+
+
+def bone_windowed(ct_files: Sequence[str] = ()) -> list[ForeignImage]:
+    """pydicom's CT slices and any DICOM ``ct_files`` in the bone window (whole, and a centre crop)."""
+    sources = [(name, _pydicom_test_file(name).read_bytes()) for name in PYDICOM_CT_FILES]
     sources += [(Path(f).name, data) for f in ct_files if is_dicom(data := Path(f).read_bytes())]
     out = []
     for name, data in sources:

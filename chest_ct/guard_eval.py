@@ -23,8 +23,8 @@ import numpy as np
 
 from chest_ct import defaults
 from chest_ct.export import read_metadata
-from chest_ct.predict import Predictor, predict_outputs
 from chest_ct.foreign import foreign_set
+from chest_ct.predict import Predictor, predict_outputs
 from chest_ct.window import Window
 
 

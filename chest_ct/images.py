@@ -249,11 +249,11 @@ def inspect_files(
     them, so each file is read once and a file changing under the run cannot slip in.
     A progress line (count, rate, ETA) is logged every few seconds on long runs.
     """
-    paths = [str(p) for p in paths]
+    names = [str(p) for p in paths]
     targets = [None if t is None else str(t) for t in copy_to] if copy_to is not None else [None] * len(paths)
     if len(targets) != len(paths):
-        raise ValueError(f"copy_to has {len(targets)} entries for {len(paths)} paths")
-    jobs = list(zip(paths, targets))
+        raise ValueError(f"copy_to has {len(targets)} entries for {len(names)} paths")
+    jobs = list(zip(names, targets, strict=True))
     workers = available_cpus() if workers is None else max(0, int(workers))
     progress = Progress("validated images", len(jobs))
     if workers == 0:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from chest_ct.html_parts import e, items, table
 from chest_ct.records import ROLES, Manifest
 
 log = logging.getLogger(__name__)
@@ -216,4 +217,57 @@ def build_model_card(
         training=dict(metadata.get("training", {})),
         params=params,
         findings=findings(manifest, report, base_weights),
+    )
+
+
+def card_html(k: ModelCard) -> str:
+    """The card as the last section of the HTML report."""
+    provenance = [
+        ["registered model", f"{e(k.model_name)} version {e(k.registered_version)}"],
+        ["MLflow run", f"<code>{e(k.mlflow_run_id)}</code> in experiment {e(k.experiment)}"],
+        ["MLflow tracking", f"<code>{e(k.tracking_uri)}</code>"],
+        ["git commit", f"<code>{e(k.git_commit)}</code>"],
+        ["dataset fingerprint", f"<code>{e(k.dataset_fingerprint)}</code>"],
+        [
+            "model",
+            (
+                f"VGG16 base (weights: {e(k.base_weights)}), sigmoid head; input {k.image_size} px; "
+                f"exported {e(k.exported_at)}"
+            ),
+        ],
+        [
+            "training",
+            e(
+                ", ".join(
+                    f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                    for key, value in sorted(k.training.items())
+                )
+            ),
+        ],
+        ["threshold", f"{k.threshold:.4f}"],
+    ]
+    params = [[e(name), e(value)] for name, value in sorted(k.params.items())]
+    data = [[e(row.role), e(row.label), row.images, row.pictures] for row in k.data]
+    return (
+        "<h3>Intended use</h3>"
+        + items(INTENDED_USE)
+        + "<h3>Not for</h3>"
+        + items(NOT_FOR)
+        + "<h3>Training data</h3>"
+        + table(["role", "class", "images", "distinct pictures"], data)
+        + "<h3>Known limitations</h3>"
+        + items(GENERAL_LIMITATIONS)
+        + "<p><b>The data</b> (README, “What the data can and cannot show”): "
+        + e(DATA_LIMITATIONS).replace("`", "")
+        + "</p>"
+        + ("<p><b>Measured in this run:</b></p>" + items(k.findings) if k.findings else "")
+        + "<h3>Provenance</h3>"
+        + table([], provenance)
+        + (
+            "<details><summary>Training parameters (MLflow run)</summary>"
+            + table(["name", "value"], params)
+            + "</details>"
+            if params
+            else ""
+        )
     )

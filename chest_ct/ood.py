@@ -128,16 +128,16 @@ def fit_guard(
     on both sides of a fold.
     """
     check_quantile(quantile)
-    groups = np.asarray(groups)
-    n_groups = len(set(groups.tolist()))
+    group_ids = np.asarray(groups)
+    n_groups = len(set(group_ids.tolist()))
     if n_groups < 2:
         raise ValueError(
             f"the out-of-distribution guard needs at least 2 distinct pictures to calibrate, got {n_groups}"
         )
     n_blocks = len(features)
-    oof = np.zeros((len(groups), n_blocks))
+    oof = np.zeros((len(group_ids), n_blocks))
     splitter = GroupKFold(n_splits=min(folds, n_groups))
-    for fit_idx, held_idx in splitter.split(features[0], groups=groups):
+    for fit_idx, held_idx in splitter.split(features[0], groups=group_ids):
         for b, f in enumerate(features):
             density = LedoitWolf().fit(_transform(f[fit_idx]))
             oof[held_idx, b] = _distances(f[held_idx], density.location_, density.precision_)

@@ -62,7 +62,7 @@ def save_plots(units: dict[str, Unit], threshold: float, class_names: Sequence[s
         line = skm.PrecisionRecallDisplay.from_predictions(y, p, ax=ax, name=_label(unit)).line_
         m = _operating_point(y, p, threshold)
         ax.plot(m["sensitivity"], m["precision"], "o", color=line.get_color())
-        ax.axhline(float(np.mean(y)), linestyle=":", color=line.get_color(), linewidth=1)
+        ax.axhline(float(np.mean(np.asarray(y, dtype=float))), linestyle=":", color=line.get_color(), linewidth=1)
     ax.set(xlabel=f"sensitivity (recall of {class_names[1]})", ylabel="precision")
     ax.set_title("Precision-recall; dots: at the threshold,\ndotted: prevalence", fontsize=10)
     save("precision_recall_curve", fig)

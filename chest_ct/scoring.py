@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from chest_ct.export import read_metadata
-from chest_ct.predict import predict_files
 from chest_ct.metrics import by_group, classification_metrics
+from chest_ct.predict import predict_files
 from chest_ct.records import ImageRecord, Manifest
 from chest_ct.seen_images import SeenImage, read_seen, split_unseen
 

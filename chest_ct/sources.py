@@ -14,6 +14,7 @@ import zipfile
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 from s3transfer.subscribers import BaseSubscriber
@@ -146,7 +147,7 @@ def _download_s3_folder(
     refused: list[RefusedKey] = []
     files: set[str] = set()
     folders: set[str] = set()
-    queued: deque[tuple[object, str, Path]] = deque()
+    queued: deque[tuple[Any, str, Path]] = deque()  # s3transfer futures (untyped)
     written = 0
 
     def settle(keep: int) -> None:

@@ -28,6 +28,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from chest_ct import defaults
 from chest_ct.metrics import by_group, calibration
 
+#: ``fit_predict(fit_indices, predict_indices) -> probabilities`` over the fitting images (train, then valid).
 FitPredict = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 

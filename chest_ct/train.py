@@ -22,7 +22,8 @@ from chest_ct import CLASS_NAMES, POSITIVE_CLASS, defaults, registry
 from chest_ct.determinism import seed_everything
 from chest_ct.devices import training_strategy
 from chest_ct.export import export_saved_model, read_metadata, write_metadata
-from chest_ct.fitting import FINE_TUNED, Examples, TrainResult, fit_classifier, head_fit_predict
+from chest_ct.fitting import FINE_TUNED, Examples, TrainResult, fit_classifier
+from chest_ct.fold_head import head_fit_predict
 from chest_ct.golden import encode_golden, pick_golden, write_golden_set
 from chest_ct.model import image_size_of, split_model
 from chest_ct.ood import Guard, block_features, check_quantile, fit_guard

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from croniter import croniter
 from croniter.croniter import CroniterError
@@ -88,7 +88,7 @@ def validate_cron(expression: str) -> str:
 
 def next_runs(expression: str, count: int = 3, after: datetime | None = None) -> list[datetime]:
     """The next ``count`` fire times (UTC) of a validated expression."""
-    after = after or datetime.now(timezone.utc)
+    after = after or datetime.now(UTC)
     text = " ".join(expression.split())
     if text.startswith("@every "):
         step = timedelta(seconds=_go_seconds(text.removeprefix("@every ")))

@@ -14,7 +14,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -147,7 +147,7 @@ def upload(kfp_: Connection, package: Path, name: str | None = None, version: st
             str(package), pipeline_name=name, description=info.get("description"), namespace=kfp_.namespace
         )
         return UploadResult(created.pipeline_id, None, new_pipeline=True)
-    version = version or f"{name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    version = version or f"{name}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     uploaded = kfp_.client.upload_pipeline_version(str(package), pipeline_version_name=version, pipeline_id=pipeline_id)
     return UploadResult(pipeline_id, uploaded.pipeline_version_id, new_pipeline=False)
 
@@ -169,7 +169,7 @@ def start_run(
     """Start one run of ``target`` in ``experiment`` (whose namespace the run inherits); return the run id."""
     run = kfp_.client.run_pipeline(
         experiment_id=experiment_id(kfp_, experiment),
-        job_name=run_name or f"chest-ct-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}",
+        job_name=run_name or f"chest-ct-{datetime.now(UTC):%Y%m%d-%H%M%S}",
         params=dict(params),
         service_account=service_account,
         **target.kfp_kwargs(),

@@ -35,9 +35,9 @@ import asyncio
 import contextvars
 import time
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from collections.abc import Hashable, Sequence
 from typing import Any
 
 import numpy as np
@@ -47,14 +47,16 @@ from serving import metrics
 from serving.errors import InternalError
 from serving.runner import ModelInputError, SavedModelRunner
 
-IMAGES: Hashable = ("image",)
+# What calls may merge: ("image",), or ("pixels" | "hu", height, width).
+Kind = tuple[str | int, ...]
+IMAGES: Kind = ("image",)
 
 
-def pixels_kind(height: int, width: int) -> Hashable:
+def pixels_kind(height: int, width: int) -> Kind:
     return ("pixels", height, width)
 
 
-def hu_kind(height: int, width: int) -> Hashable:
+def hu_kind(height: int, width: int) -> Kind:
     """CT slices in Hounsfield units (DICOM), merged with slices of the same size."""
     return ("hu", height, width)
 
@@ -76,7 +78,7 @@ class _Job:
 class _Work:
     """One request in the engine."""
 
-    kind: Hashable
+    kind: Kind
     request_id: str
     deadline: float
     future: asyncio.Future
@@ -144,7 +146,7 @@ class BatchingEngine:
 
     async def run(
         self,
-        kind: Hashable,
+        kind: Kind,
         payload: Any,
         pixels: Sequence[int],
         *,
@@ -360,7 +362,7 @@ class BatchingEngine:
 
     # --- in the model thread -------------------------------------------------------------------
 
-    def _call_guarded(self, kind: Hashable, jobs: list[_Job]) -> list[np.ndarray | BaseException]:
+    def _call_guarded(self, kind: Kind, jobs: list[_Job]) -> list[np.ndarray | BaseException]:
         """One call for all chunks; on an input error each chunk alone; each result checked against its size."""
         try:
             probs = self._call(kind, [job.payload for job in jobs])
@@ -376,7 +378,7 @@ class BatchingEngine:
         bounds = np.cumsum([0] + [job.size for job in jobs])
         return [probs[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
 
-    def _locate(self, kind: Hashable, job: _Job, exc: ModelInputError) -> ModelInputError:
+    def _locate(self, kind: Kind, job: _Job, exc: ModelInputError) -> ModelInputError:
         """The input error of one chunk, naming the request's element when it is an encoded image."""
         if kind == IMAGES:
             found = self._runner.first_undecodable(job.payload)
@@ -387,7 +389,7 @@ class BatchingEngine:
                 )
         return exc
 
-    def _call(self, kind: Hashable, payloads: list[Any]) -> np.ndarray:
+    def _call(self, kind: Kind, payloads: list[Any]) -> np.ndarray:
         if kind == IMAGES:
             return self._runner.predict_images([b for p in payloads for b in p])
         batch = payloads[0] if len(payloads) == 1 else np.concatenate(payloads)

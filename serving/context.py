@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from collections.abc import Iterator, Mapping
 from typing import Any
 
 from kserve.errors import InvalidInput

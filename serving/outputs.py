@@ -9,8 +9,8 @@ is one spec plus, if the model computes something new, one field of Prediction.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,7 +18,6 @@ from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse, RequestedOutput, to_http_parameters
 
 from serving.errors import clip
-
 
 #: The label of an image the out-of-distribution guard rejected, whatever its probability.
 UNSUPPORTED_INPUT = "unsupported-input"

@@ -289,7 +289,8 @@ class ChestCtModel(Model):
         prediction = self._prediction(result)
         drift.observe(self.name, prediction.probability, prediction.ood_score, prediction.in_distribution)
         # gRPC parameters carry only bool/int/string, so thresholds travel as text there.
-        threshold, ood_threshold = info.threshold, info.ood_threshold
+        threshold: float | str = info.threshold
+        ood_threshold: float | str = info.ood_threshold
         if request.from_grpc:
             threshold, ood_threshold = str(threshold), str(ood_threshold)
         return build_response(

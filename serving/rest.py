@@ -25,10 +25,10 @@ from http import HTTPStatus
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from starlette.requests import ClientDisconnect
 from grpc_interceptor.exceptions import GrpcException
 from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
 from kserve.logging import logger
+from starlette.requests import ClientDisconnect
 
 from serving import context
 from serving.dataplane import ChestCtDataPlane

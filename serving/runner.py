@@ -29,6 +29,7 @@ HU_ARG = "hu"
 OUTPUT_KEY = "probability"
 #: One record per image: what every signature returns.
 OUTPUT_DTYPE = np.dtype([("probability", "<f4"), ("ood_score", "<f4"), ("in_distribution", "?")])
+OUTPUT_NAMES: tuple[str, ...] = OUTPUT_DTYPE.names or ()  # a structured dtype always has names
 
 #: Packages that ``import tensorflow`` pulls in through Keras only when they happen to be installed
 #: (scikit-learn wrappers, a SciPy sparse check, matplotlib plotting); each such import is guarded by
@@ -114,7 +115,7 @@ class SavedModelRunner:
     def _call(self, fn, arg: str, values) -> np.ndarray:
         dtype = self._tf.string if arg == BYTES_ARG else self._tf.float32
         out = fn(**{arg: self._tf.constant(values, dtype=dtype)})
-        columns = {name: np.asarray(out[name].numpy()).reshape(-1) for name in OUTPUT_DTYPE.names}
+        columns = {name: np.asarray(out[name].numpy()).reshape(-1) for name in OUTPUT_NAMES}
         n = len(columns[OUTPUT_KEY])
         if any(len(c) != n for c in columns.values()):
             raise RuntimeError(
@@ -138,7 +139,7 @@ def import_tensorflow():
         return tf
     hidden = [name for name in UNUSED_OPTIONAL_IMPORTS if name not in sys.modules]
     for name in hidden:
-        sys.modules[name] = None  # makes ``import name`` raise ImportError
+        sys.modules[name] = None  # type: ignore[assignment]  # None makes ``import name`` raise ImportError
     try:
         import tensorflow as tf
     finally:
@@ -204,10 +205,10 @@ def _signature(signatures, name: str, arg: str, dtype, rank: int, model_dir):
         raise ModelLoadError(
             f"signature '{name}' of {model_dir} must take '{arg}' as {dtype.name} of rank {rank}, but takes {kwargs}"
         )
-    missing = [key for key in OUTPUT_DTYPE.names if key not in fn.structured_outputs]
+    missing = [key for key in OUTPUT_NAMES if key not in fn.structured_outputs]
     if missing:
         raise ModelLoadError(
-            f"signature '{name}' of {model_dir} must return {list(OUTPUT_DTYPE.names)}, "
+            f"signature '{name}' of {model_dir} must return {list(OUTPUT_NAMES)}, "
             f"returns {sorted(fn.structured_outputs)} (a model exported before the "
             "out-of-distribution guard existed: re-export it)"
         )

@@ -17,7 +17,8 @@ import pytest
 import yaml
 from kubernetes.client import Configuration
 
-from chest_ct import deploy, inference_service as isvc, rollout
+from chest_ct import deploy, rollout
+from chest_ct import inference_service as isvc
 from chest_ct.model_store import model_uri, parse_s3_uri, upload_model_dir
 from tests.platforms import kube_api
 from tests.platforms.kserve import RELEASES, Controller, Release

@@ -110,7 +110,7 @@ def test_mirrored_feature_pass_head_and_fine_tuning_match_one_device(tmp_path):
     assert result["stages"] == ["fine-tuned", "fine-tuned"]
     for single, mirrored in (result["val_loss"], result["ft_val_loss"]):
         assert len(single) == len(mirrored)
-        assert max(abs(s - m) for s, m in zip(single, mirrored)) < 1e-4, result
+        assert max(abs(s - m) for s, m in zip(single, mirrored, strict=True)) < 1e-4, result
     assert result["prob_diff"] < 1e-4, result
 
 

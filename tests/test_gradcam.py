@@ -39,8 +39,8 @@ from chest_ct import gradcam
 from chest_ct.determinism import seed_everything
 from chest_ct.export import BYTES_SIGNATURE, PIXELS_SIGNATURE, SIGNATURES, export_saved_model, read_metadata
 from chest_ct.forward import LAST_CONV_LAYER, SplitModel
-from chest_ct.ood import feature_model, fit_guard
 from chest_ct.model import build_model, split_model
+from chest_ct.ood import feature_model, fit_guard
 from chest_ct.preprocess import to_model_input
 
 SIZE, CELL, PATCH = 64, 16, 8

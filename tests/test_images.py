@@ -2,6 +2,7 @@ import csv
 import hashlib
 import io
 import struct
+from itertools import zip_longest
 
 import imagehash
 import numpy as np
@@ -156,7 +157,7 @@ def mixed_files(tmp_path) -> list:
         paths.append(path)
     (tmp_path / "folder.png").mkdir()
     paths += [tmp_path / "folder.png", tmp_path / "missing.png"]
-    return [p for pair in zip(good, paths + [None] * len(good)) for p in pair if p is not None]
+    return [p for pair in zip_longest(good, paths) for p in pair if p is not None]
 
 
 def as_comparable(result):
@@ -170,9 +171,11 @@ def test_parallel_validation_equals_serial_in_input_order(tmp_path):
     assert [as_comparable(r) for r in parallel] == [as_comparable(r) for r in serial]
     for out in ("a", "b"):  # valid files are copied as validated, bad ones are not
         copied = {p.name: p.read_bytes() for p in (tmp_path / out).iterdir()}
-        assert copied == {p.name: p.read_bytes() for p, r in zip(paths, serial) if isinstance(r, ImageInfo)}
+        assert copied == {
+            p.name: p.read_bytes() for p, r in zip(paths, serial, strict=True) if isinstance(r, ImageInfo)
+        }
     reasons = {}
-    for path, result in zip(paths, parallel):
+    for path, result in zip(paths, parallel, strict=True):
         if isinstance(result, ImageInfo):
             assert result.sha256 == hashlib.sha256(path.read_bytes()).hexdigest(), "results stay in input order"
         else:

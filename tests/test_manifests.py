@@ -18,19 +18,21 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import kubernetes_validate
 import pytest
 import yaml
 from kubernetes.client import Configuration
 
-from chest_ct import inference_service as isvc, rollout
+from chest_ct import inference_service as isvc
+from chest_ct import rollout
 from tests.platforms import kube_api, pod_security
 from tests.platforms.kserve import RELEASES, Controller, Release
 from tests.platforms.rbac import Authorizer, Request
-from tests.platforms.serving_pod import kserve_default_storage_container, knative_refusals, serving_pod
+from tests.platforms.serving_pod import knative_refusals, kserve_default_storage_container, serving_pod
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"

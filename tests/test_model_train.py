@@ -10,12 +10,12 @@ from PIL import Image
 
 from chest_ct.determinism import seed_everything
 from chest_ct.export import BYTES_SIGNATURE, PIXELS_SIGNATURE, export_saved_model, read_metadata
-from chest_ct.predict import load_predictor
 from chest_ct.fitting import Examples, fit_classifier, picture_weights
 from chest_ct.ingest import build_dataset
 from chest_ct.inputs import image_dataset
 from chest_ct.model import build_model, resolve_base_weights, split_model
 from chest_ct.ood import block_features, fit_guard
+from chest_ct.predict import load_predictor
 from chest_ct.preprocess import decode_and_resize, to_model_input
 from chest_ct.records import TEST, TRAIN, VALID, Manifest
 from tests.conftest import synthetic_image, write_dataset

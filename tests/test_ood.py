@@ -15,11 +15,11 @@ import pytest
 import tensorflow as tf
 
 from chest_ct.export import SIGNATURES, export_saved_model, read_metadata
-from chest_ct.predict import predict_outputs
 from chest_ct.foreign import foreign_set
 from chest_ct.guard_eval import guard_markdown, guard_rates, log_guard_rates
 from chest_ct.model import build_model, split_model
 from chest_ct.ood import BLOCKS, GuardGraph, block_features, feature_model, fit_guard
+from chest_ct.predict import predict_outputs
 from chest_ct.preprocess import resize, to_model_input
 from chest_ct.window import Window
 from serving.dicom import read_hu

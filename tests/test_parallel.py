@@ -87,7 +87,7 @@ needs_unshare = pytest.mark.skipif(
 @needs_unshare
 @pytest.mark.parametrize("cpu_max, expected", [("50000 100000", 1), ("250000 100000", 3), ("max 100000", None)])
 def test_cpu_count_reads_the_cgroup_v2_limit(cpu_max, expected):
-    """A container sees its own cgroup at /sys/fs/cgroup: give a process that view, with cpu.max as the kernel writes it."""
+    """A container sees its own cgroup at /sys/fs/cgroup: give a process that view, cpu.max as the kernel writes it."""
     script = (
         'd=$(mktemp -d) && mount -t tmpfs none "$d" && printf "%s\\n" "$CPU_MAX" > "$d/cpu.max" '
         '&& mount --bind "$d" /sys/fs/cgroup && exec "$@"'

@@ -16,12 +16,11 @@ import tensorflow as tf
 from chest_ct import defaults
 from chest_ct.determinism import seed_everything
 from chest_ct.export import export_saved_model, read_metadata
-from chest_ct.ood import block_features, fit_guard
-from chest_ct.predict import load_predictor
 from chest_ct.fitting import Examples, fit_classifier
 from chest_ct.golden import KEEP_FLOAT32_OPS, encode_golden, pick_golden, write_golden_set
 from chest_ct.ingest import build_dataset
 from chest_ct.model import build_model, split_model
+from chest_ct.ood import block_features, fit_guard
 from chest_ct.precision import (
     FLOAT32,
     MIXED_BF16,
@@ -33,6 +32,7 @@ from chest_ct.precision import (
     onednn_bf16,
     precision_agreement,
 )
+from chest_ct.predict import load_predictor
 from chest_ct.records import TRAIN, VALID, Manifest
 from serving.precision import CpuBf16, cpu_bf16, parity, serving_precision
 from tests.conftest import write_dataset

@@ -295,8 +295,9 @@ def test_rest_pixels_match_in_process_model(server, reference, datatype):
 
 def test_pixels_and_encoded_image_of_the_same_picture_agree(server, images):
     """A PNG is lossless, so its decoded pixels must score the same through either input."""
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     pixels = np.asarray(Image.open(io.BytesIO(images["png"])).convert("RGB"))
     by_image = outputs_of(post_json(server, image_request([images["png"]])).json())["probability"]["data"]

@@ -5,6 +5,7 @@ and refuses what the KFP backend refuses: in multi-user mode an identity and a
 namespace are required, and pipeline specs are parsed strictly.
 """
 
+from datetime import UTC
 from pathlib import Path
 
 import pytest
@@ -316,10 +317,10 @@ def test_schedule_refuses_a_five_field_cron_and_shows_the_fix(cli, package, caps
     ],
 )
 def test_validate_cron_accepts_what_kfp_accepts_and_fires_when_kfp_would(expression, first, second):
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     assert validate_cron(expression) == " ".join(expression.split())
-    start = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    start = datetime(2030, 1, 1, tzinfo=UTC)
     assert [f"{t:%Y-%m-%d %H:%M:%S}" for t in next_runs(expression, 2, after=start)] == [first, second]
 
 

@@ -28,7 +28,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from tests.platforms.kserve import Controller, Invalid, Release
-from tests.platforms.rbac import Authorizer, Request as RbacRequest
+from tests.platforms.rbac import Authorizer
+from tests.platforms.rbac import Request as RbacRequest
 
 PREFIX = "/apis/serving.kserve.io/v1beta1/namespaces/"
 WEBHOOK = "inferenceservice.kserve-webhook-server.validator"
