@@ -1,6 +1,6 @@
 # chest-ct: two commands set everything up on a fresh machine.
 #   make run    create .venv if missing, run the whole pipeline locally (kfp.local + MLflow on SQLite)
-#   make test   create .venv if missing, run the test suite
+#   make test   create .venv if missing, run the lint and type checks (make lint), then the test suite
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -18,8 +18,10 @@ MODEL_DIR ?= $(shell test -f runs/latest.json && $(PYTHON) -c 'import json;print
 HTTP_PORT ?= 8080
 GRPC_PORT ?= 8081
 PYTEST_ARGS ?=
+# What ruff and mypy check (their settings: pyproject.toml); ruff also reads tests/.
+LINT_PATHS := chest_ct components pipelines serving bench
 
-.PHONY: venv run serve test compile bench upload submit schedule clean
+.PHONY: venv run serve lint format test compile bench upload submit schedule clean
 
 # Runtime lock (what the training image installs) plus the test-only lock.
 $(VENV)/.installed: requirements.lock requirements-test.lock pyproject.toml
@@ -52,7 +54,17 @@ serve: $(VENV)/.installed
 	@test -n "$(MODEL_DIR)" || { echo "no model: run 'make run' first or pass MODEL_DIR=<SavedModel dir>" >&2; exit 2; }
 	$(PY) -m serving --model_dir "$(MODEL_DIR)" --http_port $(HTTP_PORT) --grpc_port $(GRPC_PORT)
 
-test: $(VENV)/.installed $(CHECKOV_VENV)/.installed $(PLATFORMS)/.downloaded
+# Any finding fails the run; `make format` applies ruff's formatting and safe fixes.
+lint: $(VENV)/.installed
+	$(PY) -m ruff check $(LINT_PATHS) tests
+	$(PY) -m ruff format --check $(LINT_PATHS) tests
+	$(PY) -m mypy $(LINT_PATHS)
+
+format: $(VENV)/.installed
+	$(PY) -m ruff format $(LINT_PATHS) tests
+	$(PY) -m ruff check --fix $(LINT_PATHS) tests
+
+test: lint $(VENV)/.installed $(CHECKOV_VENV)/.installed $(PLATFORMS)/.downloaded
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Benchmarks on ../shared/data/chest-ct (each prints a table and a JSON line, and updates docs/benchmarks.md).
@@ -76,4 +88,4 @@ schedule: $(VENV)/.installed
 	$(PY) -m pipelines.submit schedule --cron "$(CRON)" $(foreach p,$(PARAMS),--param $(p))
 
 clean:
-	rm -rf runs mlartifacts mlflow.db .pytest_cache $(PLATFORMS)
+	rm -rf runs mlartifacts mlflow.db .pytest_cache .mypy_cache .ruff_cache $(PLATFORMS)

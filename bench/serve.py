@@ -56,17 +56,35 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from bench import serve_overload, serve_precision  # noqa: E402
 from bench.report import emit, machine, pct, table, write_section  # noqa: E402
-from bench.serve_clients import (GrpcClient, RestClient, interleaved_latency, rejected_by_reason,  # noqa: E402
-                                 throughput)
+from bench.serve_clients import (
+    GrpcClient,
+    RestClient,
+    interleaved_latency,
+    rejected_by_reason,  # noqa: E402
+    throughput,
+)
 from bench.serve_floor import IMAGE_SIZE, CpuShare, Floor, export_model, request_image, say  # noqa: E402
 from bench.serve_process import Server, pod_memory_limit  # noqa: E402
 
 #: A request naming the opt-in heatmap (with the default outputs).
 HEATMAP_OUTPUTS = ("probability", "label", "ood_score", "in_distribution", "heatmap")
-TARGETS = {"p50_ratio": 1.10, "heatmap_p50_ratio": 1.10, "p99_over_p50": 1.5, "throughput_ratio_8": 0.9, "ready_s": 8.0, "rss_mb": 1536.0,
-           "overload_restarts": 0, "overload_rss_share": 0.8, "overload_admitted_ratio": 0.9,
-           "overload_reject_p99_ms": 50.0, "overload_small_p99_ratio": 3.0,
-           "bf16_ips_16_ratio": 1.7, "bf16_p50_ratio": 0.65, "bf16_max_abs_diff": 0.01, "bf16_label_flips": 0}
+TARGETS = {
+    "p50_ratio": 1.10,
+    "heatmap_p50_ratio": 1.10,
+    "p99_over_p50": 1.5,
+    "throughput_ratio_8": 0.9,
+    "ready_s": 8.0,
+    "rss_mb": 1536.0,
+    "overload_restarts": 0,
+    "overload_rss_share": 0.8,
+    "overload_admitted_ratio": 0.9,
+    "overload_reject_p99_ms": 50.0,
+    "overload_small_p99_ratio": 3.0,
+    "bf16_ips_16_ratio": 1.7,
+    "bf16_p50_ratio": 0.65,
+    "bf16_max_abs_diff": 0.01,
+    "bf16_label_flips": 0,
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -74,14 +92,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="fewer requests and shorter load (development runs)")
     parser.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
     parser.add_argument("--image", type=Path, default=None, help="PNG/JPEG to send (default: a real valid image)")
-    parser.add_argument("--overload-seconds", type=float, default=None, help="overload phase length (default 60, "
-                                                                             "20 with --quick)")
+    parser.add_argument(
+        "--overload-seconds", type=float, default=None, help="overload phase length (default 60, 20 with --quick)"
+    )
     parser.add_argument("--overload-clients", type=int, default=128, help="concurrent clients in the overload phase")
     parser.add_argument("--cap-images", type=int, default=8, help="images per pixel-cap request in the overload mix")
     parser.add_argument("--max-batch-size", type=int, default=None, help="server flag (default: the server's)")
     parser.add_argument("--max-queued-images", type=int, default=None, help="server flag (default: the server's)")
-    parser.add_argument("--server-arg", action="append", default=[], help="any other server flag, e.g. "
-                                                                          "--server-arg=--deadline_ms=10000")
+    parser.add_argument(
+        "--server-arg", action="append", default=[], help="any other server flag, e.g. --server-arg=--deadline_ms=10000"
+    )
     parser.add_argument("--server-log", type=Path, default=None, help="keep the server's log at this path")
     return parser.parse_args(argv)
 
@@ -120,12 +140,16 @@ def main(argv: list[str] | None = None) -> int:
             ready_rss = server.rss()
             say(f"server ready in {ready_s:.2f}s, {ready_rss / 2**20:.0f} MiB")
             floor = Floor(model_dir, image)
-            clients = {"floor": floor, "rest": RestClient(server.url, image),
-                       "grpc": GrpcClient(server.grpc_target, image),
-                       "floor_heatmap": Floor(model_dir, image, "explain_images", loaded=floor.loaded),
-                       "rest_heatmap": RestClient(server.url, image, HEATMAP_OUTPUTS)}
-            times, probs = share.measure("sequential (floor, REST, gRPC interleaved)",
-                                         lambda: interleaved_latency(clients, warmup, sequential))
+            clients = {
+                "floor": floor,
+                "rest": RestClient(server.url, image),
+                "grpc": GrpcClient(server.grpc_target, image),
+                "floor_heatmap": Floor(model_dir, image, "explain_images", loaded=floor.loaded),
+                "rest_heatmap": RestClient(server.url, image, HEATMAP_OUTPUTS),
+            }
+            times, probs = share.measure(
+                "sequential (floor, REST, gRPC interleaved)", lambda: interleaved_latency(clients, warmup, sequential)
+            )
             say("p50 ms: " + ", ".join(f"{k} {statistics.median(v) * 1000:.0f}" for k, v in times.items()))
             floor_ips = {}
             for b in batch_sizes:
@@ -134,9 +158,12 @@ def main(argv: list[str] | None = None) -> int:
             loads = {}
             for c in (1, 8, 16):
                 loads[c] = share.measure_clean(
-                    f"{c} clients", lambda c=c: throughput(server.url, image, c, duration, 200))
-                say(f"{c} clients: {loads[c]['ips']:.2f} images/s, {loads[c]['images_per_call']:.1f} images per "
-                    f"call, {loads[c]['refused']} refused, {loads[c]['unanswered_clients']} never answered")
+                    f"{c} clients", lambda c=c: throughput(server.url, image, c, duration, 200)
+                )
+                say(
+                    f"{c} clients: {loads[c]['ips']:.2f} images/s, {loads[c]['images_per_call']:.1f} images per "
+                    f"call, {loads[c]['refused']} refused, {loads[c]['unanswered_clients']} never answered"
+                )
             best_b = max(floor_ips, key=lambda b: floor_ips[b])
             recheck = share.measure_clean(f"floor batch {best_b} again", lambda: floor.throughput(best_b, min_images))
             floor_best = max(max(floor_ips.values()), recheck)
@@ -149,11 +176,13 @@ def main(argv: list[str] | None = None) -> int:
             rejected_before = rejected_by_reason(server.url)
             start = time.perf_counter()
             outcomes, restarts = share.measure(
-                "overload", lambda: serve_overload.run(server, kinds, args.overload_clients, overload_s))
+                "overload", lambda: serve_overload.run(server, kinds, args.overload_clients, overload_s)
+            )
             overload_rss = max(server.peak_rss, server.rss())
             over = serve_overload.summarize(outcomes, kinds, start, overload_s, pct(times["rest"], 99))
-            over["rejected_by_reason"] = {k: int(v - rejected_before.get(k, 0))
-                                          for k, v in rejected_by_reason(server.url).items()}
+            over["rejected_by_reason"] = {
+                k: int(v - rejected_before.get(k, 0)) for k, v in rejected_by_reason(server.url).items()
+            }
             say(f"overload: {over}")
             alive = server.alive()
             peak_rss = max(peak_before_overload, overload_rss)
@@ -162,114 +191,277 @@ def main(argv: list[str] | None = None) -> int:
             raise
         finally:
             server.stop()
-        bf16 = serve_precision.run(model_dir, Path(tmp) / "server-bf16.log", extra, floor, image, best_b, share,
-                                   warmup=warmup, sequential=sequential, duration=duration, min_images=min_images,
-                                   memory_limit=limit)
+        bf16 = serve_precision.run(
+            model_dir,
+            Path(tmp) / "server-bf16.log",
+            extra,
+            floor,
+            image,
+            best_b,
+            share,
+            warmup=warmup,
+            sequential=sequential,
+            duration=duration,
+            min_images=min_images,
+            memory_limit=limit,
+        )
         floor_best = max(floor_best, bf16.floor_best_again)
     if not alive:
         raise RuntimeError("the server was dead at the end of the benchmark")
     max_diff = max(abs(probs[k] - probs["floor"]) for k in ("rest", "grpc", "floor_heatmap", "rest_heatmap"))
     if max_diff > 1e-4:
         raise RuntimeError(f"server answers differ from the in-process model by {max_diff:.2g}")
-    report(args, main_extra, image_text, times, floor_ips, recheck, best_b, floor_best, loads, ready_s, ready_rss,
-           peak_rss, share, over, restarts, overload_rss, limit, cap_s,
-           warmup, sequential, duration, overload_s, bf16)
+    report(
+        args,
+        main_extra,
+        image_text,
+        times,
+        floor_ips,
+        recheck,
+        best_b,
+        floor_best,
+        loads,
+        ready_s,
+        ready_rss,
+        peak_rss,
+        share,
+        over,
+        restarts,
+        overload_rss,
+        limit,
+        cap_s,
+        warmup,
+        sequential,
+        duration,
+        overload_s,
+        bf16,
+    )
     return 0
 
 
-def report(args, extra, image_text, times, floor_ips, recheck, best_b, floor_best, loads, ready_s, ready_rss,
-           peak_rss, share, over, restarts, overload_rss, limit, cap_s, warmup, sequential, duration,
-           overload_s, bf16: serve_precision.Bf16Phase) -> None:
+def report(
+    args,
+    extra,
+    image_text,
+    times,
+    floor_ips,
+    recheck,
+    best_b,
+    floor_best,
+    loads,
+    ready_s,
+    ready_rss,
+    peak_rss,
+    share,
+    over,
+    restarts,
+    overload_rss,
+    limit,
+    cap_s,
+    warmup,
+    sequential,
+    duration,
+    overload_s,
+    bf16: serve_precision.Bf16Phase,
+) -> None:
     """Print the tables and checks, write the serving section of docs/benchmarks.md, emit the JSON line."""
     quick = args.quick
     ms = {k: (statistics.median(v) * 1000, pct(v, 99) * 1000) for k, v in times.items()}
     (floor_p50, floor_p99), (rest_p50, rest_p99), (grpc_p50, grpc_p99) = ms["floor"], ms["rest"], ms["grpc"]
     (cam_floor_p50, cam_floor_p99), (cam_p50, cam_p99) = ms["floor_heatmap"], ms["rest_heatmap"]
     figures = {
-        "floor_p50_ms": round(floor_p50, 1), "rest_p50_ms": round(rest_p50, 1), "rest_p99_ms": round(rest_p99, 1),
-        "grpc_p50_ms": round(grpc_p50, 1), "grpc_p99_ms": round(grpc_p99, 1),
-        "p50_ratio": round(rest_p50 / floor_p50, 3), "floor_best_ips": round(floor_best, 2),
-        "floor_heatmap_p50_ms": round(cam_floor_p50, 1), "rest_heatmap_p50_ms": round(cam_p50, 1),
-        "rest_heatmap_p99_ms": round(cam_p99, 1), "heatmap_p50_ratio": round(cam_p50 / cam_floor_p50, 3),
+        "floor_p50_ms": round(floor_p50, 1),
+        "rest_p50_ms": round(rest_p50, 1),
+        "rest_p99_ms": round(rest_p99, 1),
+        "grpc_p50_ms": round(grpc_p50, 1),
+        "grpc_p99_ms": round(grpc_p99, 1),
+        "p50_ratio": round(rest_p50 / floor_p50, 3),
+        "floor_best_ips": round(floor_best, 2),
+        "floor_heatmap_p50_ms": round(cam_floor_p50, 1),
+        "rest_heatmap_p50_ms": round(cam_p50, 1),
+        "rest_heatmap_p99_ms": round(cam_p99, 1),
+        "heatmap_p50_ratio": round(cam_p50 / cam_floor_p50, 3),
         "heatmap_over_plain_p50": round(cam_p50 / rest_p50, 3),
-        "floor_best_batch": best_b, "floor_cap_image_ms": round(cap_s * 1000, 1),
-        "ips_1": round(loads[1]["ips"], 2), "ips_8": round(loads[8]["ips"], 2), "ips_16": round(loads[16]["ips"], 2),
-        "throughput_ratio_8": round(loads[8]["ips"] / floor_best, 3), "ready_s": round(ready_s, 2),
-        "rss_mb": round(peak_rss / 2**20, 1), "rss_ready_mb": round(ready_rss / 2**20, 1),
+        "floor_best_batch": best_b,
+        "floor_cap_image_ms": round(cap_s * 1000, 1),
+        "ips_1": round(loads[1]["ips"], 2),
+        "ips_8": round(loads[8]["ips"], 2),
+        "ips_16": round(loads[16]["ips"], 2),
+        "throughput_ratio_8": round(loads[8]["ips"] / floor_best, 3),
+        "ready_s": round(ready_s, 2),
+        "rss_mb": round(peak_rss / 2**20, 1),
+        "rss_ready_mb": round(ready_rss / 2**20, 1),
         "images_per_call_8": round(loads[8]["images_per_call"], 2),
         "images_per_call_16": round(loads[16]["images_per_call"], 2),
-        "refused_8": loads[8]["refused"], "refused_16": loads[16]["refused"],
+        "refused_8": loads[8]["refused"],
+        "refused_16": loads[16]["refused"],
         "unanswered_clients_16": loads[16]["unanswered_clients"],
-        "overload_restarts": restarts, "overload_peak_rss_mb": round(overload_rss / 2**20, 1),
+        "overload_restarts": restarts,
+        "overload_peak_rss_mb": round(overload_rss / 2**20, 1),
         "overload_admitted_ratio": round(over["admitted_ratio"], 3),
         "overload_reject_p99_ms": round(over["reject_p99_ms"], 1),
         "overload_small_p99_ratio": round(over["small_p99_ratio"], 2),
         "overload_small_p99_ms": round(over["small_p99_ms"], 1),
         "overload_admitted_ips": round(over["admitted_ips"], 2),
-        "overload_statuses": over["statuses"], "overload_answered_by_kind": over["answered_by_kind"],
+        "overload_statuses": over["statuses"],
+        "overload_answered_by_kind": over["answered_by_kind"],
         "overload_rejected_by_reason": over["rejected_by_reason"],
-        "overload_clients": args.overload_clients, "overload_seconds": overload_s,
-        "pod_memory_limit_mb": round(limit / 2**20), "background_cpu_max": round(max(share.phases.values()), 3),
-        "quick": quick, "server_args": " ".join(extra),
-        "bf16_precision": bf16.precision, "bf16_precision_reason": bf16.reason,
-        "bf16_floor_p50_ms": round(bf16.floor_p50_ms, 1), "bf16_rest_p50_ms": round(bf16.rest_p50_ms, 1),
-        "bf16_rest_p99_ms": round(bf16.rest_p99_ms, 1), "bf16_ips_16": round(bf16.ips_16, 2),
+        "overload_clients": args.overload_clients,
+        "overload_seconds": overload_s,
+        "pod_memory_limit_mb": round(limit / 2**20),
+        "background_cpu_max": round(max(share.phases.values()), 3),
+        "quick": quick,
+        "server_args": " ".join(extra),
+        "bf16_precision": bf16.precision,
+        "bf16_precision_reason": bf16.reason,
+        "bf16_floor_p50_ms": round(bf16.floor_p50_ms, 1),
+        "bf16_rest_p50_ms": round(bf16.rest_p50_ms, 1),
+        "bf16_rest_p99_ms": round(bf16.rest_p99_ms, 1),
+        "bf16_ips_16": round(bf16.ips_16, 2),
         "bf16_p50_ratio": round(bf16.rest_p50_ms / bf16.floor_p50_ms, 3),
-        "bf16_ips_16_ratio": round(bf16.ips_16 / floor_best, 3), "bf16_ready_s": round(bf16.ready_s, 2),
-        "bf16_inprocess_p50_ms": round(bf16.inprocess_p50_ms, 1), "bf16_inprocess_ips": round(bf16.inprocess_ips, 2),
-        "bf16_max_abs_diff": bf16.parity.get("max_abs_diff"), "bf16_label_flips": bf16.parity.get("label_flips"),
+        "bf16_ips_16_ratio": round(bf16.ips_16 / floor_best, 3),
+        "bf16_ready_s": round(bf16.ready_s, 2),
+        "bf16_inprocess_p50_ms": round(bf16.inprocess_p50_ms, 1),
+        "bf16_inprocess_ips": round(bf16.inprocess_ips, 2),
+        "bf16_max_abs_diff": bf16.parity.get("max_abs_diff"),
+        "bf16_label_flips": bf16.parity.get("label_flips"),
         "bf16_parity_images": bf16.parity.get("images", 0),
     }
     rows = [["floor: in-process call, 1 image, sequential", floor_p50, floor_p99, 1000 / floor_p50, "", ""]]
-    rows += [[f"floor: in-process, batches of {b}, back to back", "", "", v, "", round(v / floor_best, 3)]
-             for b, v in floor_ips.items()]
-    rows += [[f"floor: batches of {best_b} again, after the load test", "", "", recheck, "",
-              round(recheck / floor_best, 3)]]
-    rows += [["chest-ct REST (JSON, base64), sequential", rest_p50, rest_p99, 1000 / rest_p50, 1.0,
-              round(1000 / rest_p50 / floor_best, 3)],
-             ["chest-ct gRPC (raw bytes), sequential", grpc_p50, grpc_p99, 1000 / grpc_p50, 1.0,
-              round(1000 / grpc_p50 / floor_best, 3)],
-             ["floor with heatmap: in-process explain_images, 1 image, sequential", cam_floor_p50, cam_floor_p99,
-              1000 / cam_floor_p50, "", round(1000 / cam_floor_p50 / floor_best, 3)],
-             [f"chest-ct REST naming heatmap, sequential ({cam_p50 / rest_p50:.2f}x the plain request's p50)",
-              cam_p50, cam_p99, 1000 / cam_p50, 1.0, round(1000 / cam_p50 / floor_best, 3)]]
-    rows += [[f"chest-ct REST, {c} concurrent clients ({loads[c]['refused']} refused)", "", "", loads[c]["ips"],
-              round(loads[c]["images_per_call"], 2), round(loads[c]["ips"] / floor_best, 3)] for c in (1, 8, 16)]
-    rows += [["bf16 phase: floor (float32), 1 image, interleaved with the two below", bf16.floor_p50_ms, "",
-              1000 / bf16.floor_p50_ms, "", ""],
-             ["reference: the floor's signature in bf16 (oneDNN rewrite), 1 image, interleaved",
-              bf16.inprocess_p50_ms, "", 1000 / bf16.inprocess_p50_ms, "", ""],
-             [f"bf16 phase: floor batches of {best_b} again", "", "", bf16.floor_best_again, "",
-              round(bf16.floor_best_again / floor_best, 3)],
-             [f"reference: the floor's signature in bf16, batches of {best_b}", "", "", bf16.inprocess_ips, "",
-              round(bf16.inprocess_ips / floor_best, 3)],
-             [f"chest-ct REST --precision bf16 (served: {bf16.precision}), sequential", bf16.rest_p50_ms,
-              bf16.rest_p99_ms, 1000 / bf16.rest_p50_ms, 1.0, round(1000 / bf16.rest_p50_ms / floor_best, 3)],
-             [f"chest-ct REST --precision bf16, 16 concurrent clients ({bf16.refused_16} refused)", "", "",
-              bf16.ips_16, "", round(bf16.ips_16 / floor_best, 3)]]
+    rows += [
+        [f"floor: in-process, batches of {b}, back to back", "", "", v, "", round(v / floor_best, 3)]
+        for b, v in floor_ips.items()
+    ]
+    rows += [
+        [f"floor: batches of {best_b} again, after the load test", "", "", recheck, "", round(recheck / floor_best, 3)]
+    ]
+    rows += [
+        [
+            "chest-ct REST (JSON, base64), sequential",
+            rest_p50,
+            rest_p99,
+            1000 / rest_p50,
+            1.0,
+            round(1000 / rest_p50 / floor_best, 3),
+        ],
+        [
+            "chest-ct gRPC (raw bytes), sequential",
+            grpc_p50,
+            grpc_p99,
+            1000 / grpc_p50,
+            1.0,
+            round(1000 / grpc_p50 / floor_best, 3),
+        ],
+        [
+            "floor with heatmap: in-process explain_images, 1 image, sequential",
+            cam_floor_p50,
+            cam_floor_p99,
+            1000 / cam_floor_p50,
+            "",
+            round(1000 / cam_floor_p50 / floor_best, 3),
+        ],
+        [
+            f"chest-ct REST naming heatmap, sequential ({cam_p50 / rest_p50:.2f}x the plain request's p50)",
+            cam_p50,
+            cam_p99,
+            1000 / cam_p50,
+            1.0,
+            round(1000 / cam_p50 / floor_best, 3),
+        ],
+    ]
+    rows += [
+        [
+            f"chest-ct REST, {c} concurrent clients ({loads[c]['refused']} refused)",
+            "",
+            "",
+            loads[c]["ips"],
+            round(loads[c]["images_per_call"], 2),
+            round(loads[c]["ips"] / floor_best, 3),
+        ]
+        for c in (1, 8, 16)
+    ]
+    rows += [
+        [
+            "bf16 phase: floor (float32), 1 image, interleaved with the two below",
+            bf16.floor_p50_ms,
+            "",
+            1000 / bf16.floor_p50_ms,
+            "",
+            "",
+        ],
+        [
+            "reference: the floor's signature in bf16 (oneDNN rewrite), 1 image, interleaved",
+            bf16.inprocess_p50_ms,
+            "",
+            1000 / bf16.inprocess_p50_ms,
+            "",
+            "",
+        ],
+        [
+            f"bf16 phase: floor batches of {best_b} again",
+            "",
+            "",
+            bf16.floor_best_again,
+            "",
+            round(bf16.floor_best_again / floor_best, 3),
+        ],
+        [
+            f"reference: the floor's signature in bf16, batches of {best_b}",
+            "",
+            "",
+            bf16.inprocess_ips,
+            "",
+            round(bf16.inprocess_ips / floor_best, 3),
+        ],
+        [
+            f"chest-ct REST --precision bf16 (served: {bf16.precision}), sequential",
+            bf16.rest_p50_ms,
+            bf16.rest_p99_ms,
+            1000 / bf16.rest_p50_ms,
+            1.0,
+            round(1000 / bf16.rest_p50_ms / floor_best, 3),
+        ],
+        [
+            f"chest-ct REST --precision bf16, 16 concurrent clients ({bf16.refused_16} refused)",
+            "",
+            "",
+            bf16.ips_16,
+            "",
+            round(bf16.ips_16 / floor_best, 3),
+        ],
+    ]
     text = table(["what", "p50 ms", "p99 ms", "images/s", "images per model call", "x floor best images/s"], rows)
-    text += "\n\n" + table(["server", "value"], [
-        ["start to ready (spawn -> /v2/health/ready 200), s", ready_s],
-        ["resident memory at ready, MiB", ready_rss / 2**20],
-        ["peak resident memory (whole run, incl. load), MiB", peak_rss / 2**20]])
-    text += "\n\n" + table(["overload", "value"], [
-        [f"clients x seconds (mix: 90% 1 image, 5% 64 images, 5% {args.cap_images} at the pixel cap)",
-         f"{args.overload_clients} x {overload_s:.0f}"],
-        ["requests in the window, by status", json.dumps(over["statuses"])],
-        ["answered (200) in the window, by kind", json.dumps(over["answered_by_kind"])],
-        ["refused (503) during the phase, by reason", json.dumps(over["rejected_by_reason"])],
-        ["restarts (died, or killed at the pod's memory limit)", restarts],
-        [f"peak resident memory, MiB (pod limit {limit / 2**20:.0f})", overload_rss / 2**20],
-        ["admitted work, x floor best", over["admitted_ratio"]],
-        ["admitted images/s (a pixel-cap image counts 1)", over["admitted_ips"]],
-        [f"one pixel-cap image in process, ms (small image: {1000 / floor_best:.0f})", cap_s * 1000],
-        ["refusals (503), p99 ms", over["reject_p99_ms"]],
-        ["answered one-image requests, p99 ms", over["small_p99_ms"]],
-        ["... over the unloaded REST p99", over["small_p99_ratio"]]])
+    text += "\n\n" + table(
+        ["server", "value"],
+        [
+            ["start to ready (spawn -> /v2/health/ready 200), s", ready_s],
+            ["resident memory at ready, MiB", ready_rss / 2**20],
+            ["peak resident memory (whole run, incl. load), MiB", peak_rss / 2**20],
+        ],
+    )
+    text += "\n\n" + table(
+        ["overload", "value"],
+        [
+            [
+                f"clients x seconds (mix: 90% 1 image, 5% 64 images, 5% {args.cap_images} at the pixel cap)",
+                f"{args.overload_clients} x {overload_s:.0f}",
+            ],
+            ["requests in the window, by status", json.dumps(over["statuses"])],
+            ["answered (200) in the window, by kind", json.dumps(over["answered_by_kind"])],
+            ["refused (503) during the phase, by reason", json.dumps(over["rejected_by_reason"])],
+            ["restarts (died, or killed at the pod's memory limit)", restarts],
+            [f"peak resident memory, MiB (pod limit {limit / 2**20:.0f})", overload_rss / 2**20],
+            ["admitted work, x floor best", over["admitted_ratio"]],
+            ["admitted images/s (a pixel-cap image counts 1)", over["admitted_ips"]],
+            [f"one pixel-cap image in process, ms (small image: {1000 / floor_best:.0f})", cap_s * 1000],
+            ["refusals (503), p99 ms", over["reject_p99_ms"]],
+            ["answered one-image requests, p99 ms", over["small_p99_ms"]],
+            ["... over the unloaded REST p99", over["small_p99_ratio"]],
+        ],
+    )
     background = "; ".join(f"{name} {100 * v:.0f}%" for name, v in share.phases.items())
     if share.reruns:
-        background += (f" (measured twice because of background load, the cleaner run kept: "
-                       f"{', '.join(share.reruns)})")
+        background += f" (measured twice because of background load, the cleaner run kept: {', '.join(share.reruns)})"
 
     def check(name: str, ok: bool, shown: str) -> str:
         return f"{name} ({shown}): {'met' if ok else 'MISSED'}"
@@ -278,30 +470,57 @@ def report(args, extra, image_text, times, floor_ips, recheck, best_b, floor_bes
     checks = [
         check("p50 <= 1.10x floor", figures["p50_ratio"] <= TARGETS["p50_ratio"], f"{figures['p50_ratio']}x"),
         check("p99 <= 1.5x p50", rest_p99 <= TARGETS["p99_over_p50"] * rest_p50, f"{rest_p99 / rest_p50:.2f}x"),
-        check("with heatmap: p50 <= 1.10x its floor (explain_images)",
-              figures["heatmap_p50_ratio"] <= TARGETS["heatmap_p50_ratio"], f"{figures['heatmap_p50_ratio']}x"),
-        check("8 clients >= 0.9x floor throughput", figures["throughput_ratio_8"] >= TARGETS["throughput_ratio_8"],
-              f"{figures['throughput_ratio_8']}x"),
+        check(
+            "with heatmap: p50 <= 1.10x its floor (explain_images)",
+            figures["heatmap_p50_ratio"] <= TARGETS["heatmap_p50_ratio"],
+            f"{figures['heatmap_p50_ratio']}x",
+        ),
+        check(
+            "8 clients >= 0.9x floor throughput",
+            figures["throughput_ratio_8"] >= TARGETS["throughput_ratio_8"],
+            f"{figures['throughput_ratio_8']}x",
+        ),
         check("ready <= 8 s", ready_s <= TARGETS["ready_s"], f"{ready_s:.2f} s"),
         check("memory <= 1.5 GB", peak_rss / 2**20 <= TARGETS["rss_mb"], f"{peak_rss / 2**20:.0f} MiB"),
         check("overload: no restart", restarts == 0, str(restarts)),
-        check("overload: peak memory < 80% of the pod limit", rss_share < TARGETS["overload_rss_share"],
-              f"{100 * rss_share:.0f}%"),
-        check("overload: admitted >= 0.9x floor", over["admitted_ratio"] >= TARGETS["overload_admitted_ratio"],
-              f"{over['admitted_ratio']:.3f}x"),
-        check("overload: refusals p99 <= 50 ms", over["reject_p99_ms"] <= TARGETS["overload_reject_p99_ms"],
-              f"{over['reject_p99_ms']:.1f} ms"),
-        check("overload: one-image p99 <= 3x unloaded", over["small_p99_ratio"] <= TARGETS["overload_small_p99_ratio"],
-              f"{over['small_p99_ratio']:.2f}x"),
+        check(
+            "overload: peak memory < 80% of the pod limit",
+            rss_share < TARGETS["overload_rss_share"],
+            f"{100 * rss_share:.0f}%",
+        ),
+        check(
+            "overload: admitted >= 0.9x floor",
+            over["admitted_ratio"] >= TARGETS["overload_admitted_ratio"],
+            f"{over['admitted_ratio']:.3f}x",
+        ),
+        check(
+            "overload: refusals p99 <= 50 ms",
+            over["reject_p99_ms"] <= TARGETS["overload_reject_p99_ms"],
+            f"{over['reject_p99_ms']:.1f} ms",
+        ),
+        check(
+            "overload: one-image p99 <= 3x unloaded",
+            over["small_p99_ratio"] <= TARGETS["overload_small_p99_ratio"],
+            f"{over['small_p99_ratio']:.2f}x",
+        ),
         check("bf16: served in bf16 (golden set agreed)", bf16.precision == "bf16", bf16.precision),
-        check("bf16: 16 clients >= 1.7x the fp32 floor's best", figures["bf16_ips_16_ratio"] >=
-              TARGETS["bf16_ips_16_ratio"], f"{figures['bf16_ips_16_ratio']}x"),
-        check("bf16: p50 <= 0.65x the fp32 floor", figures["bf16_p50_ratio"] <= TARGETS["bf16_p50_ratio"],
-              f"{figures['bf16_p50_ratio']}x"),
-        check(f"bf16: within 0.01 of fp32, no label flip ({figures['bf16_parity_images']} valid images)",
-              bool(bf16.parity) and bf16.parity["max_abs_diff"] <= TARGETS["bf16_max_abs_diff"]
-              and bf16.parity["label_flips"] == TARGETS["bf16_label_flips"],
-              f"max {figures['bf16_max_abs_diff']}, {figures['bf16_label_flips']} flips"),
+        check(
+            "bf16: 16 clients >= 1.7x the fp32 floor's best",
+            figures["bf16_ips_16_ratio"] >= TARGETS["bf16_ips_16_ratio"],
+            f"{figures['bf16_ips_16_ratio']}x",
+        ),
+        check(
+            "bf16: p50 <= 0.65x the fp32 floor",
+            figures["bf16_p50_ratio"] <= TARGETS["bf16_p50_ratio"],
+            f"{figures['bf16_p50_ratio']}x",
+        ),
+        check(
+            f"bf16: within 0.01 of fp32, no label flip ({figures['bf16_parity_images']} valid images)",
+            bool(bf16.parity)
+            and bf16.parity["max_abs_diff"] <= TARGETS["bf16_max_abs_diff"]
+            and bf16.parity["label_flips"] == TARGETS["bf16_label_flips"],
+            f"max {figures['bf16_max_abs_diff']}, {figures['bf16_label_flips']} flips",
+        ),
     ]
     verdict = "targets: " + "; ".join(checks)
     print(text)
@@ -309,31 +528,36 @@ def report(args, extra, image_text, times, floor_ips, recheck, best_b, floor_bes
     print(verdict)
     if not args.no_write:
         settings = " ".join(extra) or "server defaults"
-        write_section("serve", (
-            f"## Serving ({IMAGE_SIZE} px SavedModel, random weights; KServe v2 on loopback, {settings}"
-            f"{'; QUICK run' if quick else ''})\n\n"
-            f"Machine: {machine()}\n\nImage: {image_text}. Sequential: {sequential} rounds after {warmup} warm-up "
-            "calls, each round one floor call, one REST request, one gRPC request, one explain_images call and one "
-            "REST request naming the opt-in heatmap (interleaved so background load hits them alike; requests that "
-            "name no outputs run the predict signature only). "
-            f"Concurrent: REST, {duration:.0f} s per level, steady state (completions after every "
-            "client's first answer); a refused request is sent again after 0.1 s. Overload: "
-            f"{args.overload_clients} REST clients for {overload_s:.0f} s, waiting the Retry-After (+-25%) after a "
-            "503; figures over the window from 5 s to the end; admitted work counts each answered request's images "
-            "at what the in-process model needs for them, spread over the request's duration. The main server runs "
-            "float32 (--precision fp32). bf16 phase: a second server with --precision bf16; sequential REST "
-            "requests interleaved with float32 floor calls, 16 clients, and each shared valid image once against the "
-            "floor's float32 answer (random weights: all probabilities sit near 0.4, far from the 0.5 threshold, so "
-            "label flips are only meaningful in bench.train's trained-model figure).\n\n"
-            f"{text}\n\n{verdict}\n\n"
-            f"Server overhead per request over the in-process call (p50): REST {rest_p50 - floor_p50:+.1f} ms, "
-            f"gRPC {grpc_p50 - floor_p50:+.1f} ms.\n\n"
-            f"CPU taken by other processes on this machine, per phase: {background}.\n\n"
-            "Caveats: the load generator (Python threads, one persistent connection each, request bodies encoded "
-            f"once) runs on the same {os.cpu_count()} cores as the server and takes CPU from it, while the floor "
-            "runs alone, so the server's figures are pessimistic, the overload phase's most of all. The model has "
-            "random weights (same speed as trained ones).\n\n"
-            f"```json\n{json.dumps(figures)}\n```"))
+        write_section(
+            "serve",
+            (
+                f"## Serving ({IMAGE_SIZE} px SavedModel, random weights; KServe v2 on loopback, {settings}"
+                f"{'; QUICK run' if quick else ''})\n\n"
+                f"Machine: {machine()}\n\nImage: {image_text}. Sequential: {sequential} rounds after {warmup} warm-up "
+                "calls, each round one floor call, one REST request, one gRPC request, one explain_images call and one "
+                "REST request naming the opt-in heatmap (interleaved so background load hits them alike; requests that "
+                "name no outputs run the predict signature only). "
+                f"Concurrent: REST, {duration:.0f} s per level, steady state (completions after every "
+                "client's first answer); a refused request is sent again after 0.1 s. Overload: "
+                f"{args.overload_clients} REST clients for {overload_s:.0f} s, waiting the Retry-After (+-25%) after a "
+                "503; figures over the window from 5 s to the end; admitted work counts each answered request's images "
+                "at what the in-process model needs for them, spread over the request's duration. The main server runs "
+                "float32 (--precision fp32). bf16 phase: a second server with --precision bf16; sequential REST "
+                "requests interleaved with float32 floor calls, 16 clients, and each shared valid image once against "
+                "the floor's float32 answer (random weights: all probabilities sit near 0.4, far from the 0.5 "
+                "threshold, so "
+                "label flips are only meaningful in bench.train's trained-model figure).\n\n"
+                f"{text}\n\n{verdict}\n\n"
+                f"Server overhead per request over the in-process call (p50): REST {rest_p50 - floor_p50:+.1f} ms, "
+                f"gRPC {grpc_p50 - floor_p50:+.1f} ms.\n\n"
+                f"CPU taken by other processes on this machine, per phase: {background}.\n\n"
+                "Caveats: the load generator (Python threads, one persistent connection each, request bodies encoded "
+                f"once) runs on the same {os.cpu_count()} cores as the server and takes CPU from it, while the floor "
+                "runs alone, so the server's figures are pessimistic, the overload phase's most of all. The model has "
+                "random weights (same speed as trained ones).\n\n"
+                f"```json\n{json.dumps(figures)}\n```"
+            ),
+        )
     emit(figures)
 
 

@@ -27,8 +27,16 @@ class Refused(Exception):
 
 def image_body(images: list[bytes], outputs: tuple[str, ...] = ()) -> bytes:
     """The v2 JSON request for ``images`` (base64), encoded once; ``outputs``: the outputs it names (none: defaults)."""
-    body: dict = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(images)],
-                              "data": [base64.b64encode(i).decode() for i in images]}]}
+    body: dict = {
+        "inputs": [
+            {
+                "name": "image",
+                "datatype": "BYTES",
+                "shape": [len(images)],
+                "data": [base64.b64encode(i).decode() for i in images],
+            }
+        ]
+    }
     if outputs:
         body["outputs"] = [{"name": name} for name in outputs]
     return json.dumps(body).encode()
@@ -86,8 +94,9 @@ class GrpcClient:
         request.raw_input_contents.append(len(image).to_bytes(4, "little") + image)
         self.body = request.SerializeToString()
         self.channel = grpc.insecure_channel(target)
-        self.call = self.channel.unary_unary(self.METHOD, request_serializer=None,
-                                             response_deserializer=service_pb2.ModelInferResponse.FromString)
+        self.call = self.channel.unary_unary(
+            self.METHOD, request_serializer=None, response_deserializer=service_pb2.ModelInferResponse.FromString
+        )
 
     def infer(self) -> float:
         import numpy as np
@@ -195,6 +204,11 @@ def throughput(url: str, image: bytes, clients: int, duration: float, max_per_cl
     counted = sum(1 for x in stamps if t_a < x <= t_b)
     ips = counted / (t_b - t_a) if counted and t_b > t_a else len(stamps) / (t_b - start)
     calls = after[1] - before[1]
-    return {"ips": ips, "requests": len(stamps), "seconds": t_b - start, "refused": sum(refused),
-            "unanswered_clients": clients - len(answered),
-            "images_per_call": (after[0] - before[0]) / calls if calls else float("nan")}
+    return {
+        "ips": ips,
+        "requests": len(stamps),
+        "seconds": t_b - start,
+        "refused": sum(refused),
+        "unanswered_clients": clients - len(answered),
+        "images_per_call": (after[0] - before[0]) / calls if calls else float("nan"),
+    }

@@ -67,9 +67,11 @@ def cap_image(image: bytes, side: int = 4096) -> bytes:
 
 
 def mix(image: bytes, cap: bytes, floor_best_ips: float, cap_seconds: float, cap_images: int) -> list[Kind]:
-    return [Kind("small", image_body([image]), 1, 1 / floor_best_ips, 0.90),
-            Kind("large", image_body([image] * 64), 64, 64 / floor_best_ips, 0.05),
-            Kind("cap", image_body([cap] * cap_images), cap_images, cap_images * cap_seconds, 0.05)]
+    return [
+        Kind("small", image_body([image]), 1, 1 / floor_best_ips, 0.90),
+        Kind("large", image_body([image] * 64), 64, 64 / floor_best_ips, 0.05),
+        Kind("cap", image_body([cap] * cap_images), cap_images, cap_images * cap_seconds, 0.05),
+    ]
 
 
 def run(server: Server, kinds: list[Kind], clients: int, duration: float, seed: int = 0) -> tuple[list[Outcome], int]:
@@ -129,8 +131,7 @@ def _p99(values: list[float]) -> float:
     return pct(values, 99) if values else float("nan")
 
 
-def summarize(outcomes: list[Outcome], kinds: list[Kind], start: float, duration: float,
-              unloaded_p99_s: float) -> dict:
+def summarize(outcomes: list[Outcome], kinds: list[Kind], start: float, duration: float, unloaded_p99_s: float) -> dict:
     """The phase's figures (see the module docstring) from its outcomes; times are time.perf_counter()."""
     lo, hi = start + WARMUP_S, start + duration
     work = {k.name: k.floor_seconds for k in kinds}

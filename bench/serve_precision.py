@@ -65,13 +65,28 @@ class Bf16Floor:
 
 def valid_images() -> list[bytes]:
     """The shared valid images (both classes), or none when the data is absent."""
-    return [p.read_bytes() for p in sorted((SHARED_DATA / "valid").glob("*/*")) if p.suffix.lower() in
-            (".png", ".jpg", ".jpeg")]
+    return [
+        p.read_bytes()
+        for p in sorted((SHARED_DATA / "valid").glob("*/*"))
+        if p.suffix.lower() in (".png", ".jpg", ".jpeg")
+    ]
 
 
-def run(model_dir: Path, log_path: Path, extra: list[str], floor: Floor, image: bytes, best_b: int,
-        share: CpuShare, *, warmup: int, sequential: int, duration: float, min_images: int,
-        memory_limit: int | None) -> Bf16Phase:
+def run(
+    model_dir: Path,
+    log_path: Path,
+    extra: list[str],
+    floor: Floor,
+    image: bytes,
+    best_b: int,
+    share: CpuShare,
+    *,
+    warmup: int,
+    sequential: int,
+    duration: float,
+    min_images: int,
+    memory_limit: int | None,
+) -> Bf16Phase:
     import requests
 
     from chest_ct.export import read_metadata
@@ -85,24 +100,36 @@ def run(model_dir: Path, log_path: Path, extra: list[str], floor: Floor, image: 
         say(f"bf16 server ready in {ready_s:.2f}s: precision {params['precision']} ({params['precision_reason']})")
         rest, floor_bf16 = RestClient(server.url, image), Bf16Floor(floor)
         clients = {"floor": floor, "floor_bf16": floor_bf16, "rest": rest}
-        times, _ = share.measure("bf16: sequential (floor fp32, floor bf16, REST bf16 interleaved)",
-                                 lambda: interleaved_latency(clients, warmup, sequential))
+        times, _ = share.measure(
+            "bf16: sequential (floor fp32, floor bf16, REST bf16 interleaved)",
+            lambda: interleaved_latency(clients, warmup, sequential),
+        )
         load = share.measure_clean("bf16: 16 clients", lambda: throughput(server.url, image, 16, duration, 200))
-        again = share.measure_clean(f"floor batch {best_b} again (bf16 phase)",
-                                    lambda: floor.throughput(best_b, min_images))
+        again = share.measure_clean(
+            f"floor batch {best_b} again (bf16 phase)", lambda: floor.throughput(best_b, min_images)
+        )
         say(f"bf16 server, 16 clients: {load['ips']:.2f} images/s; floor batch {best_b} again: {again:.2f}")
         images = valid_images()
         reference = [floor.probability(i) for i in images]
         reduced = [rest.probability(i) for i in images]
         check = parity(reference, reduced, read_metadata(model_dir)["threshold"], 0.01).to_dict() if images else {}
         rest.close()
-        inprocess_ips = share.measure_clean(f"floor batch {best_b} in bf16",
-                                            lambda: floor_bf16.throughput(best_b, min_images))
+        inprocess_ips = share.measure_clean(
+            f"floor batch {best_b} in bf16", lambda: floor_bf16.throughput(best_b, min_images)
+        )
     finally:
         server.stop()
     return Bf16Phase(
-        precision=params["precision"], reason=params["precision_reason"], ready_s=ready_s,
-        floor_p50_ms=statistics.median(times["floor"]) * 1000, rest_p50_ms=statistics.median(times["rest"]) * 1000,
+        precision=params["precision"],
+        reason=params["precision_reason"],
+        ready_s=ready_s,
+        floor_p50_ms=statistics.median(times["floor"]) * 1000,
+        rest_p50_ms=statistics.median(times["rest"]) * 1000,
         rest_p99_ms=pct(times["rest"], 99) * 1000,
-        ips_16=load["ips"], refused_16=load["refused"], floor_best_again=again,
-        inprocess_p50_ms=statistics.median(times["floor_bf16"]) * 1000, inprocess_ips=inprocess_ips, parity=check)
+        ips_16=load["ips"],
+        refused_16=load["refused"],
+        floor_best_again=again,
+        inprocess_p50_ms=statistics.median(times["floor_bf16"]) * 1000,
+        inprocess_ips=inprocess_ips,
+        parity=check,
+    )

@@ -64,10 +64,26 @@ class Server:
 
         self.spawned = time.perf_counter()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "serving", "--model_dir", str(self.model_dir), "--model_name", MODEL_NAME,
-             "--http_port", str(self.http_port), "--grpc_port", str(self.grpc_port), *self.extra],
-            cwd=PROJECT, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "serving",
+                "--model_dir",
+                str(self.model_dir),
+                "--model_name",
+                MODEL_NAME,
+                "--http_port",
+                str(self.http_port),
+                "--grpc_port",
+                str(self.grpc_port),
+                *self.extra,
+            ],
+            cwd=PROJECT,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self._ps = psutil.Process(self.proc.pid)
 
     def respawn(self, timeout: float = 120.0) -> None:

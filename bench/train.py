@@ -36,23 +36,24 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench.report import SHARED_DATA, emit, machine, table, vgg16_weights, write_section  # noqa: E402
+from bench.report import SHARED_DATA, publish, table, timed, vgg16_weights  # noqa: E402
 from chest_ct import defaults  # noqa: E402
 
 
-def timed(fn) -> tuple[float, object]:
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
-
-
-def tutorial_baseline(model_file: Path, files: list[str], labels: list[int], valid_files: list[str],
-                      valid_labels: list[int], image_size: int, batch_size: int, epochs: int) -> None:
+def tutorial_baseline(
+    model_file: Path,
+    files: list[str],
+    labels: list[int],
+    valid_files: list[str],
+    valid_labels: list[int],
+    image_size: int,
+    batch_size: int,
+    epochs: int,
+) -> None:
     """The tutorials' loop: a generator of decoded images and ``model.fit`` over the full model."""
     import keras
     import numpy as np
@@ -69,8 +70,12 @@ def tutorial_baseline(model_file: Path, files: list[str], labels: list[int], val
 
         def __getitem__(self, i: int):
             chunk = slice(i * batch_size, (i + 1) * batch_size)
-            x = np.stack([np.asarray(Image.open(p).convert("RGB").resize((image_size, image_size)), np.float32)
-                          for p in self.paths[chunk]])
+            x = np.stack(
+                [
+                    np.asarray(Image.open(p).convert("RGB").resize((image_size, image_size)), np.float32)
+                    for p in self.paths[chunk]
+                ]
+            )
             return vgg16.preprocess_input(x), self.ys[chunk]
 
     model = keras.models.load_model(model_file)
@@ -133,15 +138,27 @@ def main(argv: list[str] | None = None) -> int:
             with conv_policy(base, policy, model):
                 if policy != "float32":  # the warm-up of this dtype's graph, untimed
                     extract_features(base, files[: args.batch_size], args.image_size, args.batch_size)
-                seconds, _ = share.measure(f"floor {policy} #{len(share.phases)}", lambda: timed(
-                    lambda: extract_features(base, files, args.image_size, args.batch_size)))
+                seconds, _ = share.measure(
+                    f"floor {policy} #{len(share.phases)}",
+                    lambda: timed(extract_features, base, files, args.image_size, args.batch_size),
+                )
             print(f"floor ({policy}): {seconds:.1f}s for {len(files)} images", file=sys.stderr, flush=True)
             return seconds
 
         def chest_ct(out: str, **extra) -> float:
             extra = {"precision": "fp32", **extra}
-            seconds, _ = share.measure(out, lambda: timed(lambda: train_and_export(
-                tmp / "data", model_file, tmp / out, epochs=args.epochs, batch_size=args.batch_size, **extra)))
+            seconds, _ = share.measure(
+                out,
+                lambda: timed(
+                    train_and_export,
+                    tmp / "data",
+                    model_file,
+                    tmp / out,
+                    epochs=args.epochs,
+                    batch_size=args.batch_size,
+                    **extra,
+                ),
+            )
             print(f"{out}: {seconds:.1f}s", file=sys.stderr, flush=True)
             return seconds
 
@@ -153,76 +170,141 @@ def main(argv: list[str] | None = None) -> int:
             floors.append(floor())
         floor_s, chest_ct_s, bf16_s, bf16_floor_s = min(floors), min(ours), min(ours_bf16), min(floors_bf16)
         bf16_model = tmp / "chest-ct-bf16-0"
-        shared_valid = [str(p) for p in sorted((args.data / "valid").rglob("*"))
-                        if p.suffix.lower() in (".png", ".jpg", ".jpeg")]
+        shared_valid = [
+            str(p) for p in sorted((args.data / "valid").rglob("*")) if p.suffix.lower() in (".png", ".jpg", ".jpeg")
+        ]
         agreement = precision_agreement(bf16_model, shared_valid, read_metadata(bf16_model)["threshold"])
         print(f"bf16 vs fp32 on the valid images: {agreement}", file=sys.stderr, flush=True)
         baseline_s = float("nan")
         if not args.no_baseline:
-            baseline_s, _ = timed(lambda: tutorial_baseline(model_file, files, labels, valid_files, valid_labels,
-                                                            args.image_size, args.batch_size, args.epochs))
+            baseline_s, _ = timed(
+                tutorial_baseline,
+                model_file,
+                files,
+                labels,
+                valid_files,
+                valid_labels,
+                args.image_size,
+                args.batch_size,
+                args.epochs,
+            )
             print(f"baseline: {baseline_s:.1f}s", file=sys.stderr, flush=True)
         options = []
         if args.augment_copies:
-            options.append((f"chest-ct, augment_copies={args.augment_copies} (option)",
-                            chest_ct("augmented", augment_copies=args.augment_copies)))
+            options.append(
+                (
+                    f"chest-ct, augment_copies={args.augment_copies} (option)",
+                    chest_ct("augmented", augment_copies=args.augment_copies),
+                )
+            )
         if args.fine_tune_epochs:
-            options.append((f"chest-ct, fine-tune block5 for {args.fine_tune_epochs} epochs (option)",
-                            chest_ct("fine-tuned", fine_tune_epochs=args.fine_tune_epochs)))
+            options.append(
+                (
+                    f"chest-ct, fine-tune block5 for {args.fine_tune_epochs} epochs (option)",
+                    chest_ct("fine-tuned", fine_tune_epochs=args.fine_tune_epochs),
+                )
+            )
 
     n = len(files)
     runs = lambda values: ", ".join(f"{v:.1f}" for v in values)  # noqa: E731
-    rows = [[f"floor: one VGG16 pass, float32, in process (best of {len(floors)})", floor_s, n / floor_s, 1.0,
-             baseline_s / floor_s, runs(floors)],
-            [f"chest-ct train step, pipeline defaults, precision=fp32 (best of {len(ours)})", chest_ct_s,
-             n * args.epochs / chest_ct_s, chest_ct_s / floor_s, baseline_s / chest_ct_s, runs(ours)],
-            [f"chest-ct train step, precision=bf16 (best of {len(ours_bf16)})", bf16_s,
-             n * args.epochs / bf16_s, bf16_s / floor_s, baseline_s / bf16_s, runs(ours_bf16)],
-            [f"reference: the floor's VGG16 pass in bf16 (best of {len(floors_bf16)})", bf16_floor_s,
-             n / bf16_floor_s, bf16_floor_s / floor_s, baseline_s / bf16_floor_s, runs(floors_bf16)],
-            ["baseline: tutorials' fit on a generator", baseline_s, n * args.epochs / baseline_s,
-             baseline_s / floor_s, 1.0, runs([baseline_s])]]
+    rows = [
+        [
+            f"floor: one VGG16 pass, float32, in process (best of {len(floors)})",
+            floor_s,
+            n / floor_s,
+            1.0,
+            baseline_s / floor_s,
+            runs(floors),
+        ],
+        [
+            f"chest-ct train step, pipeline defaults, precision=fp32 (best of {len(ours)})",
+            chest_ct_s,
+            n * args.epochs / chest_ct_s,
+            chest_ct_s / floor_s,
+            baseline_s / chest_ct_s,
+            runs(ours),
+        ],
+        [
+            f"chest-ct train step, precision=bf16 (best of {len(ours_bf16)})",
+            bf16_s,
+            n * args.epochs / bf16_s,
+            bf16_s / floor_s,
+            baseline_s / bf16_s,
+            runs(ours_bf16),
+        ],
+        [
+            f"reference: the floor's VGG16 pass in bf16 (best of {len(floors_bf16)})",
+            bf16_floor_s,
+            n / bf16_floor_s,
+            bf16_floor_s / floor_s,
+            baseline_s / bf16_floor_s,
+            runs(floors_bf16),
+        ],
+        [
+            "baseline: tutorials' fit on a generator",
+            baseline_s,
+            n * args.epochs / baseline_s,
+            baseline_s / floor_s,
+            1.0,
+            runs([baseline_s]),
+        ],
+    ]
     rows += [[name, s, n * args.epochs / s, s / floor_s, baseline_s / s, runs([s])] for name, s in options]
     text = table(["what", "seconds", "images/s", "x floor", "speedup vs baseline", "runs (s)"], rows)
     cpu = cpu_bf16()
-    figures = {"floor_runs_s": [round(v, 2) for v in floors], "chest_ct_runs_s": [round(v, 2) for v in ours],
-               "floor_s": round(floor_s, 2), "chest_ct_s": round(chest_ct_s, 2),
-               "baseline_s": None if args.no_baseline else round(baseline_s, 2),
-               "ratio_vs_floor": round(chest_ct_s / floor_s, 3),
-               "speedup_vs_baseline": None if args.no_baseline else round(baseline_s / chest_ct_s, 2),
-               "bf16_runs_s": [round(v, 2) for v in ours_bf16], "bf16_chest_ct_s": round(bf16_s, 2),
-               "bf16_floor_s": round(bf16_floor_s, 2), "bf16_train_ratio_vs_fp32_floor": round(bf16_s / floor_s, 3),
-               "bf16_floor_ratio": round(bf16_floor_s / floor_s, 3),
-               "bf16_max_abs_diff": agreement.get("max_abs_diff"), "bf16_label_flips": agreement.get("label_flips"),
-               "bf16_parity_images": agreement.get("images"), "native_bf16": cpu.native,
-               "background_cpu_max": round(max(share.phases.values()), 3),
-               "images": n, "epochs": args.epochs, "image_size": args.image_size, "base_weights": Path(weights).name,
-               **{f"option_{i}_s": round(s, 2) for i, (_, s) in enumerate(options)}}
+    figures = {
+        "floor_runs_s": [round(v, 2) for v in floors],
+        "chest_ct_runs_s": [round(v, 2) for v in ours],
+        "floor_s": round(floor_s, 2),
+        "chest_ct_s": round(chest_ct_s, 2),
+        "baseline_s": None if args.no_baseline else round(baseline_s, 2),
+        "ratio_vs_floor": round(chest_ct_s / floor_s, 3),
+        "speedup_vs_baseline": None if args.no_baseline else round(baseline_s / chest_ct_s, 2),
+        "bf16_runs_s": [round(v, 2) for v in ours_bf16],
+        "bf16_chest_ct_s": round(bf16_s, 2),
+        "bf16_floor_s": round(bf16_floor_s, 2),
+        "bf16_train_ratio_vs_fp32_floor": round(bf16_s / floor_s, 3),
+        "bf16_floor_ratio": round(bf16_floor_s / floor_s, 3),
+        "bf16_max_abs_diff": agreement.get("max_abs_diff"),
+        "bf16_label_flips": agreement.get("label_flips"),
+        "bf16_parity_images": agreement.get("images"),
+        "native_bf16": cpu.native,
+        "background_cpu_max": round(max(share.phases.values()), 3),
+        "images": n,
+        "epochs": args.epochs,
+        "image_size": args.image_size,
+        "base_weights": Path(weights).name,
+        **{f"option_{i}_s": round(s, 2) for i, (_, s) in enumerate(options)},
+    }
 
     def met(ok: bool) -> str:
         return "met" if ok else "MISSED"
 
-    verdict = (f"targets: chest-ct <= 1.5x floor: {met(figures['ratio_vs_floor'] <= 1.5)}; "
-               + (f">= 6x faster than baseline: {met(figures['speedup_vs_baseline'] >= 6)}; " if not args.no_baseline
-                  else "")
-               + f"bf16 train step <= 0.75x the float32 floor: {met(figures['bf16_train_ratio_vs_fp32_floor'] <= 0.75)}"
-               + ("" if cpu.native else f" (no native bf16 here: {cpu.source})")
-               + f"; bf16 probabilities within 0.01 of float32 on the {agreement.get('images')} shared valid images, "
-               + "no label flip: "
-               + met(agreement.get("max_abs_diff", 1.0) <= 0.01 and agreement.get("label_flips", 1) == 0))
+    verdict = (
+        f"targets: chest-ct <= 1.5x floor: {met(figures['ratio_vs_floor'] <= 1.5)}; "
+        + (f">= 6x faster than baseline: {met(figures['speedup_vs_baseline'] >= 6)}; " if not args.no_baseline else "")
+        + f"bf16 train step <= 0.75x the float32 floor: {met(figures['bf16_train_ratio_vs_fp32_floor'] <= 0.75)}"
+        + ("" if cpu.native else f" (no native bf16 here: {cpu.source})")
+        + f"; bf16 probabilities within 0.01 of float32 on the {agreement.get('images')} shared valid images, "
+        + "no label flip: "
+        + met(agreement.get("max_abs_diff", 1.0) <= 0.01 and agreement.get("label_flips", 1) == 0)
+    )
     print(text)
     background = "; ".join(f"{name} {100 * v:.0f}%" for name, v in share.phases.items())
     print(verdict)
     print(f"CPU taken by other processes on this machine, per run: {background}")
-    if not args.no_write:
-        write_section("train", f"## Training ({args.image_size} px, {n} training images, {args.epochs} epochs, "
-                               f"base weights: {Path(weights).name})\n\nMachine: {machine()}; native bf16: "
-                               f"{cpu.native} ({cpu.source})\n\n{text}\n\n{verdict}\n\n"
-                               f"CPU taken by other processes on this machine, per run: {background}.\n\n"
-                               "bf16 vs float32 answers of the bf16-trained model's SavedModel on the shared valid "
-                               f"images (oneDNN's graph rewrite, as a bf16 server runs it): {agreement}\n\n"
-                               f"```json\n{__import__('json').dumps(figures)}\n```")
-    emit(figures)
+    publish(
+        "train",
+        f"Training ({args.image_size} px, {n} training images, {args.epochs} epochs, "
+        f"base weights: {Path(weights).name})",
+        f"{text}\n\n{verdict}\n\n"
+        f"CPU taken by other processes on this machine, per run: {background}.\n\n"
+        "bf16 vs float32 answers of the bf16-trained model's SavedModel on the shared valid "
+        f"images (oneDNN's graph rewrite, as a bf16 server runs it): {agreement}",
+        figures,
+        write=not args.no_write,
+        machine_note=f"; native bf16: {cpu.native} ({cpu.source})",
+    )
     return 0
 
 

@@ -59,17 +59,22 @@ class LimitCounter:
     def add_file(self, name: str) -> None:
         self.files += 1
         if self.files > self.limits.max_files:
-            raise UnsafeArchiveError(f"{self.source}: more than the cap of {self.limits.max_files} files "
-                                     f"(reached at {name!r})")
+            raise UnsafeArchiveError(
+                f"{self.source}: more than the cap of {self.limits.max_files} files (reached at {name!r})"
+            )
 
     def add_bytes(self, name: str, size: int) -> None:
         self.bytes += size
         if self.bytes > self.limits.max_bytes:
-            raise UnsafeArchiveError(f"{self.source}: {name!r} brings the total to {self.bytes} bytes, "
-                                     f"more than the cap of {self.limits.max_bytes}")
+            raise UnsafeArchiveError(
+                f"{self.source}: {name!r} brings the total to {self.bytes} bytes, "
+                f"more than the cap of {self.limits.max_bytes}"
+            )
         if self.bytes > self.free:
-            raise UnsafeArchiveError(f"{self.source}: {name!r} brings the total to {self.bytes} bytes, "
-                                     f"more than the {self.free} bytes free on disk")
+            raise UnsafeArchiveError(
+                f"{self.source}: {name!r} brings the total to {self.bytes} bytes, "
+                f"more than the {self.free} bytes free on disk"
+            )
 
 
 def _member_target(dest: Path, info: zipfile.ZipInfo, archive: Path) -> Path | None:
@@ -108,18 +113,18 @@ def extract_zip(
         raise UnsafeArchiveError(f"{archive}: not a valid zip archive ({exc})") from exc
     with zf:
         infos = zf.infolist()
-        files = [(info, _member_target(dest, info, archive)) for info in infos]
-        files = [(info, target) for info, target in files if target is not None]
+        targets = [(info, _member_target(dest, info, archive)) for info in infos]
+        files = [(info, target) for info, target in targets if target is not None]
         if len(files) > max_files:
             raise UnsafeArchiveError(f"{archive}: {len(files)} files, more than the cap of {max_files}")
         declared = sum(info.file_size for info, _ in files)
         if declared > max_bytes:
-            raise UnsafeArchiveError(
-                f"{archive}: {declared} bytes uncompressed, more than the cap of {max_bytes}"
-            )
+            raise UnsafeArchiveError(f"{archive}: {declared} bytes uncompressed, more than the cap of {max_bytes}")
         free = shutil.disk_usage(dest).free
         if declared > free:
-            raise UnsafeArchiveError(f"{archive}: {declared} bytes uncompressed, more than the {free} bytes free on disk")
+            raise UnsafeArchiveError(
+                f"{archive}: {declared} bytes uncompressed, more than the {free} bytes free on disk"
+            )
         written = 0
         for info, target in files:
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -62,8 +62,11 @@ def decide(per_group: dict[str, float], policy: BlessingPolicy, comparison: Comp
 
     AUC is compared because it does not depend on either model's threshold.
     """
-    failures = [f"per-group {name} {per_group[name]:.4f} is below the floor {floor:.4f}"
-                for name, floor in policy.floors().items() if not per_group[name] >= floor]
+    failures = [
+        f"per-group {name} {per_group[name]:.4f} is below the floor {floor:.4f}"
+        for name, floor in policy.floors().items()
+        if not per_group[name] >= floor
+    ]
     notes: list[str] = []
     if comparison is None:
         notes.append("no champion yet: decided by the floors")
@@ -72,12 +75,15 @@ def decide(per_group: dict[str, float], policy: BlessingPolicy, comparison: Comp
     elif not comparison.conclusive(policy.min_compare_per_class):
         why = comparison.unavailable or (
             f"only {', '.join(f'{n} {c}' for c, n in comparison.groups_per_class.items())} test pictures are unseen by "
-            f"both models (need {policy.min_compare_per_class} per class)")
+            f"both models (need {policy.min_compare_per_class} per class)"
+        )
         notes.append(f"champion comparison inconclusive ({why}): decided by the floors alone")
     else:
-        verdict = (f"per-group roc_auc {comparison.challenger_auc:.4f} against champion version "
-                   f"{comparison.champion_version}'s {comparison.champion_auc:.4f} on {comparison.images} test images "
-                   f"({sum(comparison.groups_per_class.values())} pictures) neither model saw")
+        verdict = (
+            f"per-group roc_auc {comparison.challenger_auc:.4f} against champion version "
+            f"{comparison.champion_version}'s {comparison.champion_auc:.4f} on {comparison.images} test images "
+            f"({sum(comparison.groups_per_class.values())} pictures) neither model saw"
+        )
         if comparison.challenger_auc < comparison.champion_auc - policy.max_auc_drop:
             failures.append(f"{verdict}: regresses by more than the allowed {policy.max_auc_drop}")
         else:

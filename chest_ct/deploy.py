@@ -69,8 +69,15 @@ def deploy_model(
     is left as it was.
     """
     storage_uri = model_uri(model_store_uri, version)
-    obj = inference_service(storage_uri, name=name, namespace=namespace, image=image, kserve_version=kserve_version,
-                            deployment_mode=deployment_mode, canary_traffic_percent=canary_traffic_percent)
+    obj = inference_service(
+        storage_uri,
+        name=name,
+        namespace=namespace,
+        image=image,
+        kserve_version=kserve_version,
+        deployment_mode=deployment_mode,
+        canary_traffic_percent=canary_traffic_percent,
+    )
     isvcs = rollout.InferenceServices(api or rollout.custom_objects_api(), namespace)
     rollout.deploy(isvcs, obj, dry_run=True)
     upload_model_dir(Path(model_dir), storage_uri, s3_endpoint_url)
@@ -81,14 +88,22 @@ def deploy_model(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m chest_ct.deploy", description=(__doc__ or "").splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for command, text in (("status", "show traffic and readiness"), ("promote", "send 100% to the canary"),
-                          ("rollback", "send 100% back to the last fully rolled-out model")):
+    for command, text in (
+        ("status", "show traffic and readiness"),
+        ("promote", "send 100% to the canary"),
+        ("rollback", "send 100% back to the last fully rolled-out model"),
+    ):
         sub = commands.add_parser(command, help=text)
         sub.add_argument("--name", default=DEFAULT_NAME)
         sub.add_argument("--namespace", default=DEFAULT_NAMESPACE)
         if command != "status":
-            sub.add_argument("--wait", type=float, default=DEFAULT_READY_TIMEOUT_S, metavar="SECONDS",
-                             help="wait this long for Ready (0: do not wait)")
+            sub.add_argument(
+                "--wait",
+                type=float,
+                default=DEFAULT_READY_TIMEOUT_S,
+                metavar="SECONDS",
+                help="wait this long for Ready (0: do not wait)",
+            )
     render = commands.add_parser("render", help="print the InferenceService YAML (for GitOps or kubectl)")
     render.add_argument("--storage-uri", required=True)
     render.add_argument("--name", default=DEFAULT_NAME)
@@ -103,10 +118,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "render":
             import yaml
 
-            print(yaml.safe_dump(inference_service(
-                args.storage_uri, name=args.name, namespace=args.namespace, image=args.image,
-                kserve_version=args.kserve_version, deployment_mode=args.mode,
-                canary_traffic_percent=args.canary), sort_keys=False), end="")
+            print(
+                yaml.safe_dump(
+                    inference_service(
+                        args.storage_uri,
+                        name=args.name,
+                        namespace=args.namespace,
+                        image=args.image,
+                        kserve_version=args.kserve_version,
+                        deployment_mode=args.mode,
+                        canary_traffic_percent=args.canary,
+                    ),
+                    sort_keys=False,
+                ),
+                end="",
+            )
             return 0
         isvcs = rollout.InferenceServices(rollout.custom_objects_api(), args.namespace)
         if args.command == "status":

@@ -82,21 +82,26 @@ def diagnosis() -> str:
     if not tf.test.is_built_with_cuda():
         return "this TensorFlow is a CPU build (tensorflow-cpu); the training image must install tensorflow[and-cuda]"
     if not os.environ.get("NVIDIA_VISIBLE_DEVICES") and not os.path.exists("/dev/nvidia0"):
-        return ("no NVIDIA device is mounted in this container (no /dev/nvidia0, NVIDIA_VISIBLE_DEVICES unset): "
-                "check the GPU request, the node selector and that the node runs the NVIDIA device plugin")
+        return (
+            "no NVIDIA device is mounted in this container (no /dev/nvidia0, NVIDIA_VISIBLE_DEVICES unset): "
+            "check the GPU request, the node selector and that the node runs the NVIDIA device plugin"
+        )
     try:
         ctypes.CDLL("libcuda.so.1")
     except OSError:
         path = os.environ.get("LD_LIBRARY_PATH", "")
-        return (f"the NVIDIA driver library libcuda.so.1 cannot be loaded (LD_LIBRARY_PATH={path!r}); "
-                f"GKE mounts it under {GKE_DRIVER_LIBS[0]}")
+        return (
+            f"the NVIDIA driver library libcuda.so.1 cannot be loaded (LD_LIBRARY_PATH={path!r}); "
+            f"GKE mounts it under {GKE_DRIVER_LIBS[0]}"
+        )
     return "the driver loads but TensorFlow found no usable GPU (CUDA/driver version mismatch? see the log above)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m chest_ct.devices", description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--expect", type=int, default=None,
-                        help=f"GPUs that must be visible (default: ${EXPECTED_GPUS_ENV}, else 0)")
+    parser.add_argument(
+        "--expect", type=int, default=None, help=f"GPUs that must be visible (default: ${EXPECTED_GPUS_ENV}, else 0)"
+    )
     parser.add_argument("--matmul", action="store_true", help="also run a 1024x1024 matmul and print its device")
     args = parser.parse_args(argv)
     try:

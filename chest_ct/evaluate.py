@@ -90,14 +90,27 @@ def evaluate_model(
 
     scored, seen_here = scored_test_set(model_dir, manifest, manifest.role(TEST))
     scores = score_model(model_dir, manifest, scored, threshold)
-    excluded = [{"path": r.path, "given_split": r.given_split, "label": r.label, "reason": r.exclusion}
-                for r in manifest.role(EXCLUDED)]
-    excluded += [{"path": r.path, "given_split": r.given_split, "label": r.label,
-                  "reason": f"{seen_here[r.path]} (this model's record)"}
-                 for r in manifest.role(TEST) if r.path in seen_here]
+    excluded = [
+        {"path": r.path, "given_split": r.given_split, "label": r.label, "reason": r.exclusion}
+        for r in manifest.role(EXCLUDED)
+    ]
+    excluded += [
+        {
+            "path": r.path,
+            "given_split": r.given_split,
+            "label": r.label,
+            "reason": f"{seen_here[r.path]} (this model's record)",
+        }
+        for r in manifest.role(TEST)
+        if r.path in seen_here
+    ]
     audit = shortcut_audit(manifest.role(TRAIN), scored, metadata["positive_class"], scores.per_image["roc_auc"])
-    plots = save_plots({"per_group": scores.group_level(), "per_image": (scores.y, scores.prob)}, threshold,
-                       metadata["class_names"], plots_dir)
+    plots = save_plots(
+        {"per_group": scores.group_level(), "per_image": (scores.y, scores.prob)},
+        threshold,
+        metadata["class_names"],
+        plots_dir,
+    )
 
     # The evaluated model is the trained one plus what evaluation found.
     if Path(out_model_dir).exists():
@@ -105,9 +118,15 @@ def evaluate_model(
     shutil.copytree(model_dir, out_model_dir)
     commit = source_commit()
     guard = guard_rates(model_dir, [manifest.file(r) for r in scored])
-    evaluation = {"per_image": scores.per_image, "per_group": scores.per_group, "scored_images": scores.images,
-                  "scored_groups": sum(scores.groups_per_class.values()), "excluded_images": len(excluded),
-                  "guard": guard.to_dict(), "git_commit": commit}
+    evaluation = {
+        "per_image": scores.per_image,
+        "per_group": scores.per_group,
+        "scored_images": scores.images,
+        "scored_groups": sum(scores.groups_per_class.values()),
+        "excluded_images": len(excluded),
+        "guard": guard.to_dict(),
+        "git_commit": commit,
+    }
     # How a bf16 server's answers differ from these float32 ones on the same split (chest_ct.precision).
     evaluation["precision_agreement"] = precision_agreement(model_dir, [manifest.file(r) for r in scored], threshold)
     write_metadata(out_model_dir, {**metadata, "mlflow_run_id": run_id, "evaluation": evaluation})
@@ -117,40 +136,89 @@ def evaluate_model(
     comparison = _compare(current, out_model_dir, scores, scored, manifest)
     decision = decide(scores.per_group, policy, comparison)
     report: dict[str, Any] = {
-        **evaluation, "groups_per_class": scores.groups_per_class, "threshold": threshold,
-        "threshold_source": metadata.get("threshold_source", ""), "excluded": excluded,
-        "champion": comparison.summary() if comparison else None, "shortcut": audit,
+        **evaluation,
+        "groups_per_class": scores.groups_per_class,
+        "threshold": threshold,
+        "threshold_source": metadata.get("threshold_source", ""),
+        "excluded": excluded,
+        "champion": comparison.summary() if comparison else None,
+        "shortcut": audit,
         "decision": {"blessed": decision.blessed, "reasons": decision.reasons, "policy": policy.to_dict()},
     }
     # Everything the HTML report computes (and could fail on) is done before the registry is touched.
-    content = _report_content(report, scores, plots, Path(out_model_dir), manifest, scored, metadata,
-                              run_id) if report_html else None
-    version = publish(run_id, Path(out_model_dir), report, plots, decision,
-                      registered_model_name=registered_model_name, expected_champion=current[0] if current else None)
+    content = (
+        _report_content(report, scores, plots, Path(out_model_dir), manifest, scored, metadata, run_id)
+        if report_html
+        else None
+    )
+    version = publish(
+        run_id,
+        Path(out_model_dir),
+        report,
+        plots,
+        decision,
+        registered_model_name=registered_model_name,
+        expected_champion=current[0] if current else None,
+    )
     log_guard_rates(run_id, guard)
     log.info("evaluation: %s", "blessed" if decision.blessed else "not blessed: " + "; ".join(decision.reasons))
     if content is not None and report_html is not None:
-        card = build_model_card(manifest, metadata, report, run_id=run_id, registered_version=version,
-                                model_name=registered_model_name, experiment=experiment, base_weights=base_weights,
-                                git_commit=commit)
+        card = build_model_card(
+            manifest,
+            metadata,
+            report,
+            run_id=run_id,
+            registered_version=version,
+            model_name=registered_model_name,
+            experiment=experiment,
+            base_weights=base_weights,
+            git_commit=commit,
+        )
         log_report_html(run_id, write_report(content, card, Path(report_html)))
-    return Evaluation(scores=scores, decision=decision, model_version=version, report=report,
-                      plots={k: str(v) for k, v in plots.items()}, report_html=str(report_html or ""))
+    return Evaluation(
+        scores=scores,
+        decision=decision,
+        model_version=version,
+        report=report,
+        plots={k: str(v) for k, v in plots.items()},
+        report_html=str(report_html or ""),
+    )
 
 
-def _report_content(report: dict[str, Any], scores: Scores, plots: dict[str, Path], model_dir: Path,
-                    manifest: Manifest, scored: list[ImageRecord], metadata: dict[str, Any],
-                    run_id: str) -> ReportContent:
+def _report_content(
+    report: dict[str, Any],
+    scores: Scores,
+    plots: dict[str, Path],
+    model_dir: Path,
+    manifest: Manifest,
+    scored: list[ImageRecord],
+    metadata: dict[str, Any],
+    run_id: str,
+) -> ReportContent:
     """Intervals, calibration and the Grad-CAM gallery (through the exported explain signature) for the report."""
     yg, pg = scores.group_level()
     return ReportContent(
-        report=report, plots=plots, class_names=manifest.classes,
-        intervals={"per_group": bootstrap_intervals(yg, pg, scores.threshold),
-                   "per_image": bootstrap_intervals(scores.y, scores.prob, scores.threshold, groups=scores.groups)},
-        calibration={"per_group": calibration(yg, pg, CALIBRATION_BINS),
-                     "per_image": calibration(scores.y, scores.prob, CALIBRATION_BINS)},
-        gallery=build_gallery(model_dir, [manifest.file(r) for r in scored], [r.path for r in scored], scores.y,
-                              scores.prob, scores.groups, scores.threshold, manifest.classes),
+        report=report,
+        plots=plots,
+        class_names=manifest.classes,
+        intervals={
+            "per_group": bootstrap_intervals(yg, pg, scores.threshold),
+            "per_image": bootstrap_intervals(scores.y, scores.prob, scores.threshold, groups=scores.groups),
+        },
+        calibration={
+            "per_group": calibration(yg, pg, CALIBRATION_BINS),
+            "per_image": calibration(scores.y, scores.prob, CALIBRATION_BINS),
+        },
+        gallery=build_gallery(
+            model_dir,
+            [manifest.file(r) for r in scored],
+            [r.path for r in scored],
+            scores.y,
+            scores.prob,
+            scores.groups,
+            scores.threshold,
+            manifest.classes,
+        ),
         threshold_choice=_threshold_choice(run_id),
         heatmap_grid=metadata.get("heatmap", {}).get("grid", ()),
     )
@@ -167,8 +235,9 @@ def _threshold_choice(run_id: str) -> dict[str, Any]:
         return {}
 
 
-def _compare(current: tuple[str, str] | None, challenger_dir: Path, scores: Scores, scored: list[Any],
-             manifest: Manifest) -> Comparison | None:
+def _compare(
+    current: tuple[str, str] | None, challenger_dir: Path, scores: Scores, scored: list[Any], manifest: Manifest
+) -> Comparison | None:
     """The champion on the pictures neither model saw; a champion that cannot be scored blocks promotion."""
     if current is None:
         return None
@@ -187,23 +256,34 @@ def summary_markdown(result: Evaluation) -> str:
 
     def row(unit: str, m: dict[str, float]) -> str:
         counts = "/".join(f"{m[k]:.0f}" for k in ("tp", "fp", "tn", "fn"))
-        return (f"| {unit} | {m['sensitivity']:.3f} | {m['specificity']:.3f} | {m['roc_auc']:.3f} | "
-                f"{m['precision']:.3f} | {m['accuracy']:.3f} | {counts} |")
+        return (
+            f"| {unit} | {m['sensitivity']:.3f} | {m['specificity']:.3f} | {m['roc_auc']:.3f} | "
+            f"{m['precision']:.3f} | {m['accuracy']:.3f} | {counts} |"
+        )
 
     lines = [
-        "# chest-ct evaluation", "",
+        "# chest-ct evaluation",
+        "",
         f"**{'BLESSED (champion)' if result.blessed else 'NOT BLESSED'}**, registered version {result.model_version}",
-        *[f"- {reason}" for reason in result.reasons], "",
+        *[f"- {reason}" for reason in result.reasons],
+        "",
         f"Scored **{r['scored_images']} test images ({r['scored_groups']} duplicate groups: "
-        + ", ".join(f"{n} {c}" for c, n in s.groups_per_class.items()) + f")** at threshold {s.threshold:.4f} "
-        f"({r['threshold_source'] or 'source unknown'}). Blessing uses the per-group row.", "",
+        + ", ".join(f"{n} {c}" for c, n in s.groups_per_class.items())
+        + f")** at threshold {s.threshold:.4f} "
+        f"({r['threshold_source'] or 'source unknown'}). Blessing uses the per-group row.",
+        "",
         "| unit | sensitivity | specificity | ROC AUC | precision | accuracy | tp/fp/tn/fn |",
         "|---|---:|---:|---:|---:|---:|---|",
-        row("per group", s.per_group), row("per image", s.per_image), "",
+        row("per group", s.per_group),
+        row("per image", s.per_image),
+        "",
         f"**Excluded from the score: {r['excluded_images']}**",
-        *[f"- `{e['path']}`: {e['reason']}" for e in r["excluded"][:50]], "",
-        ("## " if r["shortcut"]["warning"] else "") + r["shortcut"]["message"], "",
-        "Single-statistic AUCs: " + json.dumps(r["shortcut"]["single_feature_auc"]), "",
+        *[f"- `{e['path']}`: {e['reason']}" for e in r["excluded"][:50]],
+        "",
+        ("## " if r["shortcut"]["warning"] else "") + r["shortcut"]["message"],
+        "",
+        "Single-statistic AUCs: " + json.dumps(r["shortcut"]["single_feature_auc"]),
+        "",
         *guard_markdown(r["guard"]),
     ]
     return "\n".join(lines) + "\n"

@@ -67,18 +67,30 @@ class InputKind:
 
 
 def _decode_batch(images: tf.Tensor, size: int, window: Window) -> tf.Tensor:
-    return tf.map_fn(lambda b: decode_and_resize(b, size), images, parallel_iterations=DECODE_PARALLELISM,
-                     fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
+    return tf.map_fn(
+        lambda b: decode_and_resize(b, size),
+        images,
+        parallel_iterations=DECODE_PARALLELISM,
+        fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32),
+    )
 
 
 INPUT_KINDS: dict[str, InputKind] = {
-    "images": InputKind("images", tf.TensorSpec([None], tf.string, name="images"),
-                        "encoded PNG/JPEG bytes [N]", _decode_batch),
-    "pixels": InputKind("pixels", tf.TensorSpec([None, None, None, 3], tf.float32, name="pixels"),
-                        "float32 RGB 0..255 [N, H, W, 3]", lambda pixels, size, window: resize(pixels, size)),
-    "hu": InputKind("hu", tf.TensorSpec([None, None, None], tf.float32, name="hu"),
-                    "float32 Hounsfield units [N, H, W] (CT slices), through the lung window",
-                    lambda hu, size, window: resize(hu_to_pixels(hu, window), size)),
+    "images": InputKind(
+        "images", tf.TensorSpec([None], tf.string, name="images"), "encoded PNG/JPEG bytes [N]", _decode_batch
+    ),
+    "pixels": InputKind(
+        "pixels",
+        tf.TensorSpec([None, None, None, 3], tf.float32, name="pixels"),
+        "float32 RGB 0..255 [N, H, W, 3]",
+        lambda pixels, size, window: resize(pixels, size),
+    ),
+    "hu": InputKind(
+        "hu",
+        tf.TensorSpec([None, None, None], tf.float32, name="hu"),
+        "float32 Hounsfield units [N, H, W] (CT slices), through the lung window",
+        lambda hu, size, window: resize(hu_to_pixels(hu, window), size),
+    ),
 }
 
 
@@ -115,8 +127,9 @@ EXPLAIN_BYTES_SIGNATURE = SIGNATURES["images", "explain"]
 GUARD_OUTPUTS = ("ood_score", "in_distribution")
 
 
-def _signature(model: SplitModel, guard: GuardGraph, kind: InputKind, head: Head, size: int,
-               window: Window) -> tf.types.experimental.GenericFunction:
+def _signature(
+    model: SplitModel, guard: GuardGraph, kind: InputKind, head: Head, size: int, window: Window
+) -> tf.types.experimental.GenericFunction:
     @tf.function(input_signature=[kind.spec])
     def serve(batch: tf.Tensor) -> dict[str, tf.Tensor]:
         forward = model(to_model_input(kind.to_pixels(batch, size, window)))
@@ -125,8 +138,9 @@ def _signature(model: SplitModel, guard: GuardGraph, kind: InputKind, head: Head
     return serve
 
 
-def export_saved_model(model: keras.Model, out_dir: Path, metadata: dict[str, Any], *, guard: Guard,
-                       window: Window = LUNG_WINDOW) -> Path:
+def export_saved_model(
+    model: keras.Model, out_dir: Path, metadata: dict[str, Any], *, guard: Guard, window: Window = LUNG_WINDOW
+) -> Path:
     """Write the SavedModel with every signature of :data:`SIGNATURES` and its metadata; return ``out_dir``.
 
     ``guard``: the fitted out-of-distribution guard (:func:`chest_ct.ood.fit_guard`), in every
@@ -138,28 +152,37 @@ def export_saved_model(model: keras.Model, out_dir: Path, metadata: dict[str, An
     archive = keras.export.ExportArchive()
     archive.track(model)
     for (kind_name, head_name), signature in SIGNATURES.items():
-        archive.add_endpoint(signature, _signature(parts, guard_graph, INPUT_KINDS[kind_name], HEADS[head_name],
-                                                   size, window))
+        archive.add_endpoint(
+            signature, _signature(parts, guard_graph, INPUT_KINDS[kind_name], HEADS[head_name], size, window)
+        )
     archive.write_out(str(out_dir), verbose=False)
-    write_metadata(out_dir, {
-        "format_version": 1,
-        "class_names": list(CLASS_NAMES),
-        "positive_class": POSITIVE_CLASS,
-        "image_size": size,
-        "threshold": 0.5,
-        "threshold_source": "default (not yet evaluated)",
-        "window": window.to_dict(),
-        "ood": guard.metadata(),
-        "signatures": {signature: f"{INPUT_KINDS[kind].argument}: {INPUT_KINDS[kind].describe} -> {head}, "
-                                  + ", ".join(GUARD_OUTPUTS)
-                       for (kind, head), signature in SIGNATURES.items()},
-        "heatmap": {"grid": list(conv_grid(model)), "layer": LAST_CONV_LAYER,
-                    "signatures": {kind: name for (kind, head), name in SIGNATURES.items() if head == "explain"},
-                    "method": "Grad-CAM of the positive class's logit; each map divided by its maximum "
-                              "(0..1, all zeros where no cell raises the score)"},
-        "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        **metadata,
-    })
+    write_metadata(
+        out_dir,
+        {
+            "format_version": 1,
+            "class_names": list(CLASS_NAMES),
+            "positive_class": POSITIVE_CLASS,
+            "image_size": size,
+            "threshold": 0.5,
+            "threshold_source": "default (not yet evaluated)",
+            "window": window.to_dict(),
+            "ood": guard.metadata(),
+            "signatures": {
+                signature: f"{INPUT_KINDS[kind].argument}: {INPUT_KINDS[kind].describe} -> {head}, "
+                + ", ".join(GUARD_OUTPUTS)
+                for (kind, head), signature in SIGNATURES.items()
+            },
+            "heatmap": {
+                "grid": list(conv_grid(model)),
+                "layer": LAST_CONV_LAYER,
+                "signatures": {kind: name for (kind, head), name in SIGNATURES.items() if head == "explain"},
+                "method": "Grad-CAM of the positive class's logit; each map divided by its maximum "
+                "(0..1, all zeros where no cell raises the score)",
+            },
+            "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            **metadata,
+        },
+    )
     return out_dir
 
 

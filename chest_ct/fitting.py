@@ -1,11 +1,14 @@
 """Fit the classifier: the head on cached features of the frozen VGG16 base, then optional fine-tuning.
 
+(Over 300 lines: the head fit and the fine-tuning share the compile settings, the callbacks and
+the TrainResult both fill in; the out-of-fold refits of the head live in :mod:`chest_ct.fold_head`.)
+
 The base is frozen, so its output for an image never changes during training.
 Running it once per image (plus once per augmented copy, ``augment_copies``, off
 by default: each costs one more VGG16 pass over the training set) and fitting the
 head on those cached features gives the same model as re-running VGG16 every
 epoch, at a fraction of the cost. The cached features also let the threshold be
-chosen out-of-fold in seconds (:func:`head_fit_predict`).
+chosen out-of-fold in seconds (:func:`chest_ct.fold_head.head_fit_predict`).
 
 Every picture counts once: images are weighted by their duplicate group, and the
 classes weigh the same. ``fine_tune_epochs`` optionally unfreezes VGG16's last
@@ -33,8 +36,6 @@ from chest_ct.window import LUNG_WINDOW, Window
 
 log = logging.getLogger(__name__)
 EpochCallback = Callable[[int, dict[str, float]], None]
-#: ``fit_predict(fit_indices, predict_indices) -> probabilities`` over the fitting images (train, then valid).
-FitPredict = Callable[[np.ndarray, np.ndarray], np.ndarray]
 HEAD, FINE_TUNED = "head", "fine-tuned"
 
 
@@ -100,8 +101,16 @@ class TrainResult:
     fine_tune_history: dict[str, list[float]] = field(default_factory=dict)
 
 
-def validate_params(epochs: int, batch_size: int, learning_rate: float, augment_copies: int, patience: int,
-                    fine_tune_epochs: int, fine_tune_learning_rate: float, precision: str = defaults.PRECISION) -> None:
+def validate_params(
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    augment_copies: int,
+    patience: int,
+    fine_tune_epochs: int,
+    fine_tune_learning_rate: float,
+    precision: str = defaults.PRECISION,
+) -> None:
     def is_int(v: object) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
 
@@ -109,11 +118,17 @@ def validate_params(epochs: int, batch_size: int, learning_rate: float, augment_
         "epochs": (epochs, is_int(epochs) and 1 <= epochs <= 1000, "an integer from 1 to 1000"),
         "batch_size": (batch_size, is_int(batch_size) and 1 <= batch_size <= 4096, "an integer from 1 to 4096"),
         "learning_rate": (learning_rate, 0 < learning_rate <= 1, "a number in (0, 1]"),
-        "augment_copies": (augment_copies, is_int(augment_copies) and 0 <= augment_copies <= 20,
-                           "an integer from 0 to 20"),
+        "augment_copies": (
+            augment_copies,
+            is_int(augment_copies) and 0 <= augment_copies <= 20,
+            "an integer from 0 to 20",
+        ),
         "patience": (patience, is_int(patience) and patience >= 1, "an integer >= 1"),
-        "fine_tune_epochs": (fine_tune_epochs, is_int(fine_tune_epochs) and 0 <= fine_tune_epochs <= 1000,
-                             "an integer from 0 to 1000"),
+        "fine_tune_epochs": (
+            fine_tune_epochs,
+            is_int(fine_tune_epochs) and 0 <= fine_tune_epochs <= 1000,
+            "an integer from 0 to 1000",
+        ),
         "fine_tune_learning_rate": (fine_tune_learning_rate, 0 < fine_tune_learning_rate <= 1, "a number in (0, 1]"),
     }
     for name, (value, ok, expected) in checks.items():
@@ -126,17 +141,24 @@ def _compile(model: keras.Model, learning_rate: float, loss_scale: bool = False)
     optimizer = keras.optimizers.Adam(learning_rate)
     if loss_scale:  # float16 gradients: scale the loss so small ones do not underflow to zero
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    model.compile(optimizer=optimizer, loss=keras.losses.BinaryCrossentropy(),
-                  metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")])
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.BinaryCrossentropy(),
+        metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
+    )
 
 
 def _callbacks(patience: int, on_epoch: EpochCallback | None) -> list[keras.callbacks.Callback]:
     """Early stopping on validation loss (best weights kept), plus the per-epoch report if asked."""
     callbacks: list[keras.callbacks.Callback] = [
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)]
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
+    ]
     if on_epoch is not None:
-        callbacks.append(keras.callbacks.LambdaCallback(
-            on_epoch_end=lambda epoch, logs: on_epoch(epoch + 1, {k: float(v) for k, v in (logs or {}).items()})))
+        callbacks.append(
+            keras.callbacks.LambdaCallback(
+                on_epoch_end=lambda epoch, logs: on_epoch(epoch + 1, {k: float(v) for k, v in (logs or {}).items()})
+            )
+        )
     return callbacks
 
 
@@ -167,8 +189,16 @@ def fit_classifier(
     Runs on the distribution strategy whose scope is active (``chest_ct.devices.training_strategy``),
     in which ``model`` must have been built or loaded.
     """
-    validate_params(epochs, batch_size, learning_rate, augment_copies, patience, fine_tune_epochs,
-                    fine_tune_learning_rate, precision)
+    validate_params(
+        epochs,
+        batch_size,
+        learning_rate,
+        augment_copies,
+        patience,
+        fine_tune_epochs,
+        fine_tune_learning_rate,
+        precision,
+    )
     for name, examples in (("training", train), ("validation", valid)):
         if len(set(examples.labels)) < 2:
             raise ValueError(f"{name} labels hold only class {sorted(set(examples.labels))}; need both classes")
@@ -184,39 +214,84 @@ def fit_classifier(
     with conv_policy(base, choice.policy, model):
         blocks = block_features(model, [*train.files, *valid.files], size, batch_size, window=window)
         clean = blocks[-1].astype(np.float32)  # exact: the float32 output, widened to float64 and back
-        features = Features(train=clean[:len(train)], valid=clean[len(train):], blocks=blocks, train_augmented=[
-            extract_features(base, train.files, size, batch_size, augment_seed=seed + 1000 * (copy + 1),
-                             window=window)
-            for copy in range(augment_copies)])
+        features = Features(
+            train=clean[: len(train)],
+            valid=clean[len(train) :],
+            blocks=blocks,
+            train_augmented=[
+                extract_features(
+                    base, train.files, size, batch_size, augment_seed=seed + 1000 * (copy + 1), window=window
+                )
+                for copy in range(augment_copies)
+            ],
+        )
     x_train = np.concatenate([features.train, *features.train_augmented])
     y_train = np.tile(np.asarray(train.labels, np.float32), 1 + augment_copies)
     w_train = np.tile(picture_weights(train.labels, train.groups), 1 + augment_copies)
     w_valid = picture_weights(valid.labels, valid.groups)
 
     _compile(head, learning_rate)
-    history = _floats(head.fit(
-        x_train, y_train, sample_weight=w_train,
-        validation_data=(features.valid, np.asarray(valid.labels, np.float32), w_valid),
-        epochs=epochs, batch_size=batch_size, shuffle=True, callbacks=_callbacks(patience, on_epoch), verbose=0,
-    ).history)
+    history = _floats(
+        head.fit(
+            x_train,
+            y_train,
+            sample_weight=w_train,
+            validation_data=(features.valid, np.asarray(valid.labels, np.float32), w_valid),
+            epochs=epochs,
+            batch_size=batch_size,
+            shuffle=True,
+            callbacks=_callbacks(patience, on_epoch),
+            verbose=0,
+        ).history
+    )
     best = int(np.argmin(history["val_loss"]))
     result = TrainResult(
-        model=model, history=history, head_best_epoch=best + 1, epochs_run=len(history["val_loss"]),
-        best_epoch=best + 1, best_val_loss=history["val_loss"][best], exported_stage=HEAD,
-        train_examples=len(y_train), features=features, initial_head_weights=initial_head_weights,
+        model=model,
+        history=history,
+        head_best_epoch=best + 1,
+        epochs_run=len(history["val_loss"]),
+        best_epoch=best + 1,
+        best_val_loss=history["val_loss"][best],
+        exported_stage=HEAD,
+        train_examples=len(y_train),
+        features=features,
+        initial_head_weights=initial_head_weights,
         precision=choice,
     )
     if fine_tune_epochs:
         with conv_policy(base, choice.policy, model):
-            _fine_tune(result, train, valid, w_valid, epochs=fine_tune_epochs, batch_size=batch_size,
-                       learning_rate=fine_tune_learning_rate, patience=patience, seed=seed, on_epoch=on_epoch,
-                       window=window, loss_scale=choice.loss_scale)
+            _fine_tune(
+                result,
+                train,
+                valid,
+                w_valid,
+                epochs=fine_tune_epochs,
+                batch_size=batch_size,
+                learning_rate=fine_tune_learning_rate,
+                patience=patience,
+                seed=seed,
+                on_epoch=on_epoch,
+                window=window,
+                loss_scale=choice.loss_scale,
+            )
     return result
 
 
-def _fine_tune(result: TrainResult, train: Examples, valid: Examples, w_valid: np.ndarray, *, epochs: int,
-               batch_size: int, learning_rate: float, patience: int, seed: int,
-               on_epoch: EpochCallback | None, window: Window, loss_scale: bool = False) -> None:
+def _fine_tune(
+    result: TrainResult,
+    train: Examples,
+    valid: Examples,
+    w_valid: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    patience: int,
+    seed: int,
+    on_epoch: EpochCallback | None,
+    window: Window,
+    loss_scale: bool = False,
+) -> None:
     """Unfreeze VGG16's last block and train it with the head on images; keep it only if val_loss improves.
 
     Under a mixed policy (:func:`chest_ct.precision.conv_policy`) the convolutions run in
@@ -232,16 +307,30 @@ def _fine_tune(result: TrainResult, train: Examples, valid: Examples, w_valid: n
     _compile(model, learning_rate, loss_scale)
     w_train = picture_weights(train.labels, train.groups)
     offset = result.epochs_run
-    history = _floats(model.fit(
-        image_dataset(train.files, size, batch_size, labels=train.labels, weights=w_train,
-                      augment_seed=seed + 100, shuffle_seed=seed, window=window),
-        validation_data=image_dataset(valid.files, size, batch_size, labels=valid.labels, weights=w_valid,
-                                      window=window),
-        epochs=epochs, shuffle=False,  # shuffled in image_dataset
-        callbacks=_callbacks(patience, (lambda e, logs: on_epoch(offset + e, {f"ft_{k}": v for k, v in logs.items()}))
-                             if on_epoch else None),
-        verbose=0,
-    ).history)
+    history = _floats(
+        model.fit(
+            image_dataset(
+                train.files,
+                size,
+                batch_size,
+                labels=train.labels,
+                weights=w_train,
+                augment_seed=seed + 100,
+                shuffle_seed=seed,
+                window=window,
+            ),
+            validation_data=image_dataset(
+                valid.files, size, batch_size, labels=valid.labels, weights=w_valid, window=window
+            ),
+            epochs=epochs,
+            shuffle=False,  # shuffled in image_dataset
+            callbacks=_callbacks(
+                patience,
+                (lambda e, logs: on_epoch(offset + e, {f"ft_{k}": v for k, v in logs.items()})) if on_epoch else None,
+            ),
+            verbose=0,
+        ).history
+    )
     base.trainable = False
     result.fine_tune_history = history
     best = int(np.argmin(history["val_loss"]))
@@ -251,40 +340,3 @@ def _fine_tune(result: TrainResult, train: Examples, valid: Examples, w_valid: n
     else:  # fine-tuning did not help: export the head-only model, as the logged best epoch says
         for variable, value in head_only:
             variable.assign(value)
-
-
-def head_fit_predict(result: TrainResult, train: Examples, valid: Examples, *, batch_size: int,
-                     learning_rate: float) -> FitPredict:
-    """Fit a fresh head (same start, same epochs as the exported one) on some fitting images, predict others.
-
-    The fitting images are ``train`` then ``valid``; augmented copies of training
-    images go with them into the fitted part. Used for out-of-fold predictions.
-    One head is built and compiled for all folds and reset to the start before each
-    (weights and optimizer state): a fresh Keras model per fold costs a compile and a
-    trace each, half of the folds' time.
-    """
-    _, template = split_model(result.model)
-    head = keras.models.clone_model(template)
-    head.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=keras.losses.BinaryCrossentropy())
-    head.optimizer.build(head.trainable_variables)
-    feats = result.features
-    x_all = np.concatenate([feats.train, feats.valid])
-    y_all = np.asarray([*train.labels, *valid.labels], np.float32)
-    g_all = np.asarray([*train.groups, *valid.groups])
-    copies = len(feats.train_augmented)
-
-    def fit_predict(fit_idx: np.ndarray, predict_idx: np.ndarray) -> np.ndarray:
-        has_copies = fit_idx < len(train)
-        # An image's weight is shared among its augmented copies, as in the exported model's fit.
-        w = picture_weights(y_all[fit_idx], g_all[fit_idx]) * np.where(has_copies, 1.0 / (1 + copies), 1.0)
-        origin = np.concatenate([fit_idx, *[fit_idx[has_copies]] * copies])
-        x = np.concatenate([x_all[fit_idx], *[a[fit_idx[has_copies]] for a in feats.train_augmented]])
-        w = np.concatenate([w, *[w[has_copies]] * copies])
-        head.set_weights(result.initial_head_weights)
-        for variable in head.optimizer.variables:  # iterations, moments: as a new optimizer has them
-            variable.assign(np.zeros(variable.shape, variable.dtype))
-        head.fit(x, y_all[origin], sample_weight=w / w.mean(), epochs=result.head_best_epoch,
-                 batch_size=batch_size, shuffle=True, verbose=0)
-        return np.asarray(head(x_all[predict_idx], training=False)).reshape(-1)  # a few rows: one call, no retracing
-
-    return fit_predict

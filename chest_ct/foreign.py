@@ -32,8 +32,23 @@ from serving.dicom import is_dicom, read_hu
 BONE_WINDOW = Window(level=400.0, width=1800.0)
 #: Real CT slices in pydicom's wheel (uncompressed and JPEG 2000, 128 and 512 px).
 PYDICOM_CT_FILES = ("CT_small.dcm", "693_J2KI.dcm", "J2K_pixelrep_mismatch.dcm")
-PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "rocket", "coins", "moon", "hubble_deep_field",
-          "immunohistochemistry", "brick", "grass", "gravel", "clock", "retina", "cell")
+PHOTOS = (
+    "astronaut",
+    "camera",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "coins",
+    "moon",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "brick",
+    "grass",
+    "gravel",
+    "clock",
+    "retina",
+    "cell",
+)
 SIZE = 256
 MAX_PIXELS = 40_000_000
 
@@ -70,23 +85,37 @@ def photos() -> list[ForeignImage]:
 
 def noise(seed: int = 0) -> list[ForeignImage]:
     rng = np.random.default_rng(seed)
-    smooth = Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).resize((SIZE, SIZE), Image.BICUBIC)
+    smooth = Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).resize(
+        (SIZE, SIZE), Image.Resampling.BICUBIC
+    )
     salt = np.where(rng.random((SIZE, SIZE)) < 0.5, 0, 255).astype(np.uint8)
-    return [ForeignImage("noise", name, png(pixels)) for name, pixels in (
-        ("uniform RGB", rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)),
-        ("uniform grey", rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8)),
-        ("gaussian grey", np.clip(rng.normal(128, 40, (SIZE, SIZE)), 0, 255).astype(np.uint8)),
-        ("salt and pepper", salt),
-        ("smooth grey", np.asarray(smooth)),
-        ("dark gaussian", np.clip(rng.normal(40, 20, (SIZE, SIZE)), 0, 255).astype(np.uint8)),
-    )]
+    return [
+        ForeignImage("noise", name, png(pixels))
+        for name, pixels in (
+            ("uniform RGB", rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)),
+            ("uniform grey", rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8)),
+            ("gaussian grey", np.clip(rng.normal(128, 40, (SIZE, SIZE)), 0, 255).astype(np.uint8)),
+            ("salt and pepper", salt),
+            ("smooth grey", np.asarray(smooth)),
+            ("dark gaussian", np.clip(rng.normal(40, 20, (SIZE, SIZE)), 0, 255).astype(np.uint8)),
+        )
+    ]
 
 
 def solid_colours() -> list[ForeignImage]:
-    colours = {"black": (0, 0, 0), "white": (255, 255, 255), "mid grey": (128, 128, 128), "dark grey": (60, 60, 60),
-               "red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
-    return [ForeignImage("solid colour", name, png(np.full((SIZE, SIZE, 3), rgb, np.uint8)))
-            for name, rgb in colours.items()]
+    colours = {
+        "black": (0, 0, 0),
+        "white": (255, 255, 255),
+        "mid grey": (128, 128, 128),
+        "dark grey": (60, 60, 60),
+        "red": (255, 0, 0),
+        "green": (0, 255, 0),
+        "blue": (0, 0, 255),
+    }
+    return [
+        ForeignImage("solid colour", name, png(np.full((SIZE, SIZE, 3), rgb, np.uint8)))
+        for name, rgb in colours.items()
+    ]
 
 
 def gradients() -> list[ForeignImage]:
@@ -107,10 +136,15 @@ def text() -> list[ForeignImage]:
         draw = ImageDraw.Draw(image)
         font = ImageFont.load_default(size=size)
         for line in range(SIZE // (size + 6)):
-            draw.text((6, 4 + line * (size + 6)), f"Patient {i}{line}: CT chest, no contrast",
-                      fill=0 if dark_on_light else 255, font=font)
-        out.append(ForeignImage("text", f"rendered {size}px {'dark' if dark_on_light else 'light'}", png(
-            np.asarray(image))))
+            draw.text(
+                (6, 4 + line * (size + 6)),
+                f"Patient {i}{line}: CT chest, no contrast",
+                fill=0 if dark_on_light else 255,
+                font=font,
+            )
+        out.append(
+            ForeignImage("text", f"rendered {size}px {'dark' if dark_on_light else 'light'}", png(np.asarray(image)))
+        )
     return out + [ForeignImage("text", name, png(np.asarray(getattr(data, name)()))) for name in ("page", "text")]
 
 
@@ -122,18 +156,27 @@ def _ct_pixels(file: str, window: Window) -> np.ndarray:
         return np.asarray(img.convert("RGB"))
 
 
-def bone_windowed(ct_files: Sequence[str] = ()) -> list[ForeignImage]:
-    """pydicom's CT slices and any DICOM ``ct_files`` in the bone window (whole, and a centre crop)."""
+def _pydicom_test_file(name: str) -> Path:
     from pydicom.data import get_testdata_file
 
-    sources = [(name, Path(get_testdata_file(name)).read_bytes()) for name in PYDICOM_CT_FILES]
+    found = get_testdata_file(name)
+    if not isinstance(found, str):
+        raise FileNotFoundError(f"pydicom's test file {name} is not installed")
+    return Path(found)
+
+
+def bone_windowed(ct_files: Sequence[str] = ()) -> list[ForeignImage]:
+    """pydicom's CT slices and any DICOM ``ct_files`` in the bone window (whole, and a centre crop)."""
+    sources = [(name, _pydicom_test_file(name).read_bytes()) for name in PYDICOM_CT_FILES]
     sources += [(Path(f).name, data) for f in ct_files if is_dicom(data := Path(f).read_bytes())]
     out = []
     for name, data in sources:
         bone = windowed(read_hu(data, MAX_PIXELS), BONE_WINDOW)
         h, w = bone.shape
         out.append(ForeignImage("CT in bone window", name, png(bone)))
-        out.append(ForeignImage("CT in bone window", f"{name} centre", png(bone[h // 8:h - h // 8, w // 8:w - w // 8])))
+        out.append(
+            ForeignImage("CT in bone window", f"{name} centre", png(bone[h // 8 : h - h // 8, w // 8 : w - w // 8]))
+        )
     return out
 
 
@@ -149,5 +192,12 @@ def transformed_ct(ct_files: Sequence[str], window: Window) -> list[ForeignImage
 
 def foreign_set(ct_files: Sequence[str], window: Window = LUNG_WINDOW) -> list[ForeignImage]:
     """The whole set; ``ct_files`` are the evaluation's test images (for the transformed CT categories)."""
-    return [*photos(), *noise(), *solid_colours(), *gradients(), *text(), *bone_windowed(ct_files),
-            *transformed_ct(ct_files, window)]
+    return [
+        *photos(),
+        *noise(),
+        *solid_colours(),
+        *gradients(),
+        *text(),
+        *bone_windowed(ct_files),
+        *transformed_ct(ct_files, window),
+    ]

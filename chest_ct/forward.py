@@ -26,8 +26,8 @@ LAST_CONV_LAYER = "block5_conv3"
 class Forward:
     """What the network computed on one batch of model inputs."""
 
-    conv: tf.Tensor         #: ``[N, h, w, C]`` activations of :data:`LAST_CONV_LAYER`
-    features: tf.Tensor     #: ``[N, F]`` the base's pooled output, the head's input
+    conv: tf.Tensor  #: ``[N, h, w, C]`` activations of :data:`LAST_CONV_LAYER`
+    features: tf.Tensor  #: ``[N, F]`` the base's pooled output, the head's input
     probability: tf.Tensor  #: ``[N]`` of the positive class
     #: image-averaged feature maps after each block of :data:`chest_ct.ood.BLOCKS` (the last is ``features``)
     pooled: tuple[tf.Tensor, ...] = ()

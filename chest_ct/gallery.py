@@ -43,7 +43,7 @@ class Explained:
     group: int
     probability: float
     heatmap: np.ndarray  # [h, w] in 0..1
-    tile_png: bytes      # the scan as the model sees it (square) beside the overlay
+    tile_png: bytes  # the scan as the model sees it (square) beside the overlay
 
 
 def case_of(label: int, probability: float, threshold: float) -> str:
@@ -53,8 +53,9 @@ def case_of(label: int, probability: float, threshold: float) -> str:
     return FALSE_POSITIVE if predicted else TRUE_NEGATIVE
 
 
-def select(y: npt.ArrayLike, prob: npt.ArrayLike, groups: npt.ArrayLike, threshold: float,
-           per_case: int = PER_CASE) -> dict[str, list[int]]:
+def select(
+    y: npt.ArrayLike, prob: npt.ArrayLike, groups: npt.ArrayLike, threshold: float, per_case: int = PER_CASE
+) -> dict[str, list[int]]:
     """Indices to show per case: one image per group, most confident (or most wrong) first.
 
     Cases predicted positive are ordered by falling probability, cases predicted
@@ -64,8 +65,12 @@ def select(y: npt.ArrayLike, prob: npt.ArrayLike, groups: npt.ArrayLike, thresho
     chosen: dict[str, list[int]] = {case: [] for case in CASES}
     shown: dict[str, set[int]] = {case: set() for case in CASES}
     falling, rising = np.argsort(-p, kind="stable"), np.argsort(p, kind="stable")
-    for case, order in ((TRUE_POSITIVE, falling), (FALSE_POSITIVE, falling),
-                        (FALSE_NEGATIVE, rising), (TRUE_NEGATIVE, rising)):
+    for case, order in (
+        (TRUE_POSITIVE, falling),
+        (FALSE_POSITIVE, falling),
+        (FALSE_NEGATIVE, rising),
+        (TRUE_NEGATIVE, rising),
+    ):
         for i in order.tolist():
             if len(chosen[case]) == per_case:
                 break
@@ -114,9 +119,17 @@ def tile(encoded: bytes, heatmap: np.ndarray, size: int = TILE, window: Window =
     return buf.getvalue()
 
 
-def build_gallery(model_dir: Path, files: Sequence[str], paths: Sequence[str], y: npt.ArrayLike,
-                  prob: npt.ArrayLike, groups: npt.ArrayLike, threshold: float, class_names: Sequence[str],
-                  per_case: int = PER_CASE) -> dict[str, list[Explained]]:
+def build_gallery(
+    model_dir: Path,
+    files: Sequence[str],
+    paths: Sequence[str],
+    y: npt.ArrayLike,
+    prob: npt.ArrayLike,
+    groups: npt.ArrayLike,
+    threshold: float,
+    class_names: Sequence[str],
+    per_case: int = PER_CASE,
+) -> dict[str, list[Explained]]:
     """The gallery, case by case; ``files`` are readable paths, ``paths`` the names shown."""
     picks = select(y, prob, groups, threshold, per_case)
     order = [i for case in CASES for i in picks[case]]
@@ -124,7 +137,18 @@ def build_gallery(model_dir: Path, files: Sequence[str], paths: Sequence[str], y
     window = Window(**read_metadata(model_dir).get("window", LUNG_WINDOW.to_dict()))
     explained = {i: (float(pr), hm) for i, pr, hm in zip(order, probability, heatmaps, strict=True)}
     labels = np.asarray(y, int)
-    return {case: [Explained(path=paths[i], label=class_names[labels[i]], case=case, group=int(np.asarray(groups)[i]),
-                             probability=explained[i][0], heatmap=explained[i][1],
-                             tile_png=tile(Path(files[i]).read_bytes(), explained[i][1], window=window))
-                   for i in picks[case]] for case in CASES}
+    return {
+        case: [
+            Explained(
+                path=paths[i],
+                label=class_names[labels[i]],
+                case=case,
+                group=int(np.asarray(groups)[i]),
+                probability=explained[i][0],
+                heatmap=explained[i][1],
+                tile_png=tile(Path(files[i]).read_bytes(), explained[i][1], window=window),
+            )
+            for i in picks[case]
+        ]
+        for case in CASES
+    }

@@ -37,9 +37,14 @@ GOLDEN_DIR = "golden"
 KEEP_FLOAT32_OPS = ("MatMul",)
 
 
-def pick_golden(probabilities: Sequence[float] | np.ndarray, labels: Sequence[int], groups: Sequence[int],
-                threshold: float, count: int = defaults.GOLDEN_IMAGES,
-                margin: float = defaults.PRECISION_TOLERANCE) -> list[int]:
+def pick_golden(
+    probabilities: Sequence[float] | np.ndarray,
+    labels: Sequence[int],
+    groups: Sequence[int],
+    threshold: float,
+    count: int = defaults.GOLDEN_IMAGES,
+    margin: float = defaults.PRECISION_TOLERANCE,
+) -> list[int]:
     """Indices of up to ``count`` images: both classes, one per picture, spread over the probabilities.
 
     Images within ``margin`` of ``threshold`` are left out.
@@ -61,8 +66,12 @@ def pick_golden(probabilities: Sequence[float] | np.ndarray, labels: Sequence[in
 
 def encode_golden(files: Sequence[str], image_size: int) -> list[bytes]:
     """Each file decoded and resized as the model does, rounded to 8 bits, encoded as PNG."""
-    return [tf.io.encode_png(tf.cast(tf.clip_by_value(tf.round(decode_and_resize(tf.io.read_file(f), image_size)),
-                                                      0, 255), tf.uint8)).numpy() for f in files]
+    return [
+        tf.io.encode_png(
+            tf.cast(tf.clip_by_value(tf.round(decode_and_resize(tf.io.read_file(f), image_size)), 0, 255), tf.uint8)
+        ).numpy()
+        for f in files
+    ]
 
 
 def write_golden_set(model_dir: Path, images: Sequence[bytes], source: str) -> dict[str, Any]:
@@ -81,11 +90,19 @@ def write_golden_set(model_dir: Path, images: Sequence[bytes], source: str) -> d
         (folder / f"{i:02d}.png").write_bytes(data)
         names.append(f"{GOLDEN_DIR}/{i:02d}.png")
     probabilities = load_predictor(model_dir)(list(images))
-    entry = {"golden_images": names, "fp32_probabilities": [float(p) for p in probabilities],
-             "keep_float32_ops": list(KEEP_FLOAT32_OPS), "source": source}
+    entry = {
+        "golden_images": names,
+        "fp32_probabilities": [float(p) for p in probabilities],
+        "keep_float32_ops": list(KEEP_FLOAT32_OPS),
+        "source": source,
+    }
     metadata = read_metadata(model_dir)
     metadata[GUARD_KEY] = entry
     write_metadata(model_dir, metadata)
-    log.info("golden set: %d image(s) (%s), float32 probabilities %s", len(names), source,
-             ", ".join(f"{p:.3f}" for p in probabilities))
+    log.info(
+        "golden set: %d image(s) (%s), float32 probabilities %s",
+        len(names),
+        source,
+        ", ".join(f"{p:.3f}" for p in probabilities),
+    )
     return entry

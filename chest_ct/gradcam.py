@@ -44,8 +44,8 @@ def heatmap(conv: tf.Tensor, score: tf.Tensor) -> tf.Tensor:
     the summed scores gives every image's own gradient in one backward pass.
     """
     (grads,) = tf.gradients(tf.reduce_sum(score), [conv])
-    weights = tf.reduce_mean(grads, axis=[1, 2])                     # [N, C]: channel importance
-    cam = tf.nn.relu(tf.einsum("nhwc,nc->nhw", conv, weights))      # evidence for the class only
+    weights = tf.reduce_mean(grads, axis=[1, 2])  # [N, C]: channel importance
+    cam = tf.nn.relu(tf.einsum("nhwc,nc->nhw", conv, weights))  # evidence for the class only
     peak = tf.reduce_max(cam, axis=[1, 2], keepdims=True)
     return tf.math.divide_no_nan(cam, peak)
 

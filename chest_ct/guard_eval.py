@@ -23,8 +23,8 @@ import numpy as np
 
 from chest_ct import defaults
 from chest_ct.export import read_metadata
-from chest_ct.predict import Predictor, predict_outputs
 from chest_ct.foreign import foreign_set
+from chest_ct.predict import Predictor, predict_outputs
 from chest_ct.window import Window
 
 
@@ -49,15 +49,21 @@ class GuardRates:
         return self.foreign_rejected / self.foreign_images if self.foreign_images else float("nan")
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "test_accept_rate": self.test_accept_rate,
-                "foreign_reject_rate": self.foreign_reject_rate,
-                "meets_accept_target": bool(self.test_accept_rate >= self.min_accept_rate),
-                "meets_reject_target": bool(self.foreign_reject_rate >= self.min_reject_rate)}
+        return {
+            **asdict(self),
+            "test_accept_rate": self.test_accept_rate,
+            "foreign_reject_rate": self.foreign_reject_rate,
+            "meets_accept_target": bool(self.test_accept_rate >= self.min_accept_rate),
+            "meets_reject_target": bool(self.foreign_reject_rate >= self.min_reject_rate),
+        }
 
     def metrics(self) -> dict[str, float]:
         """MLflow metrics: both rates, and the reject rate of each foreign category."""
-        out = {"guard_test_accept_rate": self.test_accept_rate, "guard_foreign_reject_rate": self.foreign_reject_rate,
-               "guard_threshold": self.threshold}
+        out = {
+            "guard_test_accept_rate": self.test_accept_rate,
+            "guard_foreign_reject_rate": self.foreign_reject_rate,
+            "guard_threshold": self.threshold,
+        }
         for category, row in self.per_category.items():
             out["guard_reject_rate_" + category.replace(" ", "_")] = row["reject_rate"]
         return out
@@ -70,16 +76,28 @@ def guard_rates(model_dir: Path, test_files: Sequence[str], *, batch_size: int =
     accepted = predict_outputs(model_dir, test_files, batch_size)["in_distribution"]
     foreign = foreign_set(test_files, window)
     predictor = Predictor(model_dir)
-    in_distribution = np.concatenate([predictor([f.png for f in foreign[i:i + batch_size]])["in_distribution"]
-                                      for i in range(0, len(foreign), batch_size)]) if foreign else np.zeros(0, bool)
+    in_distribution = (
+        np.concatenate(
+            [
+                predictor([f.png for f in foreign[i : i + batch_size]])["in_distribution"]
+                for i in range(0, len(foreign), batch_size)
+            ]
+        )
+        if foreign
+        else np.zeros(0, bool)
+    )
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for item, inside in zip(foreign, in_distribution.tolist(), strict=True):
         counts[item.category][0] += 1
         counts[item.category][1] += int(not inside)
     return GuardRates(
-        threshold=float(metadata["ood"]["threshold"]), test_images=len(accepted), test_accepted=int(accepted.sum()),
-        foreign_images=len(foreign), foreign_rejected=int((~in_distribution).sum()),
-        per_category={c: {"images": n, "rejected": r, "reject_rate": r / n} for c, (n, r) in counts.items()})
+        threshold=float(metadata["ood"]["threshold"]),
+        test_images=len(accepted),
+        test_accepted=int(accepted.sum()),
+        foreign_images=len(foreign),
+        foreign_rejected=int((~in_distribution).sum()),
+        per_category={c: {"images": n, "rejected": r, "reject_rate": r / n} for c, (n, r) in counts.items()},
+    )
 
 
 def log_guard_rates(run_id: str, rates: GuardRates) -> None:
@@ -93,16 +111,21 @@ def log_guard_rates(run_id: str, rates: GuardRates) -> None:
 
 def guard_markdown(guard: dict[str, Any]) -> list[str]:
     """Lines for the evaluation summary (``guard`` is :meth:`GuardRates.to_dict`)."""
+
     def mark(ok: bool) -> str:
         return "meets" if ok else "**below**"
 
     return [
         "## Out-of-distribution guard",
-        (f"- test CT images accepted: {guard['test_accepted']}/{guard['test_images']} = "
-         f"{guard['test_accept_rate']:.1%} ({mark(guard['meets_accept_target'])} the target of "
-         f"{guard['min_accept_rate']:.0%})"),
-        (f"- foreign images rejected: {guard['foreign_rejected']}/{guard['foreign_images']} = "
-         f"{guard['foreign_reject_rate']:.1%} ({mark(guard['meets_reject_target'])} the target of "
-         f"{guard['min_reject_rate']:.0%}): "
-         + ", ".join(f"{c} {row['rejected']}/{row['images']}" for c, row in guard["per_category"].items())),
+        (
+            f"- test CT images accepted: {guard['test_accepted']}/{guard['test_images']} = "
+            f"{guard['test_accept_rate']:.1%} ({mark(guard['meets_accept_target'])} the target of "
+            f"{guard['min_accept_rate']:.0%})"
+        ),
+        (
+            f"- foreign images rejected: {guard['foreign_rejected']}/{guard['foreign_images']} = "
+            f"{guard['foreign_reject_rate']:.1%} ({mark(guard['meets_reject_target'])} the target of "
+            f"{guard['min_reject_rate']:.0%}): "
+            + ", ".join(f"{c} {row['rejected']}/{row['images']}" for c, row in guard["per_category"].items())
+        ),
     ]

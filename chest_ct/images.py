@@ -101,7 +101,8 @@ def _header(data: bytes, max_pixels: int) -> tuple[str, str, int, int]:
         raise InvalidImage(f"unsupported image format {fmt} (expected PNG or JPEG)")
     if width * height > max_pixels:
         raise InvalidImage(
-            f"{width}x{height} = {width * height} pixels is over the cap of {max_pixels} (possible decompression bomb)")
+            f"{width}x{height} = {width * height} pixels is over the cap of {max_pixels} (possible decompression bomb)"
+        )
     return fmt, mode, width, height
 
 
@@ -118,8 +119,9 @@ def _decode(data: bytes) -> np.ndarray:
     try:
         return decode(data).numpy()
     except Exception as exc:  # noqa: BLE001 - whatever the decoder raises, the file is unusable
-        raise InvalidImage(f"cannot decode with TensorFlow, the decoder training and serving use: "
-                           f"{_tf_message(exc)}") from None
+        raise InvalidImage(
+            f"cannot decode with TensorFlow, the decoder training and serving use: {_tf_message(exc)}"
+        ) from None
 
 
 def _windowed(data: bytes, max_pixels: int, window: Window) -> Image.Image:
@@ -133,8 +135,9 @@ def _windowed(data: bytes, max_pixels: int, window: Window) -> Image.Image:
     return Image.fromarray(np.round(window_hu(hu, window).numpy()).astype(np.uint8), "L")
 
 
-def describe(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, window: Window = LUNG_WINDOW,
-             dicom: bool = False) -> ImageInfo:
+def describe(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, window: Window = LUNG_WINDOW, dicom: bool = False
+) -> ImageInfo:
     """Describe an encoded image or DICOM CT slice, or raise :class:`InvalidImage` saying why it cannot be used.
 
     DICOM is recognised by content; ``dicom=True`` (a ``.dcm`` name) reads the file as DICOM regardless.
@@ -177,20 +180,23 @@ def inspect_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS, win
     return result
 
 
-def _inspect_path(path: str, max_pixels: int, copy_to: str | None = None,
-                  window: Window = LUNG_WINDOW) -> ImageInfo | InvalidImage:
+def _inspect_path(
+    path: str, max_pixels: int, copy_to: str | None = None, window: Window = LUNG_WINDOW
+) -> ImageInfo | InvalidImage:
     try:
         with open(path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
             if size > max_file_bytes(max_pixels):
-                return InvalidImage(f"file is {size} bytes, more than an uncompressed image at the pixel cap "
-                                    f"({max_file_bytes(max_pixels)} bytes)", path)
+                return InvalidImage(
+                    f"file is {size} bytes, more than an uncompressed image at the pixel cap "
+                    f"({max_file_bytes(max_pixels)} bytes)",
+                    path,
+                )
             data = fh.read()
     except OSError as exc:
         return InvalidImage(f"cannot read the file: {exc.strerror or exc}", path)
     try:
-        info = describe(data, max_pixels=max_pixels, window=window,
-                        dicom=Path(path).suffix.lower() in DICOM_SUFFIXES)
+        info = describe(data, max_pixels=max_pixels, window=window, dicom=Path(path).suffix.lower() in DICOM_SUFFIXES)
     except InvalidImage as exc:
         return InvalidImage(exc.reason, path)
     if copy_to:  # the bytes validated and hashed, not a later re-read of a file that may have changed
@@ -199,13 +205,16 @@ def _inspect_path(path: str, max_pixels: int, copy_to: str | None = None,
     return info
 
 
-def _inspect_chunk(jobs: list[tuple[str, str | None]], max_pixels: int,
-                   window: Window = LUNG_WINDOW) -> list[ImageInfo | InvalidImage]:
+def _inspect_chunk(
+    jobs: list[tuple[str, str | None]], max_pixels: int, window: Window = LUNG_WINDOW
+) -> list[ImageInfo | InvalidImage]:
     return [_inspect_path(path, max_pixels, copy_to, window) for path, copy_to in jobs]
 
 
 def _crashed(job: tuple[str, str | None]) -> InvalidImage:
-    return InvalidImage("the decoder crashed its worker process (a signal such as a segfault, or out of memory)", job[0])
+    return InvalidImage(
+        "the decoder crashed its worker process (a signal such as a segfault, or out of memory)", job[0]
+    )
 
 
 def _init_worker() -> None:
@@ -219,9 +228,14 @@ def _init_worker() -> None:
         pass
 
 
-def inspect_files(paths: Sequence[Path | str], *, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None,
-                  copy_to: Sequence[Path | str | None] | None = None,
-                  window: Window = LUNG_WINDOW) -> list[ImageInfo | InvalidImage]:
+def inspect_files(
+    paths: Sequence[Path | str],
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    workers: int | None = None,
+    copy_to: Sequence[Path | str | None] | None = None,
+    window: Window = LUNG_WINDOW,
+) -> list[ImageInfo | InvalidImage]:
     """Inspect every file, in input order: an :class:`ImageInfo`, or the :class:`InvalidImage`
     (with ``path`` and ``reason``) that says why the file cannot be used. Never raises for bad files.
 
@@ -235,11 +249,11 @@ def inspect_files(paths: Sequence[Path | str], *, max_pixels: int = DEFAULT_MAX_
     them, so each file is read once and a file changing under the run cannot slip in.
     A progress line (count, rate, ETA) is logged every few seconds on long runs.
     """
-    paths = [str(p) for p in paths]
+    names = [str(p) for p in paths]
     targets = [None if t is None else str(t) for t in copy_to] if copy_to is not None else [None] * len(paths)
     if len(targets) != len(paths):
-        raise ValueError(f"copy_to has {len(targets)} entries for {len(paths)} paths")
-    jobs = list(zip(paths, targets))
+        raise ValueError(f"copy_to has {len(targets)} entries for {len(names)} paths")
+    jobs = list(zip(names, targets, strict=True))
     workers = available_cpus() if workers is None else max(0, int(workers))
     progress = Progress("validated images", len(jobs))
     if workers == 0:
@@ -248,8 +262,14 @@ def inspect_files(paths: Sequence[Path | str], *, max_pixels: int = DEFAULT_MAX_
             results.append(_inspect_path(path, max_pixels, target, window))
             progress.update(1)
     else:
-        results = process_map(functools.partial(_inspect_chunk, max_pixels=max_pixels, window=window), jobs,
-                              workers=workers,
-                              on_crash=_crashed, preload=WORKER_PRELOAD, initializer=_init_worker, progress=progress)
+        results = process_map(
+            functools.partial(_inspect_chunk, max_pixels=max_pixels, window=window),
+            jobs,
+            workers=workers,
+            on_crash=_crashed,
+            preload=WORKER_PRELOAD,
+            initializer=_init_worker,
+            progress=progress,
+        )
     progress.finish()
     return results

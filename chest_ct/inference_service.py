@@ -108,15 +108,19 @@ class Autoscaling:
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
-            raise ValueError(f"min_replicas/max_replicas: expected 0 <= min <= max and max >= 1, "
-                             f"got {self.min_replicas}, {self.max_replicas}")
+            raise ValueError(
+                f"min_replicas/max_replicas: expected 0 <= min <= max and max >= 1, "
+                f"got {self.min_replicas}, {self.max_replicas}"
+            )
         if self.scale_metric not in ("concurrency", "rps"):  # what KServe's webhook allows for Knative (KPA)
             raise ValueError(f"scale_metric: expected concurrency or rps, got {self.scale_metric!r}")
         if self.scale_target < 1 or self.container_concurrency < 0 or self.timeout_seconds < 1:
             raise ValueError(f"scale_target, container_concurrency, timeout_seconds: out of range ({self})")
         if self.container_concurrency and self.scale_target > self.container_concurrency:
-            raise ValueError(f"scale_target {self.scale_target} is over container_concurrency "
-                             f"{self.container_concurrency}: Knative could never reach it")
+            raise ValueError(
+                f"scale_target {self.scale_target} is over container_concurrency "
+                f"{self.container_concurrency}: Knative could never reach it"
+            )
 
 
 def kserve_release(version: str) -> tuple[int, int]:
@@ -176,8 +180,9 @@ def inference_service(
     knative = deployment_mode == "Knative"
     # Knative routes exactly one port, named http1 (or h2c); Standard mode exposes
     # each declared port and treats the one named h2c as gRPC.
-    ports: list[dict[str, Any]] = [{"name": "http1" if knative else "http", "containerPort": HTTP_PORT,
-                                    "protocol": "TCP"}]
+    ports: list[dict[str, Any]] = [
+        {"name": "http1" if knative else "http", "containerPort": HTTP_PORT, "protocol": "TCP"}
+    ]
     if not knative:
         ports.append({"name": "h2c", "containerPort": GRPC_PORT, "protocol": "TCP"})
 
@@ -217,15 +222,25 @@ def inference_service(
     }
     annotations = {DEPLOYMENT_MODE_ANNOTATION: annotation}
     if knative:
-        predictor.update(scaleMetric=autoscaling.scale_metric, scaleTarget=autoscaling.scale_target,
-                         containerConcurrency=autoscaling.container_concurrency)
+        predictor.update(
+            scaleMetric=autoscaling.scale_metric,
+            scaleTarget=autoscaling.scale_target,
+            containerConcurrency=autoscaling.container_concurrency,
+        )
         # KServe's pod webhook points Prometheus at queue-proxy, which merges its own
         # metrics with the server's /metrics (metrics_aggregate_injector.go).
-        annotations.update({"serving.kserve.io/enable-prometheus-scraping": "true",
-                            "serving.kserve.io/enable-metric-aggregation": "true"})
+        annotations.update(
+            {
+                "serving.kserve.io/enable-prometheus-scraping": "true",
+                "serving.kserve.io/enable-metric-aggregation": "true",
+            }
+        )
     else:
-        predictor["annotations"] = {"prometheus.io/scrape": "true", "prometheus.io/port": str(HTTP_PORT),
-                                    "prometheus.io/path": "/metrics"}
+        predictor["annotations"] = {
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(HTTP_PORT),
+            "prometheus.io/path": "/metrics",
+        }
     if canary_traffic_percent is not None:
         predictor["canaryTrafficPercent"] = canary_traffic_percent
 

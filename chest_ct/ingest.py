@@ -54,14 +54,24 @@ def build_dataset(
     check_fraction("test_fraction", test_fraction)
     root, out_dir = Path(root), Path(out_dir)
     found = scan(root, classes)
-    log.info("%s: %d files, %d candidate images, %d ignored", root, found.files_found, len(found.candidates),
-             len(found.ignored))
+    log.info(
+        "%s: %d files, %d candidate images, %d ignored",
+        root,
+        found.files_found,
+        len(found.candidates),
+        len(found.ignored),
+    )
 
     records: list[ImageRecord] = []
     quarantined: list[QuarantinedFile] = []
     # Each file is read once: the validating worker writes the bytes it hashed and decoded into the artifact.
-    results = inspect_files([c.file for c in found.candidates], max_pixels=max_pixels, workers=workers,
-                            copy_to=[out_dir / IMAGES_DIR / c.path for c in found.candidates], window=window)
+    results = inspect_files(
+        [c.file for c in found.candidates],
+        max_pixels=max_pixels,
+        workers=workers,
+        copy_to=[out_dir / IMAGES_DIR / c.path for c in found.candidates],
+        window=window,
+    )
     for cand, result in zip(found.candidates, results, strict=True):
         if isinstance(result, InvalidImage):
             quarantined.append(QuarantinedFile(cand.path, cand.given_split, cand.label, str(result)))
@@ -69,8 +79,9 @@ def build_dataset(
         else:
             records.append(ImageRecord(path=cand.path, given_split=cand.given_split, label=cand.label, image=result))
     if not records:
-        raise DatasetError(f"{found.dataset_root}: no usable images in the class folders "
-                           f"({len(quarantined)} quarantined)")
+        raise DatasetError(
+            f"{found.dataset_root}: no usable images in the class folders ({len(quarantined)} quarantined)"
+        )
 
     shas, phashes, names = [r.sha256 for r in records], [r.phash for r in records], [r.path for r in records]
     groups = group_duplicates(shas, phashes, max_distance=phash_distance, names=names)
@@ -79,9 +90,17 @@ def build_dataset(
 
     manifest = Manifest(classes=tuple(classes), records=records, fingerprint=fingerprint(records), root=out_dir)
     manifest.save(out_dir)
-    report = build_report(manifest, found, quarantined, source_uri=source_uri, seed=seed,
-                          valid_fraction=valid_fraction, test_fraction=test_fraction, refused=list(refused),
-                          largest_groups=[asdict(g) for g in largest_groups(groups, shas, phashes, names=names)])
+    report = build_report(
+        manifest,
+        found,
+        quarantined,
+        source_uri=source_uri,
+        seed=seed,
+        valid_fraction=valid_fraction,
+        test_fraction=test_fraction,
+        refused=list(refused),
+        largest_groups=[asdict(g) for g in largest_groups(groups, shas, phashes, names=names)],
+    )
     log.info("dataset %s: %s", manifest.fingerprint[:16], report["files"])
     return report
 

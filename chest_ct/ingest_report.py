@@ -35,19 +35,37 @@ def duplicate_groups(records: list[ImageRecord]) -> list[dict[str, Any]]:
     out = []
     for gid, recs in sorted(members.items()):
         if len(recs) > 1:
-            out.append({"group": gid, "kind": "exact" if len({r.sha256 for r in recs}) == 1 else "near",
-                        "members": [_member(r) for r in recs]})
+            out.append(
+                {
+                    "group": gid,
+                    "kind": "exact" if len({r.sha256 for r in recs}) == 1 else "near",
+                    "members": [_member(r) for r in recs],
+                }
+            )
     return out
 
 
-def build_report(manifest: Manifest, found: Scan, quarantined: list[QuarantinedFile], *, source_uri: str,
-                 seed: int, valid_fraction: float, test_fraction: float, refused: list[dict[str, Any]] | None = None,
-                 largest_groups: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def build_report(
+    manifest: Manifest,
+    found: Scan,
+    quarantined: list[QuarantinedFile],
+    *,
+    source_uri: str,
+    seed: int,
+    valid_fraction: float,
+    test_fraction: float,
+    refused: list[dict[str, Any]] | None = None,
+    largest_groups: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """The JSON report. ``refused``: source objects the fetch would not download (never files under the root,
     so outside the file count); ``largest_groups``: the biggest duplicate groups (chain-grouping check)."""
     records, classes = manifest.records, list(manifest.classes)
-    files = {"found": found.files_found, "images": len(records), "quarantined": len(quarantined),
-             "ignored": len(found.ignored)}
+    files = {
+        "found": found.files_found,
+        "images": len(records),
+        "quarantined": len(quarantined),
+        "ignored": len(found.ignored),
+    }
     if files["found"] != files["images"] + files["quarantined"] + files["ignored"]:
         raise RuntimeError(f"file accounting does not add up: {files}")  # a bug, never a data problem
     counts, pictures = {}, {}
@@ -71,8 +89,12 @@ def build_report(manifest: Manifest, found: Scan, quarantined: list[QuarantinedF
         "counts": counts,
         "pictures": pictures,
         "split_roles": ROLE_MEANING,
-        "split_settings": {"seed": seed, "valid_fraction": valid_fraction, "test_fraction": test_fraction,
-                           "unit": "duplicate groups of the whole dataset, per class"},
+        "split_settings": {
+            "seed": seed,
+            "valid_fraction": valid_fraction,
+            "test_fraction": test_fraction,
+            "unit": "duplicate groups of the whole dataset, per class",
+        },
         "quarantined": [asdict(q) for q in quarantined],
         "ignored": [asdict(i) for i in found.ignored],
         "ignored_classes": found.ignored_classes,
@@ -104,13 +126,22 @@ def report_markdown(report: dict[str, Any], max_items: int = 50) -> str:
     sections = [
         ("Quarantined", report["quarantined"], lambda q: f"`{q['path']}`: {q['reason']}"),
         ("Ignored", report["ignored"], lambda i: f"`{i['path']}`: {i['reason']}"),
-        ("Refused by the fetch (not downloaded)", report["refused_source_objects"],
-         lambda r: f"`{r['key']}`: {r['reason']}"),
+        (
+            "Refused by the fetch (not downloaded)",
+            report["refused_source_objects"],
+            lambda r: f"`{r['key']}`: {r['reason']}",
+        ),
         ("Excluded from training and scoring", report["excluded"], lambda e: f"`{e['path']}`: {e['reason']}"),
-        ("Leaks across given splits", report["leaks"],
-         lambda g: ", ".join(f"`{m['given_split']}/{Path(m['path']).name}`" for m in g["members"])),
-        ("Label conflicts", report["label_conflicts"],
-         lambda g: ", ".join(f"`{m['path']}` ({m['label']})" for m in g["members"])),
+        (
+            "Leaks across given splits",
+            report["leaks"],
+            lambda g: ", ".join(f"`{m['given_split']}/{Path(m['path']).name}`" for m in g["members"]),
+        ),
+        (
+            "Label conflicts",
+            report["label_conflicts"],
+            lambda g: ", ".join(f"`{m['path']}` ({m['label']})" for m in g["members"]),
+        ),
     ]
     for title, items, fmt in sections:
         lines += ["", f"**{title}: {len(items)}**"]

@@ -20,10 +20,17 @@ from chest_ct.preprocess import file_to_pixels, to_model_input
 from chest_ct.window import LUNG_WINDOW, Window
 
 
-def image_dataset(files: Sequence[str], image_size: int, batch_size: int, *,
-                  labels: npt.ArrayLike | None = None, weights: npt.ArrayLike | None = None,
-                  augment_seed: int | None = None, shuffle_seed: int | None = None,
-                  window: Window = LUNG_WINDOW) -> tf.data.Dataset:
+def image_dataset(
+    files: Sequence[str],
+    image_size: int,
+    batch_size: int,
+    *,
+    labels: npt.ArrayLike | None = None,
+    weights: npt.ArrayLike | None = None,
+    augment_seed: int | None = None,
+    shuffle_seed: int | None = None,
+    window: Window = LUNG_WINDOW,
+) -> tf.data.Dataset:
     """Batches of model-ready images, or ``(images, labels[, weights])`` when labels are given.
 
     With ``augment_seed`` every image is augmented; the draws depend on the seed, the
@@ -56,8 +63,15 @@ def image_dataset(files: Sequence[str], image_size: int, batch_size: int, *,
     return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def extract_features(base: keras.Model, files: Sequence[str], image_size: int, batch_size: int,
-                     augment_seed: int | None = None, window: Window = LUNG_WINDOW) -> np.ndarray:
+def extract_features(
+    base: keras.Model,
+    files: Sequence[str],
+    image_size: int,
+    batch_size: int,
+    augment_seed: int | None = None,
+    window: Window = LUNG_WINDOW,
+) -> np.ndarray:
     """The frozen base's output for every file, in file order (``[N, features]``)."""
-    return np.asarray(base.predict(image_dataset(files, image_size, batch_size, augment_seed=augment_seed,
-                                                 window=window), verbose=0))
+    return np.asarray(
+        base.predict(image_dataset(files, image_size, batch_size, augment_seed=augment_seed, window=window), verbose=0)
+    )

@@ -26,9 +26,13 @@ from chest_ct.splits import ALL
 from serving.dicom import MAGIC_OFFSET, is_dicom
 
 SPLIT_ALIASES = {
-    "train": TRAIN, "training": TRAIN,
-    "valid": VALID, "val": VALID, "validation": VALID,
-    "test": TEST, "testing": TEST,
+    "train": TRAIN,
+    "training": TRAIN,
+    "valid": VALID,
+    "val": VALID,
+    "validation": VALID,
+    "test": TEST,
+    "testing": TEST,
 }
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", *DICOM_SUFFIXES)
 SYSTEM_FILES = {"thumbs.db", "desktop.ini"}
@@ -108,8 +112,9 @@ def _split_folders(data_root: Path) -> tuple[dict[str, str], dict[str, str]]:
         names.sort(key=lambda n: (n.lower() != split, n))  # the canonical name first, then alphabetical
         chosen[split] = names[0]
         for other in names[1:]:
-            second[other] = (f"second folder for split '{split}': '{other}/' beside '{names[0]}/' "
-                             f"(only '{names[0]}/' is used)")
+            second[other] = (
+                f"second folder for split '{split}': '{other}/' beside '{names[0]}/' (only '{names[0]}/' is used)"
+            )
     return chosen, second
 
 
@@ -118,11 +123,13 @@ def _check_classes(where: Path, found: set[str], classes: tuple[str, ...], flat:
     if len(missing) == len(classes):
         raise DatasetError(
             f"{where}: no class folders for {', '.join(classes)} (found {sorted(found) or 'no folders'}); "
-            "expected one folder per class" + (" or split folders train/ valid/ test/" if flat else ""))
+            "expected one folder per class" + (" or split folders train/ valid/ test/" if flat else "")
+        )
     if missing:
         raise DatasetError(
             f"{where}: only {sorted(set(classes) - set(missing))} present, missing class folder(s) {missing}; "
-            "a classifier needs every class in every split")
+            "a classifier needs every class in every split"
+        )
 
 
 def scan(root: Path, classes: tuple[str, ...] = CLASS_NAMES) -> Scan:
@@ -143,8 +150,9 @@ def scan(root: Path, classes: tuple[str, ...] = CLASS_NAMES) -> Scan:
     unknown_classes: set[str] = set()
     for file in files:
         rel = file.relative_to(root)
-        reason, candidate = _classify(rel, data_root.relative_to(root), split_dirs, second, classes, unknown_classes,
-                                      file)
+        reason, candidate = _classify(
+            rel, data_root.relative_to(root), split_dirs, second, classes, unknown_classes, file
+        )
         if candidate is not None:
             result.candidates.append(Candidate(file, rel.as_posix(), *candidate))
         else:
@@ -164,9 +172,15 @@ def _dicom_by_content(file: Path) -> bool:
         return False
 
 
-def _classify(rel: Path, data_rel: Path, split_dirs: dict[str, str], second: dict[str, str],
-              classes: tuple[str, ...], unknown_classes: set[str],
-              file: Path) -> tuple[str, tuple[str, str] | None]:
+def _classify(
+    rel: Path,
+    data_rel: Path,
+    split_dirs: dict[str, str],
+    second: dict[str, str],
+    classes: tuple[str, ...],
+    unknown_classes: set[str],
+    file: Path,
+) -> tuple[str, tuple[str, str] | None]:
     """``(reason ignored, None)`` or ``("", (given_split, label))`` for one file."""
     if any(_hidden(part) for part in rel.parts):
         return "hidden or system file", None
@@ -191,6 +205,8 @@ def _classify(rel: Path, data_rel: Path, split_dirs: dict[str, str], second: dic
         unknown_classes.add(label)
         return f"unknown class folder '{parts[0]}/' (classes: {', '.join(classes)})", None
     if rel.suffix.lower() not in IMAGE_SUFFIXES and not _dicom_by_content(file):
-        return (f"unsupported type '{rel.suffix or 'no suffix'}' (expected {', '.join(IMAGE_SUFFIXES)}, "
-                "or a DICOM file by content)"), None
+        return (
+            f"unsupported type '{rel.suffix or 'no suffix'}' (expected {', '.join(IMAGE_SUFFIXES)}, "
+            "or a DICOM file by content)"
+        ), None
     return "", (split, label)

@@ -27,12 +27,16 @@ def classification_metrics(y_true: npt.ArrayLike, prob: npt.ArrayLike, threshold
         "roc_auc": float(skm.roc_auc_score(y, p)) if len(set(y.tolist())) == 2 else float("nan"),
         "brier": float(skm.brier_score_loss(y, p, pos_label=1)) if len(y) else float("nan"),
         "threshold": float(threshold),
-        "tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn),
+        "tp": int(tp),
+        "fp": int(fp),
+        "tn": int(tn),
+        "fn": int(fn),
     }
 
 
-def by_group(y_true: npt.ArrayLike, prob: npt.ArrayLike, groups: npt.ArrayLike
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def by_group(
+    y_true: npt.ArrayLike, prob: npt.ArrayLike, groups: npt.ArrayLike
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One row per duplicate group: ``(label, mean probability, group id)``, groups in ascending order.
 
     Copies of one picture are one piece of evidence, so per-picture metrics count
@@ -53,12 +57,21 @@ def calibration(y_true: npt.ArrayLike, prob: npt.ArrayLike, bins: int = 10) -> d
     y, p = np.asarray(y_true, dtype=int), np.asarray(prob, dtype=float)
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
-    ece = sum(abs(y[which == b].mean() - p[which == b].mean()) * (which == b).mean()
-              for b in range(bins) if (which == b).any())
+    ece = sum(
+        abs(y[which == b].mean() - p[which == b].mean()) * (which == b).mean()
+        for b in range(bins)
+        if (which == b).any()
+    )
     frac_pos, mean_pred = calibration_curve(y, p, n_bins=bins, strategy="uniform")
-    return {"brier": float(skm.brier_score_loss(y, p, pos_label=1)), "ece": float(ece), "n": int(len(y)),
-            "reliability": {"mean_predicted": [round(float(v), 4) for v in mean_pred],
-                            "fraction_positive": [round(float(v), 4) for v in frac_pos]}}
+    return {
+        "brier": float(skm.brier_score_loss(y, p, pos_label=1)),
+        "ece": float(ece),
+        "n": int(len(y)),
+        "reliability": {
+            "mean_predicted": [round(float(v), 4) for v in mean_pred],
+            "fraction_positive": [round(float(v), 4) for v in frac_pos],
+        },
+    }
 
 
 def roc_points(y_true: npt.ArrayLike, prob: npt.ArrayLike, max_points: int = 200) -> list[tuple[float, float, float]]:
@@ -95,9 +108,16 @@ def rate_metrics(y_true: npt.ArrayLike, prob: npt.ArrayLike, threshold: float) -
     }
 
 
-def bootstrap_intervals(y_true: npt.ArrayLike, prob: npt.ArrayLike, threshold: float, *,
-                        groups: npt.ArrayLike | None = None, rounds: int = BOOTSTRAP_ROUNDS, seed: int = 0,
-                        level: float = 0.95) -> dict[str, Estimate]:
+def bootstrap_intervals(
+    y_true: npt.ArrayLike,
+    prob: npt.ArrayLike,
+    threshold: float,
+    *,
+    groups: npt.ArrayLike | None = None,
+    rounds: int = BOOTSTRAP_ROUNDS,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, Estimate]:
     """:data:`INTERVAL_METRICS` with percentile intervals, resampling whole ``groups`` within each class.
 
     Copies of one picture are not independent evidence: with ``groups`` the
@@ -112,7 +132,9 @@ def bootstrap_intervals(y_true: npt.ArrayLike, prob: npt.ArrayLike, threshold: f
     group_label = np.array([y[m[0]] for m in members], dtype=int)
     pos, neg = np.flatnonzero(group_label == 1), np.flatnonzero(group_label == 0)
     if not pos.size or not neg.size:
-        raise ValueError(f"bootstrap intervals need both classes; got {pos.size} positive and {neg.size} negative units")
+        raise ValueError(
+            f"bootstrap intervals need both classes; got {pos.size} positive and {neg.size} negative units"
+        )
     rng = np.random.default_rng(seed)
     draws: dict[str, list[float]] = {name: [] for name in INTERVAL_METRICS}
     for _ in range(rounds):
@@ -121,5 +143,7 @@ def bootstrap_intervals(y_true: npt.ArrayLike, prob: npt.ArrayLike, threshold: f
         for name, value in rate_metrics(y[idx], p[idx], threshold).items():
             draws[name].append(value)
     point, tail = rate_metrics(y, p, threshold), (1 - level) / 2 * 100
-    return {name: Estimate(point[name], *(float(v) for v in np.nanpercentile(draws[name], [tail, 100 - tail])))
-            for name in INTERVAL_METRICS}
+    return {
+        name: Estimate(point[name], *(float(v) for v in np.nanpercentile(draws[name], [tail, 100 - tail])))
+        for name in INTERVAL_METRICS
+    }

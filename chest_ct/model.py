@@ -10,11 +10,14 @@ import keras
 
 BASE_LAYER = "vgg16"
 HEAD_LAYER = "head"
-BASE_WEIGHT_CHOICES = ("'imagenet' (Keras download), 'none' (random init), a local .h5 file "
-                       "or s3://bucket/key.h5 (air-gapped clusters)")
+BASE_WEIGHT_CHOICES = (
+    "'imagenet' (Keras download), 'none' (random init), a local .h5 file or s3://bucket/key.h5 (air-gapped clusters)"
+)
 #: What to pass instead when a download fails (no internet on the cluster or laptop).
-_OFFLINE_HINT = ("without internet pass base_weights=s3://<bucket>/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5 "
-                 "(a copy of Keras' file in your object store), a local .h5 path, or none (random init)")
+_OFFLINE_HINT = (
+    "without internet pass base_weights=s3://<bucket>/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5 "
+    "(a copy of Keras' file in your object store), a local .h5 path, or none (random init)"
+)
 
 
 class WeightsDownloadError(ValueError):
@@ -57,7 +60,8 @@ def _download_s3_weights(uri: str) -> Path:
         reason = " ".join(str(exc).split())
         raise WeightsDownloadError(
             f"base_weights={uri!r}: cannot download it from S3 ({reason}); check AWS_ACCESS_KEY_ID, "
-            "AWS_SECRET_ACCESS_KEY and AWS_ENDPOINT_URL, or pass a local .h5 path or none") from None
+            "AWS_SECRET_ACCESS_KEY and AWS_ENDPOINT_URL, or pass a local .h5 path or none"
+        ) from None
     return target
 
 
@@ -84,12 +88,16 @@ def build_model(image_size: int = 224, base_weights: str = "imagenet", dropout: 
         fetch = re.match(r"URL fetch failure on (\S+?):? (.*)", " ".join(str(exc).split()))
         if weights != "imagenet" or not fetch:
             raise
-        raise WeightsDownloadError(f"base_weights='imagenet': cannot download {fetch.group(1)} ({fetch.group(2)}); "
-                                   f"{_OFFLINE_HINT}") from None
+        raise WeightsDownloadError(
+            f"base_weights='imagenet': cannot download {fetch.group(1)} ({fetch.group(2)}); {_OFFLINE_HINT}"
+        ) from None
     base.trainable = False
     head = keras.Sequential(
-        [keras.Input(shape=base.output_shape[1:]), keras.layers.Dropout(dropout),
-         keras.layers.Dense(1, activation="sigmoid", name="probability")],
+        [
+            keras.Input(shape=base.output_shape[1:]),
+            keras.layers.Dropout(dropout),
+            keras.layers.Dense(1, activation="sigmoid", name="probability"),
+        ],
         name=HEAD_LAYER,
     )
     inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
@@ -101,8 +109,10 @@ def split_model(model: keras.Model) -> tuple[keras.Model, keras.Model]:
     try:
         return model.get_layer(BASE_LAYER), model.get_layer(HEAD_LAYER)
     except ValueError as exc:
-        raise ValueError(f"model {model.name!r} lacks a '{BASE_LAYER}' base and a '{HEAD_LAYER}' head; "
-                         "expected the output of the base model step") from exc
+        raise ValueError(
+            f"model {model.name!r} lacks a '{BASE_LAYER}' base and a '{HEAD_LAYER}' head; "
+            "expected the output of the base model step"
+        ) from exc
 
 
 def image_size_of(model: keras.Model) -> int:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from chest_ct.html_parts import e, items, table
 from chest_ct.records import ROLES, Manifest
 
 log = logging.getLogger(__name__)
@@ -28,26 +29,40 @@ COMMIT_ENV = "CHEST_CT_GIT_COMMIT"
 UNKNOWN = "unknown"
 
 INTENDED_USE = (
-    ("Research and engineering: a test bed for training, evaluating and serving a CT image classifier "
-     "on Kubeflow, MLflow and KServe."),
-    ("Scores one chest CT image (PNG/JPEG screenshot) for adenocarcinoma versus normal; the output is a "
-     "probability and a label at the threshold stored with the model."),
-    ("The Grad-CAM map shows which regions raised the adenocarcinoma score, to help a person judge whether "
-     "the model looked at the lung or at something else."),
+    (
+        "Research and engineering: a test bed for training, evaluating and serving a CT image classifier "
+        "on Kubeflow, MLflow and KServe."
+    ),
+    (
+        "Scores one chest CT image (PNG/JPEG screenshot) for adenocarcinoma versus normal; the output is a "
+        "probability and a label at the threshold stored with the model."
+    ),
+    (
+        "The Grad-CAM map shows which regions raised the adenocarcinoma score, to help a person judge whether "
+        "the model looked at the lung or at something else."
+    ),
 )
 NOT_FOR = (
     "Not a medical device: not for diagnosis, screening, triage or any decision about a patient.",
-    ("Not for other findings or cancer types (large cell or squamous cell carcinoma, nodules, infection): "
-     "it knows two classes only and gives every image one of them."),
-    ("Not for images unlike its training data (other scanners, windows, resolutions, DICOM series, non-chest "
-     "slices): it has no way to say it does not know."),
-    ("Not a proof of pathology detection: a high score can come from how the images were collected (see the "
-     "shortcut audit)."),
+    (
+        "Not for other findings or cancer types (large cell or squamous cell carcinoma, nodules, infection): "
+        "it knows two classes only and gives every image one of them."
+    ),
+    (
+        "Not for images unlike its training data (other scanners, windows, resolutions, DICOM series, non-chest "
+        "slices): it has no way to say it does not know."
+    ),
+    (
+        "Not a proof of pathology detection: a high score can come from how the images were collected (see the "
+        "shortcut audit)."
+    ),
 )
 GENERAL_LIMITATIONS = (
     "One 2-D slice at a time, resized to a square: no 3-D context, no patient history, aspect ratio lost.",
-    ("The threshold targets a sensitivity on out-of-fold predictions of the fitting data; on new data the "
-     "sensitivity it reaches can differ."),
+    (
+        "The threshold targets a sensitivity on out-of-fold predictions of the fitting data; on new data the "
+        "sensitivity it reaches can differ."
+    ),
     "Grad-CAM maps are coarse (VGG16's last conv grid) and show correlation with the score, not causation.",
 )
 #: README, section "What the data can and cannot show", word for word.
@@ -69,10 +84,17 @@ def source_commit() -> str:
         return given
     here = Path(__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return UNKNOWN
     return f"{commit} (with uncommitted changes)" if dirty else commit or UNKNOWN
@@ -116,8 +138,12 @@ def random_base(base_weights: str) -> bool:
 def data_summary(manifest: Manifest) -> list[DataRow]:
     images = Counter((r.split, r.label) for r in manifest.records)
     pictures = Counter((split, label) for split, label, _ in {(r.split, r.label, r.group) for r in manifest.records})
-    return [DataRow(role, label, images[role, label], pictures[role, label])
-            for role in ROLES for label in manifest.classes if images[role, label]]
+    return [
+        DataRow(role, label, images[role, label], pictures[role, label])
+        for role in ROLES
+        for label in manifest.classes
+        if images[role, label]
+    ]
 
 
 def findings(manifest: Manifest, report: dict[str, Any], base_weights: str) -> list[str]:
@@ -125,30 +151,48 @@ def findings(manifest: Manifest, report: dict[str, Any], base_weights: str) -> l
     out = []
     groups = report.get("groups_per_class", {})
     if groups:
-        out.append(f"The score rests on {report['scored_images']} test images, "
-                   + ", ".join(f"{n} distinct {label} pictures" for label, n in groups.items())
-                   + ": read the intervals, not the point values.")
+        out.append(
+            f"The score rests on {report['scored_images']} test images, "
+            + ", ".join(f"{n} distinct {label} pictures" for label, n in groups.items())
+            + ": read the intervals, not the point values."
+        )
     for row in data_summary(manifest):
         if row.role == "train" and row.images >= 3 * row.pictures:
-            out.append(f"Training {row.label} images are mostly copies: {row.images} files, {row.pictures} "
-                       "distinct pictures.")
+            out.append(
+                f"Training {row.label} images are mostly copies: {row.images} files, {row.pictures} distinct pictures."
+            )
     audit = report.get("shortcut", {})
     if audit.get("warning"):
-        out.append(f"Shortcut warning: image statistics alone reach AUC {audit['statistics_auc']:.3f} against the "
-                   f"model's {audit['model_auc']:.3f}; the score may reflect image source, not pathology.")
+        out.append(
+            f"Shortcut warning: image statistics alone reach AUC {audit['statistics_auc']:.3f} against the "
+            f"model's {audit['model_auc']:.3f}; the score may reflect image source, not pathology."
+        )
     if report.get("excluded_images"):
         n = report["excluded_images"]
-        out.append(f"{n} image{'s were' if n != 1 else ' was'} kept out of the score (copies of pictures the model "
-                   "saw, or label conflicts), listed in the report.")
+        out.append(
+            f"{n} image{'s were' if n != 1 else ' was'} kept out of the score (copies of pictures the model "
+            "saw, or label conflicts), listed in the report."
+        )
     if random_base(base_weights):
-        out.append("The VGG16 base has random weights (base_weights=none), not ImageNet's: it has learnt nothing, "
-                   "so its features and Grad-CAM maps say little; use this model to test the pipeline only.")
+        out.append(
+            "The VGG16 base has random weights (base_weights=none), not ImageNet's: it has learnt nothing, "
+            "so its features and Grad-CAM maps say little; use this model to test the pipeline only."
+        )
     return out
 
 
-def build_model_card(manifest: Manifest, metadata: dict[str, Any], report: dict[str, Any], *, run_id: str,
-                     registered_version: str, model_name: str, experiment: str, base_weights: str,
-                     git_commit: str | None = None) -> ModelCard:
+def build_model_card(
+    manifest: Manifest,
+    metadata: dict[str, Any],
+    report: dict[str, Any],
+    *,
+    run_id: str,
+    registered_version: str,
+    model_name: str,
+    experiment: str,
+    base_weights: str,
+    git_commit: str | None = None,
+) -> ModelCard:
     import mlflow
 
     params: dict[str, str] = {}
@@ -157,11 +201,73 @@ def build_model_card(manifest: Manifest, metadata: dict[str, Any], report: dict[
     except Exception as exc:  # the card is still worth having without the run's parameters
         log.warning("model card: cannot read the parameters of MLflow run %s: %s", run_id, exc)
     return ModelCard(
-        model_name=model_name, registered_version=registered_version, mlflow_run_id=run_id, experiment=experiment,
-        tracking_uri=mlflow.get_tracking_uri(), git_commit=git_commit or source_commit(),
-        dataset_fingerprint=manifest.fingerprint, base_weights=base_weights or UNKNOWN,
-        image_size=int(metadata["image_size"]), threshold=float(metadata["threshold"]),
-        threshold_source=metadata.get("threshold_source", ""), exported_at=metadata.get("exported_at", ""),
-        data=data_summary(manifest), training=dict(metadata.get("training", {})), params=params,
+        model_name=model_name,
+        registered_version=registered_version,
+        mlflow_run_id=run_id,
+        experiment=experiment,
+        tracking_uri=mlflow.get_tracking_uri(),
+        git_commit=git_commit or source_commit(),
+        dataset_fingerprint=manifest.fingerprint,
+        base_weights=base_weights or UNKNOWN,
+        image_size=int(metadata["image_size"]),
+        threshold=float(metadata["threshold"]),
+        threshold_source=metadata.get("threshold_source", ""),
+        exported_at=metadata.get("exported_at", ""),
+        data=data_summary(manifest),
+        training=dict(metadata.get("training", {})),
+        params=params,
         findings=findings(manifest, report, base_weights),
+    )
+
+
+def card_html(k: ModelCard) -> str:
+    """The card as the last section of the HTML report."""
+    provenance = [
+        ["registered model", f"{e(k.model_name)} version {e(k.registered_version)}"],
+        ["MLflow run", f"<code>{e(k.mlflow_run_id)}</code> in experiment {e(k.experiment)}"],
+        ["MLflow tracking", f"<code>{e(k.tracking_uri)}</code>"],
+        ["git commit", f"<code>{e(k.git_commit)}</code>"],
+        ["dataset fingerprint", f"<code>{e(k.dataset_fingerprint)}</code>"],
+        [
+            "model",
+            (
+                f"VGG16 base (weights: {e(k.base_weights)}), sigmoid head; input {k.image_size} px; "
+                f"exported {e(k.exported_at)}"
+            ),
+        ],
+        [
+            "training",
+            e(
+                ", ".join(
+                    f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                    for key, value in sorted(k.training.items())
+                )
+            ),
+        ],
+        ["threshold", f"{k.threshold:.4f}"],
+    ]
+    params = [[e(name), e(value)] for name, value in sorted(k.params.items())]
+    data = [[e(row.role), e(row.label), row.images, row.pictures] for row in k.data]
+    return (
+        "<h3>Intended use</h3>"
+        + items(INTENDED_USE)
+        + "<h3>Not for</h3>"
+        + items(NOT_FOR)
+        + "<h3>Training data</h3>"
+        + table(["role", "class", "images", "distinct pictures"], data)
+        + "<h3>Known limitations</h3>"
+        + items(GENERAL_LIMITATIONS)
+        + "<p><b>The data</b> (README, “What the data can and cannot show”): "
+        + e(DATA_LIMITATIONS).replace("`", "")
+        + "</p>"
+        + ("<p><b>Measured in this run:</b></p>" + items(k.findings) if k.findings else "")
+        + "<h3>Provenance</h3>"
+        + table([], provenance)
+        + (
+            "<details><summary>Training parameters (MLflow run)</summary>"
+            + table(["name", "value"], params)
+            + "</details>"
+            if params
+            else ""
+        )
     )

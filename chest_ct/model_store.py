@@ -36,8 +36,7 @@ def model_uri(model_store_uri: str, version: str) -> str:
     return f"s3://{bucket}/{prefix}/{version}"
 
 
-def upload_model_dir(model_dir: Path, s3_uri: str, endpoint_url: str | None = None, *,
-                     s3_client: Any = None) -> str:
+def upload_model_dir(model_dir: Path, s3_uri: str, endpoint_url: str | None = None, *, s3_client: Any = None) -> str:
     """Copy a SavedModel folder to ``s3_uri`` and return the URI to serve from.
 
     KServe's storage initializer downloads whatever is under the prefix, so

@@ -52,13 +52,15 @@ METHOD = "max over VGG16 blocks of Mahalanobis distance (Ledoit-Wolf) of sqrt po
 def feature_model(model: keras.Model) -> keras.Model:
     """The base's pooled feature maps of :data:`BLOCKS`, one pass; the last output is the base's own output."""
     base, _ = split_model(model)
-    pooled = [keras.layers.GlobalAveragePooling2D(name=f"pooled_{name}")(base.get_layer(name).output)
-              for name in BLOCKS[:-1]]
+    pooled = [
+        keras.layers.GlobalAveragePooling2D(name=f"pooled_{name}")(base.get_layer(name).output) for name in BLOCKS[:-1]
+    ]
     return keras.Model(base.input, [*pooled, base.output], name="pooled_features")
 
 
-def block_features(model: keras.Model, files: Sequence[str], image_size: int, batch_size: int,
-                   window: Window = LUNG_WINDOW) -> list[np.ndarray]:
+def block_features(
+    model: keras.Model, files: Sequence[str], image_size: int, batch_size: int, window: Window = LUNG_WINDOW
+) -> list[np.ndarray]:
     """Pooled features of every file (as training reads them), per block: ``[N, channels]`` each."""
     from chest_ct.inputs import image_dataset
 
@@ -89,8 +91,13 @@ class Guard:
 
     def block_distances(self, features: Sequence[np.ndarray]) -> np.ndarray:
         """``[N, blocks]`` distances, each divided by its block's scale."""
-        return np.stack([_distances(f, m, p) / s for f, m, p, s in
-                         zip(features, self.means, self.precisions, self.scales, strict=True)], axis=1)
+        return np.stack(
+            [
+                _distances(f, m, p) / s
+                for f, m, p, s in zip(features, self.means, self.precisions, self.scales, strict=True)
+            ],
+            axis=1,
+        )
 
     def score(self, features: Sequence[np.ndarray]) -> np.ndarray:
         """``ood_score`` of each image (numpy; the SavedModel computes the same in float32)."""
@@ -98,28 +105,39 @@ class Guard:
 
     def metadata(self) -> dict[str, Any]:
         """What ``model_metadata.json`` says about the guard."""
-        return {"threshold": float(self.threshold), "quantile": float(self.quantile), "method": METHOD,
-                "blocks": list(self.blocks), "outputs": {"ood_score": "FP32 [N]", "in_distribution": "BOOL [N]"},
-                "calibration": self.calibration}
+        return {
+            "threshold": float(self.threshold),
+            "quantile": float(self.quantile),
+            "method": METHOD,
+            "blocks": list(self.blocks),
+            "outputs": {"ood_score": "FP32 [N]", "in_distribution": "BOOL [N]"},
+            "calibration": self.calibration,
+        }
 
 
-def fit_guard(features: Sequence[np.ndarray], groups: Sequence[int], *, quantile: float = defaults.OOD_QUANTILE,
-              folds: int = defaults.OOD_FOLDS) -> Guard:
+def fit_guard(
+    features: Sequence[np.ndarray],
+    groups: Sequence[int],
+    *,
+    quantile: float = defaults.OOD_QUANTILE,
+    folds: int = defaults.OOD_FOLDS,
+) -> Guard:
     """Fit the densities on ``features`` (per block, ``[N, D]``) and calibrate the threshold out-of-fold.
 
     ``groups``: the duplicate group of each image, so copies of one picture never sit
     on both sides of a fold.
     """
     check_quantile(quantile)
-    groups = np.asarray(groups)
-    n_groups = len(set(groups.tolist()))
+    group_ids = np.asarray(groups)
+    n_groups = len(set(group_ids.tolist()))
     if n_groups < 2:
-        raise ValueError(f"the out-of-distribution guard needs at least 2 distinct pictures to calibrate, got "
-                         f"{n_groups}")
+        raise ValueError(
+            f"the out-of-distribution guard needs at least 2 distinct pictures to calibrate, got {n_groups}"
+        )
     n_blocks = len(features)
-    oof = np.zeros((len(groups), n_blocks))
+    oof = np.zeros((len(group_ids), n_blocks))
     splitter = GroupKFold(n_splits=min(folds, n_groups))
-    for fit_idx, held_idx in splitter.split(features[0], groups=groups):
+    for fit_idx, held_idx in splitter.split(features[0], groups=group_ids):
         for b, f in enumerate(features):
             density = LedoitWolf().fit(_transform(f[fit_idx]))
             oof[held_idx, b] = _distances(f[held_idx], density.location_, density.precision_)
@@ -127,12 +145,18 @@ def fit_guard(features: Sequence[np.ndarray], groups: Sequence[int], *, quantile
     oof_scores = (oof / np.asarray(scales)).max(axis=1)
     threshold = float(np.quantile(oof_scores, quantile))
     densities = [LedoitWolf().fit(_transform(f)) for f in features]
-    guard = Guard(means=[d.location_.astype(np.float32) for d in densities],
-                  precisions=[d.precision_.astype(np.float32) for d in densities],
-                  scales=scales, threshold=threshold, quantile=quantile)
+    guard = Guard(
+        means=[d.location_.astype(np.float32) for d in densities],
+        precisions=[d.precision_.astype(np.float32) for d in densities],
+        scales=scales,
+        threshold=threshold,
+        quantile=quantile,
+    )
     fitted = guard.score(features)
     guard.calibration = {
-        "images": len(groups), "pictures": n_groups, "folds": splitter.get_n_splits(),
+        "images": len(groups),
+        "pictures": n_groups,
+        "folds": splitter.get_n_splits(),
         "out_of_fold_accepted": float(np.mean(oof_scores <= threshold)),
         "out_of_fold_score_percentiles": _percentiles(oof_scores),
         "fitted_score_percentiles": _percentiles(fitted),
@@ -147,8 +171,10 @@ def _percentiles(values: np.ndarray) -> dict[str, float]:
 
 def check_quantile(quantile: float) -> None:
     if isinstance(quantile, bool) or not isinstance(quantile, (int, float)) or not 0.5 <= quantile <= 1.0:
-        raise ValueError(f"ood_quantile={quantile!r}: expected a number from 0.5 to 1 (the share of in-distribution "
-                         "images the guard accepts, e.g. 0.99)")
+        raise ValueError(
+            f"ood_quantile={quantile!r}: expected a number from 0.5 to 1 (the share of in-distribution "
+            "images the guard accepts, e.g. 0.99)"
+        )
 
 
 class GuardGraph(tf.Module):

@@ -52,8 +52,11 @@ def available_cpus() -> int:
 
 def _eta(seconds: float) -> str:
     seconds = max(0, round(seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else (
-        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s")
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+        if seconds >= 3600
+        else (f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s")
+    )
 
 
 class Progress:
@@ -63,8 +66,15 @@ class Progress:
     least one progress line was logged (so long runs end with their totals).
     """
 
-    def __init__(self, what: str, total: int, *, every_s: float = DEFAULT_PROGRESS_EVERY_S,
-                 logger: logging.Logger = log, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        what: str,
+        total: int,
+        *,
+        every_s: float = DEFAULT_PROGRESS_EVERY_S,
+        logger: logging.Logger = log,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.what, self.total, self.every_s, self.logger, self.clock = what, total, every_s, logger, clock
         self.done = 0
         self.start = self.last = clock()
@@ -77,14 +87,26 @@ class Progress:
             self.last = now
             self.lines += 1
             rate = self.done / max(now - self.start, 1e-9)
-            self.logger.info("%s: %d/%d (%.0f/s, ETA %s)", self.what, self.done, self.total, rate,
-                             _eta((self.total - self.done) / max(rate, 1e-9)))
+            self.logger.info(
+                "%s: %d/%d (%.0f/s, ETA %s)",
+                self.what,
+                self.done,
+                self.total,
+                rate,
+                _eta((self.total - self.done) / max(rate, 1e-9)),
+            )
 
     def finish(self) -> None:
         if self.lines:
             elapsed = self.clock() - self.start
-            self.logger.info("%s: %d/%d in %s (%.0f/s)", self.what, self.done, self.total, _eta(elapsed),
-                             self.done / max(elapsed, 1e-9))
+            self.logger.info(
+                "%s: %d/%d in %s (%.0f/s)",
+                self.what,
+                self.done,
+                self.total,
+                _eta(elapsed),
+                self.done / max(elapsed, 1e-9),
+            )
 
 
 def worker_context(preload: Sequence[str] = ()) -> multiprocessing.context.BaseContext:
@@ -121,9 +143,17 @@ def chunk_size_for(n_items: int, workers: int) -> int:
     return max(1, min(MAX_CHUNK, math.ceil(n_items / (8 * max(1, workers)))))
 
 
-def process_map(fn: Callable[[list[T]], list[R]], items: Sequence[T], *, workers: int,
-                on_crash: Callable[[T], R], chunk_size: int | None = None, preload: Sequence[str] = (),
-                initializer: Callable[[], None] | None = None, progress: Progress | None = None) -> list[R]:
+def process_map(
+    fn: Callable[[list[T]], list[R]],
+    items: Sequence[T],
+    *,
+    workers: int,
+    on_crash: Callable[[T], R],
+    chunk_size: int | None = None,
+    preload: Sequence[str] = (),
+    initializer: Callable[[], None] | None = None,
+    progress: Progress | None = None,
+) -> list[R]:
     """``fn`` over ``items`` in chunks on ``workers`` processes; results in input order.
 
     ``fn`` takes a list of items and returns one result per item; it must be a
@@ -137,21 +167,26 @@ def process_map(fn: Callable[[list[T]], list[R]], items: Sequence[T], *, workers
     if not items:
         return []
     chunk_size = chunk_size or chunk_size_for(len(items), workers)
-    chunks = [items[i:i + chunk_size] for i in range(0, len(items), chunk_size)]
+    chunks = [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)]
     results: list[list[R] | None] = [None] * len(chunks)
     ctx = worker_context(preload)
     pending = deque(range(len(chunks)))
     while pending:
-        for cid in _run_until_broken(fn, chunks, pending, results, min(workers, len(chunks)), ctx, initializer, progress):
-            log.warning("a worker process died while handling %d items; re-running them one at a time", len(chunks[cid]))
+        for cid in _run_until_broken(
+            fn, chunks, pending, results, min(workers, len(chunks)), ctx, initializer, progress
+        ):
+            log.warning(
+                "a worker process died while handling %d items; re-running them one at a time", len(chunks[cid])
+            )
             results[cid] = _isolate(fn, chunks[cid], ctx, initializer, on_crash)
             if progress:
                 progress.update(len(chunks[cid]))
     return [r for chunk in results for r in chunk]  # type: ignore[union-attr]
 
 
-def _run_until_broken(fn, chunks, pending: deque, results: list, workers: int, ctx, initializer,
-                      progress: Progress | None) -> list[int]:
+def _run_until_broken(
+    fn, chunks, pending: deque, results: list, workers: int, ctx, initializer, progress: Progress | None
+) -> list[int]:
     """Run pending chunks with at most 2 per worker in flight; return the chunks lost when the pool broke."""
     in_flight: dict[Future, int] = {}
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=initializer) as pool:
@@ -198,7 +233,8 @@ def _isolate(fn, items: list, ctx, initializer, on_crash) -> list:
                 except BrokenProcessPool as exc:
                     raise WorkerStartError(
                         "worker processes die before doing any work (see the log above for their error; "
-                        "a script that starts them needs an `if __name__ == \"__main__\":` guard)") from exc
+                        'a script that starts them needs an `if __name__ == "__main__":` guard)'
+                    ) from exc
             try:
                 out.append(pool.submit(fn, [item]).result()[0])
             except BrokenProcessPool:

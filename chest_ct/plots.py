@@ -42,8 +42,9 @@ def save_plots(units: dict[str, Unit], threshold: float, class_names: Sequence[s
     for unit, (y, p) in units.items():
         fig, ax = plt.subplots(figsize=(4.5, 4))
         pred = (np.asarray(p) >= threshold).astype(int)
-        skm.ConfusionMatrixDisplay.from_predictions(y, pred, labels=[0, 1], display_labels=list(class_names),
-                                                    ax=ax, colorbar=False)
+        skm.ConfusionMatrixDisplay.from_predictions(
+            y, pred, labels=[0, 1], display_labels=list(class_names), ax=ax, colorbar=False
+        )
         ax.set_title(f"{_label(unit)} (threshold {threshold:.3f})")
         save(f"confusion_matrix_{unit}", fig)
 
@@ -61,7 +62,7 @@ def save_plots(units: dict[str, Unit], threshold: float, class_names: Sequence[s
         line = skm.PrecisionRecallDisplay.from_predictions(y, p, ax=ax, name=_label(unit)).line_
         m = _operating_point(y, p, threshold)
         ax.plot(m["sensitivity"], m["precision"], "o", color=line.get_color())
-        ax.axhline(float(np.mean(y)), linestyle=":", color=line.get_color(), linewidth=1)
+        ax.axhline(float(np.mean(np.asarray(y, dtype=float))), linestyle=":", color=line.get_color(), linewidth=1)
     ax.set(xlabel=f"sensitivity (recall of {class_names[1]})", ylabel="precision")
     ax.set_title("Precision-recall; dots: at the threshold,\ndotted: prevalence", fontsize=10)
     save("precision_recall_curve", fig)
@@ -82,9 +83,11 @@ def save_plots(units: dict[str, Unit], threshold: float, class_names: Sequence[s
 def _operating_point(y: npt.ArrayLike, p: npt.ArrayLike, threshold: float) -> dict[str, float]:
     labels, pred = np.asarray(y, int), np.asarray(p, float) >= threshold
     tp = int((pred & (labels == 1)).sum())
-    return {"sensitivity": tp / max(int((labels == 1).sum()), 1),
-            "specificity": int((~pred & (labels == 0)).sum()) / max(int((labels == 0).sum()), 1),
-            "precision": tp / int(pred.sum()) if pred.any() else float("nan")}  # undefined: not drawn
+    return {
+        "sensitivity": tp / max(int((labels == 1).sum()), 1),
+        "specificity": int((~pred & (labels == 0)).sum()) / max(int((labels == 0).sum()), 1),
+        "precision": tp / int(pred.sum()) if pred.any() else float("nan"),
+    }  # undefined: not drawn
 
 
 def _reliability(y: npt.ArrayLike, p: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:

@@ -44,8 +44,17 @@ import tensorflow as tf
 
 from chest_ct import defaults
 from serving.model_dir import GUARD_KEY
-from serving.precision import (AUTO, BF16, FP32, GRAPPLER_OPTION, KEEP_FLOAT32_ENV, CpuBf16, check_choice, cpu_bf16,
-                               parity)
+from serving.precision import (
+    AUTO,
+    BF16,
+    FP32,
+    GRAPPLER_OPTION,
+    KEEP_FLOAT32_ENV,
+    CpuBf16,
+    check_choice,
+    cpu_bf16,
+    parity,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +117,9 @@ def visible_gpu_capabilities() -> list[tuple[int, int]]:
     return found
 
 
-def choose_precision(requested: str = defaults.PRECISION, gpus: Sequence[tuple[int, int]] | None = None,
-                     cpu: CpuBf16 | None = None) -> PrecisionChoice:
+def choose_precision(
+    requested: str = defaults.PRECISION, gpus: Sequence[tuple[int, int]] | None = None, cpu: CpuBf16 | None = None
+) -> PrecisionChoice:
     """The dtype policy for VGG16's layers. ``gpus``: compute capabilities (default: TensorFlow's visible GPUs)."""
     check_choice("precision", requested)
     gpus = visible_gpu_capabilities() if gpus is None else list(gpus)
@@ -119,8 +129,12 @@ def choose_precision(requested: str = defaults.PRECISION, gpus: Sequence[tuple[i
     if gpus:
         policy, why = gpu_policy(gpus)
         if requested == BF16 and policy == FLOAT32:
-            return PrecisionChoice(requested, MIXED_FP16, device, f"bf16 requested; {why} (fp16, the GPU's reduced "
-                                                                  "type, works but may not be faster)")
+            return PrecisionChoice(
+                requested,
+                MIXED_FP16,
+                device,
+                f"bf16 requested; {why} (fp16, the GPU's reduced type, works but may not be faster)",
+            )
         return PrecisionChoice(requested, policy, device, f"{requested}: {why}")
     cpu = cpu or cpu_bf16()
     if requested == BF16:
@@ -183,8 +197,9 @@ def onednn_bf16(keep_float32_ops: Sequence[str] = ()) -> Iterator[None]:
             os.environ[KEEP_FLOAT32_ENV] = before_env
 
 
-def precision_agreement(model_dir: Path, files: Sequence[str], threshold: float,
-                        tolerance: float = defaults.PRECISION_TOLERANCE) -> dict[str, Any]:
+def precision_agreement(
+    model_dir: Path, files: Sequence[str], threshold: float, tolerance: float = defaults.PRECISION_TOLERANCE
+) -> dict[str, Any]:
     """The exported model's float32 and bf16 probabilities on ``files`` compared, as the server's guard compares.
 
     Reported by evaluation on its split whatever this machine's own choice would be, so the
@@ -204,7 +219,13 @@ def precision_agreement(model_dir: Path, files: Sequence[str], threshold: float,
     log.info("fp32 vs bf16 on %s", result.describe())
     guard = {}
     if "in_distribution" in fp32 and "in_distribution" in reduced:  # the guard's answer may flip too
-        guard = {"guard_flips": int(np.sum(fp32["in_distribution"] != reduced["in_distribution"])),
-                 "ood_score_max_rel_diff": float(np.max(np.abs(fp32["ood_score"] - reduced["ood_score"])
-                                                        / np.maximum(np.abs(fp32["ood_score"]), 1e-6), initial=0.0))}
+        guard = {
+            "guard_flips": int(np.sum(fp32["in_distribution"] != reduced["in_distribution"])),
+            "ood_score_max_rel_diff": float(
+                np.max(
+                    np.abs(fp32["ood_score"] - reduced["ood_score"]) / np.maximum(np.abs(fp32["ood_score"]), 1e-6),
+                    initial=0.0,
+                )
+            ),
+        }
     return {**result.to_dict(), **guard, "precision": BF16, "native_bf16": cpu.native, "cpu": cpu.source}

@@ -23,8 +23,10 @@ def load_predictor(model_dir: Path) -> Callable[[list[bytes]], np.ndarray]:
     fn = tf.saved_model.load(str(model_dir)).signatures[BYTES_SIGNATURE]
 
     def predict(encoded: list[bytes], batch_size: int = 32) -> np.ndarray:
-        out = [fn(images=tf.constant(encoded[i:i + batch_size]))["probability"].numpy()
-               for i in range(0, len(encoded), batch_size)]
+        out = [
+            fn(images=tf.constant(encoded[i : i + batch_size]))["probability"].numpy()
+            for i in range(0, len(encoded), batch_size)
+        ]
         return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
     return predict
@@ -66,15 +68,19 @@ class Predictor:
                 result = self._signature("hu")(hu=tf.constant(read_hu(data, DEFAULT_MAX_PIXELS)[None]))
                 rows[i] = {k: v.numpy()[0] for k, v in result.items()}
         keys = [k for k in self.KEYS if all(k in r for r in rows)]  # type: ignore[operator]
-        return {k: np.asarray([r[k] for r in rows], np.bool_ if k == "in_distribution" else np.float32)  # type: ignore[index]
-                for k in keys}
+        return {
+            k: np.asarray([r[k] for r in rows], np.bool_ if k == "in_distribution" else np.float32)  # type: ignore[index]
+            for k in keys
+        }
 
     def _signature(self, kind: str):
         name = SIGNATURES[kind, self.head]
         if name not in self._signatures:
-            raise ValueError(f"{self.model_dir} has no '{name}' signature (a model exported before "
-                             f"{'DICOM support' if kind == 'hu' else 'this head existed'}): it cannot "
-                             f"{'score DICOM files' if kind == 'hu' else 'answer ' + self.head}")
+            raise ValueError(
+                f"{self.model_dir} has no '{name}' signature (a model exported before "
+                f"{'DICOM support' if kind == 'hu' else 'this head existed'}): it cannot "
+                f"{'score DICOM files' if kind == 'hu' else 'answer ' + self.head}"
+            )
         return self._signatures[name]
 
 
@@ -84,6 +90,7 @@ def predict_outputs(model_dir: Path, files: Sequence[str], batch_size: int = 32)
     Only one batch of files is in memory at a time, however many files there are.
     """
     predictor, files = Predictor(model_dir), list(files)
-    parts = [predictor([Path(f).read_bytes() for f in files[i:i + batch_size]])
-             for i in range(0, len(files), batch_size)] or [predictor([])]
+    parts = [
+        predictor([Path(f).read_bytes() for f in files[i : i + batch_size]]) for i in range(0, len(files), batch_size)
+    ] or [predictor([])]
     return {k: np.concatenate([p[k] for p in parts]) for k in Predictor.KEYS if all(k in p for p in parts)}

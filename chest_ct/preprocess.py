@@ -77,5 +77,8 @@ def file_to_pixels(encoded: tf.Tensor, image_size: int, window: Window) -> tf.Te
     Training reads its files with this. A DICOM file goes through the same
     :func:`hu_to_pixels` and :func:`resize` as the SavedModel's ``serve_hu`` signature.
     """
-    return tf.cond(is_dicom(encoded), lambda: resize(hu_to_pixels(read_hu(encoded), window), image_size),
-                   lambda: decode_and_resize(encoded, image_size))
+    return tf.cond(
+        is_dicom(encoded),
+        lambda: resize(hu_to_pixels(read_hu(encoded), window), image_size),
+        lambda: decode_and_resize(encoded, image_size),
+    )

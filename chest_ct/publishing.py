@@ -15,12 +15,21 @@ from chest_ct.blessing import Decision
 
 
 def _numbers(prefix: str, values: dict[str, Any]) -> dict[str, float]:
-    return {f"{prefix}{k}": float(v) for k, v in values.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {
+        f"{prefix}{k}": float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
-def publish(run_id: str, evaluated_model_dir: Path, report: dict[str, Any], plots: dict[str, Path],
-            decision: Decision, *, registered_model_name: str, expected_champion: str | None) -> str:
+def publish(
+    run_id: str,
+    evaluated_model_dir: Path,
+    report: dict[str, Any],
+    plots: dict[str, Path],
+    decision: Decision,
+    *,
+    registered_model_name: str,
+    expected_champion: str | None,
+) -> str:
     """Log the evaluation into the training run, register the model, promote it if blessed; return the version.
 
     Promotion re-checks the champion alias right before setting it (see
@@ -28,14 +37,23 @@ def publish(run_id: str, evaluated_model_dir: Path, report: dict[str, Any], plot
     turned into a refusal with that reason.
     """
     with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics({**_numbers("test_image_", report["per_image"]),
-                            **_numbers("test_group_", report["per_group"]),
-                            "scored_images": report["scored_images"], "scored_groups": report["scored_groups"],
-                            "excluded_images": report["excluded_images"],
-                            "shortcut_statistics_auc": report["shortcut"]["statistics_auc"]})
-        mlflow.set_tags({"shortcut_warning": str(report["shortcut"]["warning"]).lower(),
-                         "shortcut_message": report["shortcut"]["message"][:5000],
-                         "git_commit": str(report.get("git_commit", "unknown"))})
+        mlflow.log_metrics(
+            {
+                **_numbers("test_image_", report["per_image"]),
+                **_numbers("test_group_", report["per_group"]),
+                "scored_images": report["scored_images"],
+                "scored_groups": report["scored_groups"],
+                "excluded_images": report["excluded_images"],
+                "shortcut_statistics_auc": report["shortcut"]["statistics_auc"],
+            }
+        )
+        mlflow.set_tags(
+            {
+                "shortcut_warning": str(report["shortcut"]["warning"]).lower(),
+                "shortcut_message": report["shortcut"]["message"][:5000],
+                "git_commit": str(report.get("git_commit", "unknown")),
+            }
+        )
         for path in plots.values():
             mlflow.log_artifact(str(path), "plots")
         mlflow.log_dict(report["shortcut"], "evaluation/shortcut_audit.json")
@@ -46,9 +64,11 @@ def publish(run_id: str, evaluated_model_dir: Path, report: dict[str, Any], plot
             if why_not:
                 decision.refuse(why_not)
         summary = ("blessed as champion" if decision.blessed else "not blessed") + (
-            ": " + "; ".join(decision.reasons) if decision.reasons else "")
-        mlflow.set_tags({"blessed": str(decision.blessed).lower(), "blessing": summary[:5000],
-                         "registered_version": version})
+            ": " + "; ".join(decision.reasons) if decision.reasons else ""
+        )
+        mlflow.set_tags(
+            {"blessed": str(decision.blessed).lower(), "blessing": summary[:5000], "registered_version": version}
+        )
         report["decision"] = {**report["decision"], "blessed": decision.blessed, "reasons": decision.reasons}
         mlflow.log_dict(report["decision"], "evaluation/blessing.json")
         mlflow.log_dict(report, "evaluation/report.json")

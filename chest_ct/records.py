@@ -118,8 +118,12 @@ class Manifest:
 
     def save(self, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        data = {"format_version": FORMAT_VERSION, "classes": list(self.classes), "fingerprint": self.fingerprint,
-                "records": [r.to_dict() for r in self.records]}
+        data = {
+            "format_version": FORMAT_VERSION,
+            "classes": list(self.classes),
+            "fingerprint": self.fingerprint,
+            "records": [r.to_dict() for r in self.records],
+        }
         with (out_dir / MANIFEST_FILE).open("w") as fh:  # streamed: no second copy of a million records
             json.dump(data, fh, indent=1)
 
@@ -130,7 +134,13 @@ class Manifest:
             raise DatasetError(f"{dataset_dir}: no {MANIFEST_FILE}; expected the output folder of the ingest step")
         data = json.loads(path.read_text())
         if data.get("format_version") != FORMAT_VERSION:
-            raise DatasetError(f"{path}: format_version {data.get('format_version')!r}, expected {FORMAT_VERSION}; "
-                               "re-run the ingest step with this version of chest-ct")
-        return cls(classes=tuple(data["classes"]), fingerprint=data["fingerprint"],
-                   records=[ImageRecord.from_dict(r) for r in data["records"]], root=Path(dataset_dir))
+            raise DatasetError(
+                f"{path}: format_version {data.get('format_version')!r}, expected {FORMAT_VERSION}; "
+                "re-run the ingest step with this version of chest-ct"
+            )
+        return cls(
+            classes=tuple(data["classes"]),
+            fingerprint=data["fingerprint"],
+            records=[ImageRecord.from_dict(r) for r in data["records"]],
+            root=Path(dataset_dir),
+        )

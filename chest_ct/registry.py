@@ -47,8 +47,11 @@ def register(name: str, run_id: str, alias: str = CANDIDATE) -> str:
     try:
         client.get_registered_model(name)
     except MlflowException:
-        client.create_registered_model(name, description="Chest CT classifier (adenocarcinoma vs normal), "
-                                                          "TensorFlow SavedModel with model_metadata.json")
+        client.create_registered_model(
+            name,
+            description="Chest CT classifier (adenocarcinoma vs normal), "
+            "TensorFlow SavedModel with model_metadata.json",
+        )
     version = client.create_model_version(name, source=f"runs:/{run_id}/{SAVED_MODEL_ARTIFACT}", run_id=run_id)
     client.set_registered_model_alias(name, alias, version.version)
     return str(version.version)
@@ -78,7 +81,9 @@ def promote_if_unchanged(name: str, version: str, expected_champion: str | None)
     current = champion(name)
     now = current[0] if current else None
     if now != expected_champion:
-        return (f"champion changed during evaluation (compared against {expected_champion or 'no champion'}, "
-                f"now version {now}): not promoted; evaluate again against the new champion")
+        return (
+            f"champion changed during evaluation (compared against {expected_champion or 'no champion'}, "
+            f"now version {now}): not promoted; evaluate again against the new champion"
+        )
     MlflowClient().set_registered_model_alias(name, CHAMPION, version)
     return ""

@@ -104,15 +104,20 @@ class Status:
     @property
     def serving(self) -> bool:
         """Ready for the current spec, with the newest revision among those that are ready."""
-        return (self.ready == "True" and self.observed_generation >= self.generation
-                and (self.latest_created is None or self.latest_created == self.latest_ready))
+        return (
+            self.ready == "True"
+            and self.observed_generation >= self.generation
+            and (self.latest_created is None or self.latest_created == self.latest_ready)
+        )
 
     def describe(self) -> str:
         split = ", ".join(f"{t.get('revisionName')} {t.get('percent')}%" for t in self.traffic if t.get("percent"))
         why = f"{self.reason}: {self.message}" if self.reason or self.message else "no reason given"
-        return (f"Ready={self.ready} ({why}); generation {self.generation}, observed {self.observed_generation}; "
-                f"revisions: latest {self.latest_created}, ready {self.latest_ready}"
-                + (f"; traffic {split}" if split else ""))
+        return (
+            f"Ready={self.ready} ({why}); generation {self.generation}, observed {self.observed_generation}; "
+            f"revisions: latest {self.latest_created}, ready {self.latest_ready}"
+            + (f"; traffic {split}" if split else "")
+        )
 
 
 class InferenceServices:
@@ -136,8 +141,14 @@ class InferenceServices:
 
         try:
             return self.api.create_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, PLURAL, dict(obj), field_validation="Strict",
-                **({"dry_run": "All"} if dry_run else {}))
+                GROUP,
+                VERSION,
+                self.namespace,
+                PLURAL,
+                dict(obj),
+                field_validation="Strict",
+                **({"dry_run": "All"} if dry_run else {}),
+            )
         except ApiException as err:
             raise _refused("create", self.namespace, obj["metadata"]["name"], err) from None
 
@@ -147,8 +158,15 @@ class InferenceServices:
 
         try:
             return self.api.patch_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, PLURAL, name, dict(patch), field_validation="Strict",
-                **({"dry_run": "All"} if dry_run else {}))
+                GROUP,
+                VERSION,
+                self.namespace,
+                PLURAL,
+                name,
+                dict(patch),
+                field_validation="Strict",
+                **({"dry_run": "All"} if dry_run else {}),
+            )
         except ApiException as err:
             raise _refused("patch", self.namespace, name, err) from None
 
@@ -189,17 +207,22 @@ def deploy(isvcs: InferenceServices, obj: Mapping[str, Any], *, dry_run: bool = 
     existing = isvcs.get(name)
     if existing is None:
         predictor.pop("canaryTrafficPercent", None)  # nothing to split against yet
-        return Change("created", isvcs.create(body, dry_run=dry_run),
-                      "first model: 100% of traffic" + (" (no earlier model to split against)" if canary else ""))
+        return Change(
+            "created",
+            isvcs.create(body, dry_run=dry_run),
+            "first model: 100% of traffic" + (" (no earlier model to split against)" if canary else ""),
+        )
 
     current = Status.of(existing)
     wanted = mode_of(body["metadata"].get("annotations", {}).get(DEPLOYMENT_MODE_ANNOTATION))
     recorded = current.deployment_mode or (existing["metadata"].get("annotations") or {}).get(
-        DEPLOYMENT_MODE_ANNOTATION)
+        DEPLOYMENT_MODE_ANNOTATION
+    )
     if recorded is not None and wanted is not None and mode_of(recorded) != wanted:
         raise RolloutError(
             f"deployment_mode: {isvcs.namespace}/{name} runs in {recorded} mode and KServe cannot switch it to "
-            f"{wanted} in place; delete the InferenceService first or deploy in {recorded} mode")
+            f"{wanted} in place; delete the InferenceService first or deploy in {recorded} mode"
+        )
     if current.deployment_mode:  # keep the exact spelling KServe recorded (its webhook compares strings)
         body["metadata"]["annotations"][DEPLOYMENT_MODE_ANNOTATION] = current.deployment_mode
     note = "new model: 100% of traffic"
@@ -211,7 +234,8 @@ def deploy(isvcs: InferenceServices, obj: Mapping[str, Any], *, dry_run: bool = 
         if not current.latest_rolled_out:
             raise RolloutError(
                 f"canary_traffic_percent: {isvcs.namespace}/{name} has no fully rolled-out model yet, so KServe "
-                "would send 100% to the new one; deploy it without a canary first")
+                "would send 100% to the new one; deploy it without a canary first"
+            )
         note = f"canary: {canary}% to the new model, {100 - canary}% to {current.latest_rolled_out}"
     return Change("patched", isvcs.patch(name, body, dry_run=dry_run), note)
 
@@ -220,11 +244,14 @@ def promote(isvcs: InferenceServices, name: str, *, dry_run: bool = False) -> Ch
     """Send 100% of traffic to the current canary; nothing else changes (no new revision)."""
     current = _existing(isvcs, name)
     if current.canary_traffic_percent in (None, 100):
-        raise RolloutError(f"promote: {isvcs.namespace}/{name} has no canary in progress "
-                           f"(canaryTrafficPercent is {current.canary_traffic_percent})")
+        raise RolloutError(
+            f"promote: {isvcs.namespace}/{name} has no canary in progress "
+            f"(canaryTrafficPercent is {current.canary_traffic_percent})"
+        )
     patched = isvcs.patch(name, {"spec": {"predictor": {"canaryTrafficPercent": None}}}, dry_run=dry_run)
-    return Change("promoted", patched, f"{current.latest_created} now gets 100% (was "
-                                       f"{current.canary_traffic_percent}%)")
+    return Change(
+        "promoted", patched, f"{current.latest_created} now gets 100% (was {current.canary_traffic_percent}%)"
+    )
 
 
 def rollback(isvcs: InferenceServices, name: str, *, dry_run: bool = False) -> Change:
@@ -246,8 +273,15 @@ def _existing(isvcs: InferenceServices, name: str) -> Status:
     return Status.of(obj)
 
 
-def wait_ready(isvcs: InferenceServices, name: str, *, timeout_s: float = 600, poll_s: float = 5,
-               clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> Status:
+def wait_ready(
+    isvcs: InferenceServices,
+    name: str,
+    *,
+    timeout_s: float = 600,
+    poll_s: float = 5,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Status:
     """Poll until the InferenceService serves its current spec; raise with its status message otherwise."""
     if timeout_s <= 0:
         raise ValueError(f"timeout_s: expected a positive number of seconds, got {timeout_s}")

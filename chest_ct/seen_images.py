@@ -47,19 +47,23 @@ def read_seen(model_dir: Path) -> list[SeenImage] | None:
     return [SeenImage(**s) for s in json.loads(path.read_text())["images"]]
 
 
-def split_unseen(candidates: Sequence[ImageRecord], seen: Sequence[SeenImage], *,
-                 max_distance: int = DEFAULT_PHASH_DISTANCE) -> tuple[list[ImageRecord], dict[str, str]]:
+def split_unseen(
+    candidates: Sequence[ImageRecord], seen: Sequence[SeenImage], *, max_distance: int = DEFAULT_PHASH_DISTANCE
+) -> tuple[list[ImageRecord], dict[str, str]]:
     """``(records not seen, {path: why excluded})``: same bytes, or a near copy, of a seen image."""
     if not seen:
         return list(candidates), {}
-    groups = group_duplicates([s.sha256 for s in seen] + [r.sha256 for r in candidates],
-                              [s.phash for s in seen] + [r.phash for r in candidates], max_distance=max_distance)
+    groups = group_duplicates(
+        [s.sha256 for s in seen] + [r.sha256 for r in candidates],
+        [s.phash for s in seen] + [r.phash for r in candidates],
+        max_distance=max_distance,
+    )
     seen_in: dict[int, set[str]] = defaultdict(set)
     exact = {s.sha256 for s in seen}
-    for s, g in zip(seen, groups[:len(seen)], strict=True):
+    for s, g in zip(seen, groups[: len(seen)], strict=True):
         seen_in[g].add(s.split)
     kept, excluded = [], {}
-    for r, g in zip(candidates, groups[len(seen):], strict=True):
+    for r, g in zip(candidates, groups[len(seen) :], strict=True):
         if g in seen_in:
             kind = "same file as" if r.sha256 in exact else "near copy of"
             excluded[r.path] = f"{kind} an image it saw in {'/'.join(sorted(seen_in[g]))}"

@@ -24,12 +24,29 @@ DEFAULT_MARGIN = 0.05
 
 
 def image_statistics(records: Sequence[ImageRecord]) -> np.ndarray:
-    return np.array([[r.image.brightness_mean, r.image.brightness_std, r.image.width, r.image.height,
-                      1.0 if r.image.format == "PNG" else 0.0] for r in records], dtype=float)
+    return np.array(
+        [
+            [
+                r.image.brightness_mean,
+                r.image.brightness_std,
+                r.image.width,
+                r.image.height,
+                1.0 if r.image.format == "PNG" else 0.0,
+            ]
+            for r in records
+        ],
+        dtype=float,
+    )
 
 
-def shortcut_audit(train_records: Sequence[ImageRecord], eval_records: Sequence[ImageRecord], positive_class: str,
-                   model_auc: float, *, margin: float = DEFAULT_MARGIN) -> dict[str, Any]:
+def shortcut_audit(
+    train_records: Sequence[ImageRecord],
+    eval_records: Sequence[ImageRecord],
+    positive_class: str,
+    model_auc: float,
+    *,
+    margin: float = DEFAULT_MARGIN,
+) -> dict[str, Any]:
     """Fit on ``train_records``' statistics, score on ``eval_records``; compare with ``model_auc``."""
     y_train = [int(r.label == positive_class) for r in train_records]
     y_eval = [int(r.label == positive_class) for r in eval_records]
@@ -46,8 +63,15 @@ def shortcut_audit(train_records: Sequence[ImageRecord], eval_records: Sequence[
     message = (
         f"SHORTCUT WARNING: image statistics alone ({', '.join(FEATURES)}) reach AUC {auc:.3f}, within {margin} "
         f"of the model's {model_auc:.3f}; the score may not reflect pathology"
-        if warning else
-        f"image statistics alone reach AUC {auc:.3f}, below the model's {model_auc:.3f} by more than {margin}"
+        if warning
+        else f"image statistics alone reach AUC {auc:.3f}, below the model's {model_auc:.3f} by more than {margin}"
     )
-    return {"statistics_auc": auc, "model_auc": float(model_auc), "margin": margin, "warning": bool(warning),
-            "single_feature_auc": single, "features": list(FEATURES), "message": message}
+    return {
+        "statistics_auc": auc,
+        "model_auc": float(model_auc),
+        "margin": margin,
+        "warning": bool(warning),
+        "single_feature_auc": single,
+        "features": list(FEATURES),
+        "message": message,
+    }

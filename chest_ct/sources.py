@@ -14,6 +14,7 @@ import zipfile
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 from s3transfer.subscribers import BaseSubscriber
@@ -51,7 +52,6 @@ class Fetched:
     downloaded_bytes: int = 0
 
 
-
 def drive_file_id(uri: str) -> str:
     """Google Drive file id from ``gdrive://ID`` or any of Drive's share URL forms."""
     parsed = urlparse(uri)
@@ -61,7 +61,9 @@ def drive_file_id(uri: str) -> str:
         match = re.search(r"/d/([A-Za-z0-9_-]+)", parsed.path)
         file_id = match.group(1) if match else parse_qs(parsed.query).get("id", [""])[0]
     if not re.fullmatch(r"[A-Za-z0-9_-]{10,}", file_id or ""):
-        raise DataSourceError(f"data_uri {uri!r}: cannot find a Google Drive file id (expected gdrive://FILE_ID or a share URL)")
+        raise DataSourceError(
+            f"data_uri {uri!r}: cannot find a Google Drive file id (expected gdrive://FILE_ID or a share URL)"
+        )
     return file_id
 
 
@@ -73,10 +75,14 @@ def _download_drive(uri: str, workdir: Path) -> Path:
     try:
         result = gdown.download(id=file_id, output=str(target), quiet=True)
     except Exception as exc:  # gdown raises many types: network, quota, permission
-        raise DataSourceError(f"data_uri {uri!r}: Google Drive download of file {file_id} failed "
-                              f"({' '.join(str(exc).split())}); {OFFLINE_HINT}") from exc
+        raise DataSourceError(
+            f"data_uri {uri!r}: Google Drive download of file {file_id} failed "
+            f"({' '.join(str(exc).split())}); {OFFLINE_HINT}"
+        ) from exc
     if not result or not target.exists():
-        raise DataSourceError(f"data_uri {uri!r}: Google Drive returned no file for id {file_id} (is it shared publicly?)")
+        raise DataSourceError(
+            f"data_uri {uri!r}: Google Drive returned no file for id {file_id} (is it shared publicly?)"
+        )
     return target
 
 
@@ -118,12 +124,15 @@ def _download_s3(uri: str, workdir: Path, endpoint_url: str | None, limits: Limi
         prefix = key.rstrip("/") + "/" if key else ""
         return _download_s3_folder(s3, bucket, prefix, workdir / "s3", limits, concurrency, uri)
     except (BotoCoreError, ClientError) as exc:
-        raise DataSourceError(f"data_uri {uri!r}: S3 download failed ({' '.join(str(exc).split())}); check "
-                              "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_ENDPOINT_URL") from exc
+        raise DataSourceError(
+            f"data_uri {uri!r}: S3 download failed ({' '.join(str(exc).split())}); check "
+            "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_ENDPOINT_URL"
+        ) from exc
 
 
-def _download_s3_folder(s3, bucket: str, prefix: str, root: Path, limits: Limits, concurrency: int,
-                        uri: str) -> Fetched:
+def _download_s3_folder(
+    s3, bucket: str, prefix: str, root: Path, limits: Limits, concurrency: int, uri: str
+) -> Fetched:
     """Mirror ``s3://bucket/prefix`` under ``root``; keys that would land outside it are refused, not fetched.
 
     Limits are checked while listing, before each object is queued, and again on the
@@ -138,7 +147,7 @@ def _download_s3_folder(s3, bucket: str, prefix: str, root: Path, limits: Limits
     refused: list[RefusedKey] = []
     files: set[str] = set()
     folders: set[str] = set()
-    queued: deque[tuple[object, str, Path]] = deque()
+    queued: deque[tuple[Any, str, Path]] = deque()  # s3transfer futures (untyped)
     written = 0
 
     def settle(keep: int) -> None:
@@ -148,17 +157,21 @@ def _download_s3_folder(s3, bucket: str, prefix: str, root: Path, limits: Limits
             try:
                 future.result()
             except (BotoCoreError, ClientError) as exc:
-                raise DataSourceError(f"data_uri {uri!r}: S3 download of s3://{bucket}/{obj_key} failed: {exc}") from exc
+                raise DataSourceError(
+                    f"data_uri {uri!r}: S3 download of s3://{bucket}/{obj_key} failed: {exc}"
+                ) from exc
             written += dest.stat().st_size
             if written > counter.bytes:  # the server sent more than it listed
-                raise UnsafeArchiveError(f"s3://{bucket}/{obj_key}: more bytes arrived than the listing declared "
-                                         f"({written} > {counter.bytes} in total)")
+                raise UnsafeArchiveError(
+                    f"s3://{bucket}/{obj_key}: more bytes arrived than the listing declared "
+                    f"({written} > {counter.bytes} in total)"
+                )
 
     config = TransferConfig(max_concurrency=concurrency, use_threads=concurrency > 1)
     with create_transfer_manager(s3, config) as manager:  # on an error, its exit cancels what is queued
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for obj in page.get("Contents", []):
-                rel = obj["Key"][len(prefix):]
+                rel = obj["Key"][len(prefix) :]
                 if not rel or rel.endswith("/"):
                     continue  # the prefix itself, or a folder marker
                 reason = unsafe_name_reason(rel) or _clash(rel, files, folders)
@@ -175,10 +188,18 @@ def _download_s3_folder(s3, bucket: str, prefix: str, root: Path, limits: Limits
                 settle(keep=4 * concurrency)
         settle(keep=0)
     if counter.files == 0:
-        raise DataSourceError(f"data_uri {uri!r}: no objects under s3://{bucket}/{prefix}"
-                              + (f" ({len(refused)} refused: {refused[0].key!r} {refused[0].reason}, ...)" if refused else ""))
-    log.info("downloaded %d objects (%d bytes) from s3://%s/%s; refused %d", counter.files, written, bucket, prefix,
-             len(refused))
+        raise DataSourceError(
+            f"data_uri {uri!r}: no objects under s3://{bucket}/{prefix}"
+            + (f" ({len(refused)} refused: {refused[0].key!r} {refused[0].reason}, ...)" if refused else "")
+        )
+    log.info(
+        "downloaded %d objects (%d bytes) from s3://%s/%s; refused %d",
+        counter.files,
+        written,
+        bucket,
+        prefix,
+        len(refused),
+    )
     return Fetched(root, tuple(refused), counter.files, written)
 
 
@@ -198,8 +219,15 @@ def _clash(rel: str, files: set[str], folders: set[str]) -> str | None:
     return None
 
 
-def fetch_dataset(uri: str, workdir: Path, *, s3_endpoint_url: str | None = None, max_files: int | None = None,
-                  max_bytes: int | None = None, s3_concurrency: int = DEFAULT_S3_CONCURRENCY) -> Fetched:
+def fetch_dataset(
+    uri: str,
+    workdir: Path,
+    *,
+    s3_endpoint_url: str | None = None,
+    max_files: int | None = None,
+    max_bytes: int | None = None,
+    s3_concurrency: int = DEFAULT_S3_CONCURRENCY,
+) -> Fetched:
     """Fetch the dataset that ``uri`` names; return its local folder and what was refused on the way.
 
     Local folders are used in place (read only); everything else is downloaded
@@ -233,7 +261,9 @@ def fetch_dataset(uri: str, workdir: Path, *, s3_endpoint_url: str | None = None
     if local.is_dir():
         return fetched or Fetched(local)
     if zipfile.is_zipfile(local):
-        return Fetched(extract_zip(local, workdir / "extracted", max_files=limits.max_files, max_bytes=limits.max_bytes))
+        return Fetched(
+            extract_zip(local, workdir / "extracted", max_files=limits.max_files, max_bytes=limits.max_bytes)
+        )
     raise DataSourceError(f"data_uri {uri!r}: {local} is neither a folder nor a zip archive")
 
 

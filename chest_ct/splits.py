@@ -30,8 +30,9 @@ def check_fraction(name: str, value: float) -> None:
         raise DatasetError(f"{name}={value}: expected a fraction between 0 and 0.5")
 
 
-def assign_roles(records: list[ImageRecord], *, seed: int, valid_fraction: float,
-                 test_fraction: float) -> list[ImageRecord]:
+def assign_roles(
+    records: list[ImageRecord], *, seed: int, valid_fraction: float, test_fraction: float
+) -> list[ImageRecord]:
     """Return ``records`` with ``split`` (and ``exclusion``) set; ``group`` must already be set."""
     check_fraction("valid_fraction", valid_fraction)
     check_fraction("test_fraction", test_fraction)
@@ -72,7 +73,7 @@ def assign_roles(records: list[ImageRecord], *, seed: int, valid_fraction: float
         shuffled = [pool[i] for i in rng.permutation(len(pool))]
         start = 0
         for role, count in wanted.items():
-            role_of_group.update((g, role) for g in shuffled[start:start + count])
+            role_of_group.update((g, role) for g in shuffled[start : start + count])
             start += count
 
     given_role = {TRAIN: TRAIN, ALL: TRAIN, VALID: TEST if TEST not in given else VALID, TEST: TEST}
@@ -96,9 +97,12 @@ def _exclude_seen_copies(records: list[ImageRecord], members: dict[int, list[int
             seen_in = [TRAIN, VALID] if records[i].split == TEST else [TRAIN] if records[i].split == VALID else []
             seen_in = [role for role in seen_in if in_role[role]]
             if seen_in:
-                where = "; ".join(f"{role}: {', '.join(sorted(in_role[role])[:3])}"
-                                  + (f" (+{len(in_role[role]) - 3} more)" if len(in_role[role]) > 3 else "")
-                                  for role in seen_in)
+                where = "; ".join(
+                    f"{role}: {', '.join(sorted(in_role[role])[:3])}"
+                    + (f" (+{len(in_role[role]) - 3} more)" if len(in_role[role]) > 3 else "")
+                    for role in seen_in
+                )
                 out[i] = records[i].with_role(
-                    EXCLUDED, f"copy of a picture the model sees ({where}); would have been {records[i].split}")
+                    EXCLUDED, f"copy of a picture the model sees ({where}); would have been {records[i].split}"
+                )
     return out

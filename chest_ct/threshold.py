@@ -28,6 +28,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from chest_ct import defaults
 from chest_ct.metrics import by_group, calibration
 
+#: ``fit_predict(fit_indices, predict_indices) -> probabilities`` over the fitting images (train, then valid).
 FitPredict = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
@@ -69,20 +70,28 @@ class ThresholdChoice:
 
     def source(self) -> str:
         """One line for the model metadata (``threshold_source``), shown by the server."""
-        return (f"out-of-fold: {self.folds}-fold grouped CV over {self.images} fitting images "
-                f"({sum(self.groups_per_class.values())} pictures), "
-                f"per-group sensitivity >= {self.target_sensitivity}; "
-                f"fold thresholds {np.nanmin(self.fold_thresholds):.3f}-{np.nanmax(self.fold_thresholds):.3f}"
-                + (f"; {self.note}" if self.note else ""))
+        return (
+            f"out-of-fold: {self.folds}-fold grouped CV over {self.images} fitting images "
+            f"({sum(self.groups_per_class.values())} pictures), "
+            f"per-group sensitivity >= {self.target_sensitivity}; "
+            f"fold thresholds {np.nanmin(self.fold_thresholds):.3f}-{np.nanmax(self.fold_thresholds):.3f}"
+            + (f"; {self.note}" if self.note else "")
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "spread": self.spread, "source": self.source()}
 
 
-def out_of_fold_threshold(labels: npt.ArrayLike, groups: npt.ArrayLike, fit_predict: FitPredict, *,
-                          target_sensitivity: float = defaults.TARGET_SENSITIVITY,
-                          folds: int = defaults.THRESHOLD_FOLDS, seed: int = defaults.SEED,
-                          class_names: Sequence[str] = ("negative", "positive")) -> ThresholdChoice:
+def out_of_fold_threshold(
+    labels: npt.ArrayLike,
+    groups: npt.ArrayLike,
+    fit_predict: FitPredict,
+    *,
+    target_sensitivity: float = defaults.TARGET_SENSITIVITY,
+    folds: int = defaults.THRESHOLD_FOLDS,
+    seed: int = defaults.SEED,
+    class_names: Sequence[str] = ("negative", "positive"),
+) -> ThresholdChoice:
     """Grouped stratified k-fold over the fitting images; ``fit_predict(fit_idx, held_idx)`` trains and predicts."""
     check_target(target_sensitivity)
     if not isinstance(folds, int) or isinstance(folds, bool) or folds < 2:
@@ -91,8 +100,10 @@ def out_of_fold_threshold(labels: npt.ArrayLike, groups: npt.ArrayLike, fit_pred
     pictures = {class_names[c]: len(set(g[y == c].tolist())) for c in (0, 1)}
     k = min(folds, *pictures.values())
     if k < 2:
-        raise ValueError(f"cannot choose a threshold out-of-fold: distinct pictures per class in the fitting data "
-                         f"are {pictures}; each class needs at least 2")
+        raise ValueError(
+            f"cannot choose a threshold out-of-fold: distinct pictures per class in the fitting data "
+            f"are {pictures}; each class needs at least 2"
+        )
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     oof = np.full(len(y), np.nan)
     held_out = []
@@ -104,22 +115,32 @@ def out_of_fold_threshold(labels: npt.ArrayLike, groups: npt.ArrayLike, fit_pred
     fold_thresholds, fold_metrics = [], []
     for held_idx in held_out:
         fy, fp, _ = by_group(y[held_idx], oof[held_idx], g[held_idx])
-        fold_thresholds.append(choose_threshold(fy, fp, target_sensitivity) if len(set(fy.tolist())) == 2
-                               else float("nan"))
+        fold_thresholds.append(
+            choose_threshold(fy, fp, target_sensitivity) if len(set(fy.tolist())) == 2 else float("nan")
+        )
         fold_metrics.append({"groups": len(fy), **_sens_spec(fy, fp, threshold)})
     pooled = _sens_spec(yg, pg, threshold)
     return ThresholdChoice(
-        threshold=threshold, target_sensitivity=target_sensitivity, folds=k, images=len(y), groups_per_class=pictures,
-        fold_thresholds=[float(t) for t in fold_thresholds], fold_metrics=fold_metrics,
-        oof_sensitivity_where_chosen=pooled["sensitivity"], oof_specificity_where_chosen=pooled["specificity"],
+        threshold=threshold,
+        target_sensitivity=target_sensitivity,
+        folds=k,
+        images=len(y),
+        groups_per_class=pictures,
+        fold_thresholds=[float(t) for t in fold_thresholds],
+        fold_metrics=fold_metrics,
+        oof_sensitivity_where_chosen=pooled["sensitivity"],
+        oof_specificity_where_chosen=pooled["specificity"],
         calibration={"per_image": calibration(y, oof), "per_group": calibration(yg, pg)},
-        note="" if k == folds else
-        f"{folds} folds asked, {k} possible with {min(pictures.values())} pictures in a class",
+        note=""
+        if k == folds
+        else f"{folds} folds asked, {k} possible with {min(pictures.values())} pictures in a class",
     )
 
 
 def _sens_spec(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
     pred = p >= threshold
     pos, neg = y == 1, y == 0
-    return {"sensitivity": float(pred[pos].mean()) if pos.any() else float("nan"),
-            "specificity": float((~pred[neg]).mean()) if neg.any() else float("nan")}
+    return {
+        "sensitivity": float(pred[pos].mean()) if pos.any() else float("nan"),
+        "specificity": float((~pred[neg]).mean()) if neg.any() else float("nan"),
+    }

@@ -22,7 +22,8 @@ from chest_ct import CLASS_NAMES, POSITIVE_CLASS, defaults, registry
 from chest_ct.determinism import seed_everything
 from chest_ct.devices import training_strategy
 from chest_ct.export import export_saved_model, read_metadata, write_metadata
-from chest_ct.fitting import FINE_TUNED, Examples, TrainResult, fit_classifier, head_fit_predict
+from chest_ct.fitting import FINE_TUNED, Examples, TrainResult, fit_classifier
+from chest_ct.fold_head import head_fit_predict
 from chest_ct.golden import encode_golden, pick_golden, write_golden_set
 from chest_ct.model import image_size_of, split_model
 from chest_ct.ood import Guard, block_features, check_quantile, fit_guard
@@ -37,9 +38,11 @@ log = logging.getLogger(__name__)
 def check_class_order(manifest: Manifest) -> None:
     """Labels are indices into the dataset's classes; the exported model names them CLASS_NAMES."""
     if tuple(manifest.classes) != CLASS_NAMES:
-        raise ValueError(f"{manifest.root}: dataset classes {list(manifest.classes)} are not in the exported order "
-                         f"{list(CLASS_NAMES)} (index 1 is the positive class, {POSITIVE_CLASS!r}); "
-                         "ingest the dataset with the default classes")
+        raise ValueError(
+            f"{manifest.root}: dataset classes {list(manifest.classes)} are not in the exported order "
+            f"{list(CLASS_NAMES)} (index 1 is the positive class, {POSITIVE_CLASS!r}); "
+            "ingest the dataset with the default classes"
+        )
 
 
 def train_and_export(
@@ -72,12 +75,22 @@ def train_and_export(
     with strategy.scope():
         model = keras.models.load_model(base_model_file)
     train, valid = Examples.of_role(manifest, TRAIN), Examples.of_role(manifest, VALID)
-    params = {**hyper, "target_sensitivity": target_sensitivity, "threshold_folds": threshold_folds,
-              "precision": hyper.get("precision", defaults.PRECISION), "replicas": strategy.num_replicas_in_sync,
-              "image_size": image_size_of(model), "dataset_fingerprint": manifest.fingerprint,
-              "window_level": window.level, "window_width": window.width, "ood_quantile": ood_quantile,
-              "train_images": len(train), "valid_images": len(valid),
-              "train_groups": len(set(train.groups)), "valid_groups": len(set(valid.groups))}
+    params = {
+        **hyper,
+        "target_sensitivity": target_sensitivity,
+        "threshold_folds": threshold_folds,
+        "precision": hyper.get("precision", defaults.PRECISION),
+        "replicas": strategy.num_replicas_in_sync,
+        "image_size": image_size_of(model),
+        "dataset_fingerprint": manifest.fingerprint,
+        "window_level": window.level,
+        "window_width": window.width,
+        "ood_quantile": ood_quantile,
+        "train_images": len(train),
+        "valid_images": len(valid),
+        "train_groups": len(set(train.groups)),
+        "valid_groups": len(set(valid.groups)),
+    }
     run_id = registry.start_run(experiment, params, tags)
     epochs = hyper.get("epochs", defaults.EPOCHS)
 
@@ -92,35 +105,61 @@ def train_and_export(
             mlflow.log_params({"precision_used": result.precision.policy, "precision_device": result.precision.device})
             mlflow.set_tag("precision_reason", result.precision.reason[:5000])
             choice = out_of_fold_threshold(
-                [*train.labels, *valid.labels], [*train.groups, *valid.groups],
-                head_fit_predict(result, train, valid, batch_size=hyper.get("batch_size", defaults.BATCH_SIZE),
-                                 learning_rate=hyper.get("learning_rate", defaults.LEARNING_RATE)),
-                target_sensitivity=target_sensitivity, folds=threshold_folds, seed=hyper.get("seed", defaults.SEED),
-                class_names=manifest.classes)
+                [*train.labels, *valid.labels],
+                [*train.groups, *valid.groups],
+                head_fit_predict(
+                    result,
+                    train,
+                    valid,
+                    batch_size=hyper.get("batch_size", defaults.BATCH_SIZE),
+                    learning_rate=hyper.get("learning_rate", defaults.LEARNING_RATE),
+                ),
+                target_sensitivity=target_sensitivity,
+                folds=threshold_folds,
+                seed=hyper.get("seed", defaults.SEED),
+                class_names=manifest.classes,
+            )
             if result.exported_stage == FINE_TUNED:
-                choice.note = "; ".join(filter(None, [choice.note,
-                                                      "folds fit the head only, the exported model is fine-tuned"]))
+                choice.note = "; ".join(
+                    filter(None, [choice.note, "folds fit the head only, the exported model is fine-tuned"])
+                )
             # The guard reads the exported model's own base on the clean fitting images: the frozen base's
             # features from fitting's one pass (in the precision training ran in, as a server of that precision
             # computes them; evaluate's precision agreement counts the guard flips between fp32 and bf16),
             # or a new pass when fine-tuning changed the base.
-            blocks = result.features.blocks if result.exported_stage != FINE_TUNED else block_features(
-                result.model, [*train.files, *valid.files], image_size_of(model),
-                hyper.get("batch_size", defaults.BATCH_SIZE), window)
+            blocks = (
+                result.features.blocks
+                if result.exported_stage != FINE_TUNED
+                else block_features(
+                    result.model,
+                    [*train.files, *valid.files],
+                    image_size_of(model),
+                    hyper.get("batch_size", defaults.BATCH_SIZE),
+                    window,
+                )
+            )
             guard = fit_guard(blocks, [*train.groups, *valid.groups], quantile=ood_quantile)
         # Outside the scope: a SavedModel loaded inside it (the golden set's answers) gets mirrored variables.
         summary = _export(result, choice, manifest, out_dir, run_id, train, valid, guard, window)
-        mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-                            "best_val_loss": result.best_val_loss, "threshold": choice.threshold,
-                            "threshold_fold_spread": choice.spread,
-                            "oof_brier_per_image": choice.calibration["per_image"]["brier"],
-                            "oof_ece_per_image": choice.calibration["per_image"]["ece"],
-                            "oof_brier_per_group": choice.calibration["per_group"]["brier"],
-                            "ood_threshold": guard.threshold,
-                            "ood_out_of_fold_accepted": guard.calibration["out_of_fold_accepted"]})
+        mlflow.log_metrics(
+            {
+                "best_epoch": result.best_epoch,
+                "epochs_run": result.epochs_run,
+                "best_val_loss": result.best_val_loss,
+                "threshold": choice.threshold,
+                "threshold_fold_spread": choice.spread,
+                "oof_brier_per_image": choice.calibration["per_image"]["brier"],
+                "oof_ece_per_image": choice.calibration["per_image"]["ece"],
+                "oof_brier_per_group": choice.calibration["per_group"]["brier"],
+                "ood_threshold": guard.threshold,
+                "ood_out_of_fold_accepted": guard.calibration["out_of_fold_accepted"],
+            }
+        )
         mlflow.set_tags({"exported_stage": result.exported_stage, "threshold_source": choice.source()[:5000]})
-        mlflow.log_dict({**summary, "history": result.history, "fine_tune_history": result.fine_tune_history},
-                        "training/history.json")
+        mlflow.log_dict(
+            {**summary, "history": result.history, "fine_tune_history": result.fine_tune_history},
+            "training/history.json",
+        )
         mlflow.log_dict(choice.to_dict(), "training/threshold.json")
         mlflow.log_dict(guard.metadata(), "training/ood_guard.json")
         mlflow.log_artifact(str(Path(out_dir) / SEEN_FILE), "training")
@@ -130,22 +169,49 @@ def train_and_export(
     return run_id
 
 
-def _export(result: TrainResult, choice: ThresholdChoice, manifest: Manifest, out_dir: Path,
-            run_id: str, train: Examples, valid: Examples, guard: Guard, window: Window) -> dict[str, Any]:
+def _export(
+    result: TrainResult,
+    choice: ThresholdChoice,
+    manifest: Manifest,
+    out_dir: Path,
+    run_id: str,
+    train: Examples,
+    valid: Examples,
+    guard: Guard,
+    window: Window,
+) -> dict[str, Any]:
     """Write the SavedModel, its fitted-image record, golden set and metadata; return the training summary."""
-    summary = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-               "best_val_loss": result.best_val_loss, "exported_stage": result.exported_stage,
-               "train_examples": result.train_examples, "threshold": choice.threshold,
-               "threshold_fold_thresholds": choice.fold_thresholds}
-    export_saved_model(result.model, out_dir, {"mlflow_run_id": run_id, "dataset_fingerprint": manifest.fingerprint,
-                                               "threshold": choice.threshold, "threshold_source": choice.source()},
-                       guard=guard, window=window)
+    summary = {
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "best_val_loss": result.best_val_loss,
+        "exported_stage": result.exported_stage,
+        "train_examples": result.train_examples,
+        "threshold": choice.threshold,
+        "threshold_fold_thresholds": choice.fold_thresholds,
+    }
+    export_saved_model(
+        result.model,
+        out_dir,
+        {
+            "mlflow_run_id": run_id,
+            "dataset_fingerprint": manifest.fingerprint,
+            "threshold": choice.threshold,
+            "threshold_source": choice.source(),
+        },
+        guard=guard,
+        window=window,
+    )
     seen = write_seen(out_dir, (r for r in manifest.records if r.split in FITTING_ROLES))
     _golden_set(result, choice.threshold, out_dir, train, valid)
     metadata = read_metadata(out_dir)
-    metadata.update(fitted_images=seen, training={
-        **{k: summary[k] for k in ("best_epoch", "best_val_loss", "exported_stage", "epochs_run")},
-        "precision": result.precision.to_dict()})
+    metadata.update(
+        fitted_images=seen,
+        training={
+            **{k: summary[k] for k in ("best_epoch", "best_val_loss", "exported_stage", "epochs_run")},
+            "precision": result.precision.to_dict(),
+        },
+    )
     write_metadata(out_dir, metadata)
     return summary
 
@@ -162,9 +228,13 @@ def _golden_set(result: TrainResult, threshold: float, out_dir: Path, train: Exa
     files, labels, groups = [*train.files, *valid.files], [*train.labels, *valid.labels], [*train.groups, *valid.groups]
     picked = pick_golden(probabilities, labels, groups, threshold, margin=2 * defaults.PRECISION_TOLERANCE)
     if not picked:
-        log.warning("no fitting image lies clear of the threshold: the model has no golden set and will be "
-                    "served in float32 only")
+        log.warning(
+            "no fitting image lies clear of the threshold: the model has no golden set and will be "
+            "served in float32 only"
+        )
         return
-    write_golden_set(out_dir, encode_golden([files[i] for i in picked], image_size_of(result.model)),
-                     f"{len(picked)} fitting images, both classes, one per picture, re-encoded as PNG at the "
-                     "model's input size")
+    write_golden_set(
+        out_dir,
+        encode_golden([files[i] for i in picked], image_size_of(result.model)),
+        f"{len(picked)} fitting images, both classes, one per picture, re-encoded as PNG at the model's input size",
+    )

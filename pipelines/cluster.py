@@ -52,7 +52,9 @@ SECRET_ENV = {
 }
 
 
-def configure(task: PipelineTask, step: str, *, gpu: bool = False, cache: bool = True, retries: int = 0) -> PipelineTask:
+def configure(
+    task: PipelineTask, step: str, *, gpu: bool = False, cache: bool = True, retries: int = 0
+) -> PipelineTask:
     """Resources, GPU scheduling, caching, retries and credentials (from Secrets) for one task."""
     cpu_request, cpu_limit, memory_request, memory_limit = RESOURCES[step]
     task.set_cpu_request(cpu_request).set_cpu_limit(cpu_limit)

@@ -32,7 +32,8 @@ def portable_platform_spec(platform_spec: pipeline_spec_pb2.PlatformSpec) -> pip
     """``platform_spec`` without the Secret fields older backends cannot read, where they add nothing."""
     document: dict[str, Any] = json_format.MessageToDict(platform_spec)
     executors = (((document.get("platforms") or {}).get("kubernetes") or {}).get("deploymentSpec") or {}).get(
-        "executors") or {}
+        "executors"
+    ) or {}
     for config in executors.values():
         for secret in [*config.get("secretAsEnv", []), *config.get("secretAsVolume", [])]:
             if secret.get("optional") is False:

@@ -28,21 +28,33 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from croniter import croniter
 from croniter.croniter import CroniterError
 
 FIELDS = ("seconds", "minutes", "hours", "day of month", "month", "day of week")
-_BOUNDS = {"seconds": (0, 59), "minutes": (0, 59), "hours": (0, 23), "day of month": (1, 31),
-           "month": (1, 12), "day of week": (0, 6)}
+_BOUNDS = {
+    "seconds": (0, 59),
+    "minutes": (0, 59),
+    "hours": (0, 23),
+    "day of month": (1, 31),
+    "month": (1, 12),
+    "day of week": (0, 6),
+}
 _NAMES: Mapping[str, Mapping[str, int]] = {
     "month": {m: i for i, m in enumerate("jan feb mar apr may jun jul aug sep oct nov dec".split(), start=1)},
     "day of week": {d: i for i, d in enumerate("sun mon tue wed thu fri sat".split())},
 }
-_DESCRIPTORS = {"@yearly": "0 0 0 1 1 *", "@annually": "0 0 0 1 1 *", "@monthly": "0 0 0 1 * *",
-                "@weekly": "0 0 0 * * 0", "@daily": "0 0 0 * * *", "@midnight": "0 0 0 * * *",
-                "@hourly": "0 0 * * * *"}
+_DESCRIPTORS = {
+    "@yearly": "0 0 0 1 1 *",
+    "@annually": "0 0 0 1 1 *",
+    "@monthly": "0 0 0 1 * *",
+    "@weekly": "0 0 0 * * 0",
+    "@daily": "0 0 0 * * *",
+    "@midnight": "0 0 0 * * *",
+    "@hourly": "0 0 * * * *",
+}
 #: Go's time.ParseDuration: one or more <number><unit>, units ns us µs ms s m h.
 _GO_DURATION = re.compile(r"^(\d+(\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)((\d+(\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h))*$")
 _GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
@@ -59,11 +71,15 @@ def validate_cron(expression: str) -> str:
         return _check_descriptor(text)
     fields = text.split(" ") if text else []
     if len(fields) == 5:
-        raise CronError(f"cron: KFP reads 6 fields with seconds first; {expression!r} has 5 and would run at "
-                        f"second {fields[0]} of minute {fields[1]} every hour; did you mean {'0 ' + text!r}?")
+        raise CronError(
+            f"cron: KFP reads 6 fields with seconds first; {expression!r} has 5 and would run at "
+            f"second {fields[0]} of minute {fields[1]} every hour; did you mean {'0 ' + text!r}?"
+        )
     if len(fields) != 6:
-        raise CronError(f"cron: expected 6 space-separated fields ({' '.join(FIELDS)}) or a descriptor such as "
-                        f"@daily, got {len(fields)} in {expression!r}")
+        raise CronError(
+            f"cron: expected 6 space-separated fields ({' '.join(FIELDS)}) or a descriptor such as "
+            f"@daily, got {len(fields)} in {expression!r}"
+        )
     for value, name in zip(fields, FIELDS, strict=True):
         _check_field(value, name)
     next_runs(text, 1)  # croniter: anything it still cannot schedule (e.g. 31 February)
@@ -72,7 +88,7 @@ def validate_cron(expression: str) -> str:
 
 def next_runs(expression: str, count: int = 3, after: datetime | None = None) -> list[datetime]:
     """The next ``count`` fire times (UTC) of a validated expression."""
-    after = after or datetime.now(timezone.utc)
+    after = after or datetime.now(UTC)
     text = " ".join(expression.split())
     if text.startswith("@every "):
         step = timedelta(seconds=_go_seconds(text.removeprefix("@every ")))
@@ -93,7 +109,9 @@ def _check_descriptor(text: str) -> str:
         if not _GO_DURATION.match(duration) or _go_seconds(duration) < 1:
             raise CronError(f"cron: {text!r}: expected a duration of at least 1s such as 1h30m or 45m")
         return text
-    raise CronError(f"cron: unknown descriptor {text!r}; KFP knows {', '.join(sorted(_DESCRIPTORS))} and @every <duration>")
+    raise CronError(
+        f"cron: unknown descriptor {text!r}; KFP knows {', '.join(sorted(_DESCRIPTORS))} and @every <duration>"
+    )
 
 
 def _go_seconds(duration: str) -> float:

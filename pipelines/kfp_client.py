@@ -14,7 +14,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -117,8 +117,9 @@ def latest_version_target(kfp_: Connection, name: str) -> PipelineTarget:
         raise ValueError(f"pipeline: {name!r} has no versions")
     version = versions[0]
     spec = version.pipeline_spec if isinstance(version.pipeline_spec, Mapping) else None
-    return PipelineTarget(pipeline_id=pipeline_id, version_id=version.pipeline_version_id,
-                          parameters=spec_inputs(spec) if spec else None)
+    return PipelineTarget(
+        pipeline_id=pipeline_id, version_id=version.pipeline_version_id, parameters=spec_inputs(spec) if spec else None
+    )
 
 
 @dataclass(frozen=True)
@@ -142,12 +143,12 @@ def upload(kfp_: Connection, package: Path, name: str | None = None, version: st
         raise ValueError("name: the package has no pipelineInfo.name; pass --name")
     pipeline_id = find_pipeline_id(kfp_, name)
     if pipeline_id is None:
-        created = kfp_.client.upload_pipeline(str(package), pipeline_name=name, description=info.get("description"),
-                                              namespace=kfp_.namespace)
+        created = kfp_.client.upload_pipeline(
+            str(package), pipeline_name=name, description=info.get("description"), namespace=kfp_.namespace
+        )
         return UploadResult(created.pipeline_id, None, new_pipeline=True)
-    version = version or f"{name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    uploaded = kfp_.client.upload_pipeline_version(str(package), pipeline_version_name=version,
-                                                   pipeline_id=pipeline_id)
+    version = version or f"{name}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    uploaded = kfp_.client.upload_pipeline_version(str(package), pipeline_version_name=version, pipeline_id=pipeline_id)
     return UploadResult(pipeline_id, uploaded.pipeline_version_id, new_pipeline=False)
 
 
@@ -156,21 +157,36 @@ def experiment_id(kfp_: Connection, name: str) -> str:
     return kfp_.client.create_experiment(name, namespace=kfp_.namespace).experiment_id
 
 
-def start_run(kfp_: Connection, target: PipelineTarget, params: Mapping[str, Any], *,
-              experiment: str = DEFAULT_EXPERIMENT, run_name: str | None = None,
-              service_account: str | None = None) -> str:
+def start_run(
+    kfp_: Connection,
+    target: PipelineTarget,
+    params: Mapping[str, Any],
+    *,
+    experiment: str = DEFAULT_EXPERIMENT,
+    run_name: str | None = None,
+    service_account: str | None = None,
+) -> str:
     """Start one run of ``target`` in ``experiment`` (whose namespace the run inherits); return the run id."""
     run = kfp_.client.run_pipeline(
         experiment_id=experiment_id(kfp_, experiment),
-        job_name=run_name or f"chest-ct-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}",
-        params=dict(params), service_account=service_account, **target.kfp_kwargs(),
+        job_name=run_name or f"chest-ct-{datetime.now(UTC):%Y%m%d-%H%M%S}",
+        params=dict(params),
+        service_account=service_account,
+        **target.kfp_kwargs(),
     )
     return run.run_id
 
 
-def schedule(kfp_: Connection, target: PipelineTarget, cron: str, params: Mapping[str, Any], *,
-             experiment: str = DEFAULT_EXPERIMENT, name: str = "chest-ct-retrain",
-             service_account: str | None = None) -> str:
+def schedule(
+    kfp_: Connection,
+    target: PipelineTarget,
+    cron: str,
+    params: Mapping[str, Any],
+    *,
+    experiment: str = DEFAULT_EXPERIMENT,
+    name: str = "chest-ct-retrain",
+    service_account: str | None = None,
+) -> str:
     """Create a recurring run on ``cron`` (KFP's format, see pipelines/cron.py); return its id.
 
     One run at a time and no catch-up: retraining is idempotent, so a paused
@@ -178,8 +194,13 @@ def schedule(kfp_: Connection, target: PipelineTarget, cron: str, params: Mappin
     missed slot.
     """
     recurring = kfp_.client.create_recurring_run(
-        experiment_id=experiment_id(kfp_, experiment), job_name=name, cron_expression=validate_cron(cron),
-        max_concurrency=1, no_catchup=True, params=dict(params), service_account=service_account,
+        experiment_id=experiment_id(kfp_, experiment),
+        job_name=name,
+        cron_expression=validate_cron(cron),
+        max_concurrency=1,
+        no_catchup=True,
+        params=dict(params),
+        service_account=service_account,
         **target.kfp_kwargs(),
     )
     return recurring.recurring_run_id

@@ -136,10 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     runs_dir.mkdir(parents=True, exist_ok=True)
     (runs_dir / "latest.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nmodel (SavedModel): {result['model_dir']}\nplots: {result['plots']}\n"
-          f"evaluation report: {result['evaluation_report']} (readable: {result['report_html']})\n"
-          f"validation report: {result['validation_report']}\nMLflow: {tracking_uri} run {result['mlflow_run_id']} "
-          f"(mlflow ui --backend-store-uri {tracking_uri})\nserve it: make serve", file=sys.stderr)
+    print(
+        f"\nmodel (SavedModel): {result['model_dir']}\nplots: {result['plots']}\n"
+        f"evaluation report: {result['evaluation_report']} (readable: {result['report_html']})\n"
+        f"validation report: {result['validation_report']}\nMLflow: {tracking_uri} run {result['mlflow_run_id']} "
+        f"(mlflow ui --backend-store-uri {tracking_uri})\nserve it: make serve",
+        file=sys.stderr,
+    )
     print(json.dumps(result))
     return 0
 

@@ -35,8 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     # Connection options go after the subcommand, on every subcommand alike.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--host", default=os.environ.get("KFP_HOST"), help="KFP API/UI URL (env KFP_HOST)")
-    common.add_argument("--namespace", default=os.environ.get("KFP_NAMESPACE"),
-                        help="profile namespace, required on multi-user Kubeflow (env KFP_NAMESPACE)")
+    common.add_argument(
+        "--namespace",
+        default=os.environ.get("KFP_NAMESPACE"),
+        help="profile namespace, required on multi-user Kubeflow (env KFP_NAMESPACE)",
+    )
     common.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="experiment name (default: %(default)s)")
 
     parser = argparse.ArgumentParser(prog="python -m pipelines.submit", description=(__doc__ or "").split("\n\n")[0])
@@ -88,16 +91,32 @@ def _dispatch(kfp_: Connection, args: argparse.Namespace) -> int:
             print(f"{run['run_id']}  {run['state'] or '-':<10}  {run['created_at'] or '-'}  {run['name']}")
         return 0
 
-    target = (kfp_client.latest_version_target(kfp_, args.pipeline) if args.pipeline
-              else kfp_client.package_target(args.package))
+    target = (
+        kfp_client.latest_version_target(kfp_, args.pipeline)
+        if args.pipeline
+        else kfp_client.package_target(args.package)
+    )
     params = parse_params(args.param, target.parameters)
     if args.command == "run":
-        run_id = kfp_client.start_run(kfp_, target, params, experiment=args.experiment, run_name=args.run_name,
-                                      service_account=args.service_account)
+        run_id = kfp_client.start_run(
+            kfp_,
+            target,
+            params,
+            experiment=args.experiment,
+            run_name=args.run_name,
+            service_account=args.service_account,
+        )
         print(f"started run {run_id}")
         return 0
-    recurring_id = kfp_client.schedule(kfp_, target, args.cron, params, experiment=args.experiment, name=args.name,
-                                       service_account=args.service_account)
+    recurring_id = kfp_client.schedule(
+        kfp_,
+        target,
+        args.cron,
+        params,
+        experiment=args.experiment,
+        name=args.name,
+        service_account=args.service_account,
+    )
     upcoming = ", ".join(f"{t:%Y-%m-%d %H:%M:%S}" for t in next_runs(args.cron))
     print(f"scheduled recurring run {recurring_id} ({validate_cron(args.cron)}; next, UTC: {upcoming})")
     return 0

@@ -33,13 +33,18 @@ from serving.precision import cpu_bf16  # noqa: E402
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m serving", parents=[kserve_server.parser],
+        prog="python -m serving",
+        parents=[kserve_server.parser],
         description="Serve the chest-ct classifier over the KServe v2 / Open Inference Protocol (REST and gRPC).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.set_defaults(model_name=DEFAULT_MODEL_NAME)
-    parser.add_argument("--model_dir", default=os.environ.get("MODEL_DIR", DEFAULT_MODEL_DIR),
-                        help="local directory of the exported SavedModel with model_metadata.json "
-                             "(env MODEL_DIR; KServe's storage initializer downloads to /mnt/models)")
+    parser.add_argument(
+        "--model_dir",
+        default=os.environ.get("MODEL_DIR", DEFAULT_MODEL_DIR),
+        help="local directory of the exported SavedModel with model_metadata.json "
+        "(env MODEL_DIR; KServe's storage initializer downloads to /mnt/models)",
+    )
     config.add_flags(parser)
     return parser
 
@@ -48,8 +53,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.workers != 1:
-        sys.exit("chest-ct serving: --workers must be 1 (each worker would load its own copy of the model); "
-                 "scale with more replicas instead")
+        sys.exit(
+            "chest-ct serving: --workers must be 1 (each worker would load its own copy of the model); "
+            "scale with more replicas instead"
+        )
     try:
         cfg = config.from_args(args)
         cpu_bf16()  # a malformed CHEST_CT_CPU_BF16 override is refused here, before the model loads
@@ -74,10 +81,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     # cgroup v1 only; on cgroup v2 it would see the node's CPUs. Same formula, with the container's CPUs.
     workers = args.max_asyncio_workers or min(32, container_cpus() + 4)
     server = ChestCtModelServer(
-        cfg, http_port=args.http_port, grpc_port=args.grpc_port, workers=1, max_threads=args.max_threads,
-        max_asyncio_workers=workers, enable_grpc=args.enable_grpc, enable_docs_url=args.enable_docs_url,
-        enable_latency_logging=args.enable_latency_logging, access_log_format=args.access_log_format,
-        event_loop=args.event_loop, timeout_keep_alive=args.timeout_keep_alive,
+        cfg,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        workers=1,
+        max_threads=args.max_threads,
+        max_asyncio_workers=workers,
+        enable_grpc=args.enable_grpc,
+        enable_docs_url=args.enable_docs_url,
+        enable_latency_logging=args.enable_latency_logging,
+        access_log_format=args.access_log_format,
+        event_loop=args.event_loop,
+        timeout_keep_alive=args.timeout_keep_alive,
     )  # constructing it configures logging, so the model load below is logged
     log_filter.install()
 

@@ -98,8 +98,11 @@ class Admission:
 
     def _check_room(self, queued: int) -> None:
         if queued >= self.config.max_queued_images:
-            raise self._refuse(f"{queued} image(s) are waiting for the model, the limit is "
-                               f"{self.config.max_queued_images} (--max_queued_images)", "queue_images")
+            raise self._refuse(
+                f"{queued} image(s) are waiting for the model, the limit is "
+                f"{self.config.max_queued_images} (--max_queued_images)",
+                "queue_images",
+            )
 
     def add_bytes(self, ticket: Ticket, more: int) -> None:
         """Count ``more`` body bytes for ``ticket`` (a chunked body as it streams in)."""
@@ -107,16 +110,20 @@ class Admission:
             return
         limit = self.config.max_inflight_bytes
         if self.inflight_bytes - ticket.bytes > 0 and self.inflight_bytes + more > limit:
-            raise self._refuse(f"requests being read or served hold {self.inflight_bytes} bytes, this one adds "
-                               f"{ticket.bytes + more}, the limit is {limit} (--max_inflight_bytes)", "inflight_bytes")
+            raise self._refuse(
+                f"requests being read or served hold {self.inflight_bytes} bytes, this one adds "
+                f"{ticket.bytes + more}, the limit is {limit} (--max_inflight_bytes)",
+                "inflight_bytes",
+            )
         ticket.bytes += more
         self.inflight_bytes += more
         metrics.INFLIGHT_BYTES.labels(**self._labels).set(self.inflight_bytes)
 
     # --- after parsing (images and pixels known) -----------------------------------------------
 
-    def admit(self, ticket: Ticket, images: int, first_chunk: int, pixels: int, time_left_s: float,
-              explain: bool = False) -> int:
+    def admit(
+        self, ticket: Ticket, images: int, first_chunk: int, pixels: int, time_left_s: float, explain: bool = False
+    ) -> int:
         """Admit a parsed request of ``images`` images (``pixels`` decoded pixels) or raise Overloaded.
 
         ``explain``: the request asked for the heatmap (the explain signature's pace applies).
@@ -130,19 +137,27 @@ class Admission:
             self._check_room(queued)
             first_chunk = min(first_chunk, cfg.max_queued_images - queued)
         if self.held_pixels > 0 and self.held_pixels + pixels > cfg.max_queued_pixels:
-            raise self._refuse(f"admitted requests hold {self.held_pixels} decoded pixels and this one has {pixels}, "
-                               f"the limit is {cfg.max_queued_pixels} (--max_queued_pixels)", "queue_pixels")
-        others = [*self.engine.remaining_seconds(),
-                  *(n * self.engine.pace(heatmap) for n, heatmap in self._reserved_requests)]
+            raise self._refuse(
+                f"admitted requests hold {self.held_pixels} decoded pixels and this one has {pixels}, "
+                f"the limit is {cfg.max_queued_pixels} (--max_queued_pixels)",
+                "queue_pixels",
+            )
+        others = [
+            *self.engine.remaining_seconds(),
+            *(n * self.engine.pace(heatmap) for n, heatmap in self._reserved_requests),
+        ]
         if others:
             pace = self.engine.pace(explain)
             own = pace * images  # each request ahead gets a turn per chunk: at most as much model time as this one
             estimate = own + sum(min(seconds, own) for seconds in others)
             if estimate > time_left_s:
-                raise self._refuse(f"at the current pace ({pace * 1000:.0f} ms per image{' with heatmap' * explain}, "
-                                   f"{len(others)} request(s) taking turns) these {images} image(s) would take about "
-                                   f"{estimate:.1f} s, more than the {time_left_s:.1f} s left before the request's "
-                                   "deadline", "deadline")
+                raise self._refuse(
+                    f"at the current pace ({pace * 1000:.0f} ms per image{' with heatmap' * explain}, "
+                    f"{len(others)} request(s) taking turns) these {images} image(s) would take about "
+                    f"{estimate:.1f} s, more than the {time_left_s:.1f} s left before the request's "
+                    "deadline",
+                    "deadline",
+                )
         ticket.pixels = pixels
         self.held_pixels += pixels
         self.reserved_images += first_chunk - ticket.reserved_images

@@ -38,8 +38,8 @@ import asyncio
 import contextvars
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -49,6 +49,7 @@ from kserve.logging import logger
 from serving import metrics
 from serving.errors import InternalError
 from serving.runner import ModelInputError, SavedModelRunner
+
 
 @dataclass(frozen=True)
 class CallKind:
@@ -116,9 +117,18 @@ class _Work:
 class BatchingEngine:
     """``await engine.run(kind, payload, pixels, request_id=..., deadline=...)`` -> one output record per image."""
 
-    def __init__(self, runner: SavedModelRunner, *, model_name: str, max_batch_size: int, max_call_pixels: int,
-                 max_wait_s: float = 0.0, call_timeout_s: float = 60.0, seconds_per_image: float = 0.1,
-                 explain_seconds_per_image: float | None = None):
+    def __init__(
+        self,
+        runner: SavedModelRunner,
+        *,
+        model_name: str,
+        max_batch_size: int,
+        max_call_pixels: int,
+        max_wait_s: float = 0.0,
+        call_timeout_s: float = 60.0,
+        seconds_per_image: float = 0.1,
+        explain_seconds_per_image: float | None = None,
+    ):
         self._runner = runner
         self.model_name = model_name
         self.max_batch_size = max_batch_size
@@ -162,8 +172,16 @@ class BatchingEngine:
 
     # --- requests ------------------------------------------------------------------------------
 
-    async def run(self, kind: CallKind, payload: Any, pixels: Sequence[int], *, request_id: str,
-                  deadline: float, first_chunk: int | None = None) -> np.ndarray:
+    async def run(
+        self,
+        kind: CallKind,
+        payload: Any,
+        pixels: Sequence[int],
+        *,
+        request_id: str,
+        deadline: float,
+        first_chunk: int | None = None,
+    ) -> np.ndarray:
         """Output records for ``payload`` (images or pixel rows, ``pixels`` decoded pixels each), in order.
 
         Raises TimeoutError when ``deadline`` (time.monotonic()) passes first; its work is dropped.
@@ -205,8 +223,10 @@ class BatchingEngine:
         return bounds
 
     def _split(self, work: _Work, payload: Any, pixels: Sequence[int], first: int | None) -> list[_Job]:
-        return [_Job(work, i, lo, payload[lo:hi], hi - lo, total)
-                for i, (lo, hi, total) in enumerate(self.chunk_bounds(pixels, first))]
+        return [
+            _Job(work, i, lo, payload[lo:hi], hi - lo, total)
+            for i, (lo, hi, total) in enumerate(self.chunk_bounds(pixels, first))
+        ]
 
     def _enqueue_next(self, work: _Work) -> None:
         if work.next_chunk < len(work.chunks) and not work.finished:
@@ -287,8 +307,11 @@ class BatchingEngine:
         rest: deque[_Job] = deque()
         images = pixels = 0
         for job in live:
-            if job.work.kind == first.work.kind and images + job.size <= max_images and \
-                    pixels + job.pixels <= max_pixels:
+            if (
+                job.work.kind == first.work.kind
+                and images + job.size <= max_images
+                and pixels + job.pixels <= max_pixels
+            ):
                 taken.append(job)
                 images, pixels = images + job.size, pixels + job.pixels
             else:
@@ -325,9 +348,13 @@ class BatchingEngine:
             self._deliver(job, result)
 
     def _report_stall(self, jobs: list[_Job]) -> None:
-        logger.error("A model call of %d image(s) (requests %s) has run for more than %.3g s: the model answers "
-                     "not ready until it ends", sum(j.size for j in jobs),
-                     ", ".join(sorted({j.work.request_id for j in jobs})), self.call_timeout_s)
+        logger.error(
+            "A model call of %d image(s) (requests %s) has run for more than %.3g s: the model answers "
+            "not ready until it ends",
+            sum(j.size for j in jobs),
+            ", ".join(sorted({j.work.request_id for j in jobs})),
+            self.call_timeout_s,
+        )
 
     def _deliver(self, job: _Job, result: np.ndarray | BaseException) -> None:
         work = job.work
@@ -343,15 +370,24 @@ class BatchingEngine:
             if len(parts) == len(work.results):
                 answer: np.ndarray = np.concatenate(parts)
                 if len(answer) != work.images:
-                    self._fail_internal([job], RuntimeError(f"reassembled {len(answer)} results for "
-                                                            f"{work.images} images"), "reassembly failed")
+                    self._fail_internal(
+                        [job],
+                        RuntimeError(f"reassembled {len(answer)} results for {work.images} images"),
+                        "reassembly failed",
+                    )
                 else:
                     work.future.set_result(answer)
 
     def _fail_internal(self, jobs: list[_Job], exc: BaseException, what: str) -> None:
         works = {id(job.work): job.work for job in jobs if not job.work.finished}.values()
-        logger.error("%s for request(s) %s: %s: %s", what, ", ".join(w.request_id for w in works) or "-",
-                     type(exc).__name__, exc, exc_info=exc)
+        logger.error(
+            "%s for request(s) %s: %s: %s",
+            what,
+            ", ".join(w.request_id for w in works) or "-",
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+        )
         for work in works:
             work.future.set_exception(InternalError(work.request_id))
 
@@ -379,8 +415,9 @@ class BatchingEngine:
             found = self._runner.first_undecodable(job.payload)
             if found is not None:
                 index, message = found
-                return ModelInputError(f"element {job.offset + index} cannot be decoded as an image: {message}",
-                                       index=job.offset + index)
+                return ModelInputError(
+                    f"element {job.offset + index} cannot be decoded as an image: {message}", index=job.offset + index
+                )
         return exc
 
     def _call(self, kind: CallKind, payloads: list[Any]) -> np.ndarray:

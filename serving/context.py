@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from collections.abc import Iterator, Mapping
 from typing import Any
 
 from kserve.errors import InvalidInput
@@ -54,16 +54,18 @@ def current() -> RequestScope | None:
 
 
 @contextlib.contextmanager
-def request_scope(admission: Admission, headers: Mapping[str, str] | None, body_bytes: int,
-                  time_remaining: float | None = None) -> Iterator[RequestScope]:
+def request_scope(
+    admission: Admission, headers: Mapping[str, str] | None, body_bytes: int, time_remaining: float | None = None
+) -> Iterator[RequestScope]:
     """Admit a request that just arrived (Overloaded at once if it cannot be) and hold its scope until answered.
 
     ``time_remaining``: the client's deadline when the protocol carries one (gRPC).
     """
     arrival = time.monotonic()
     ticket = admission.enter(body_bytes)
-    scope = RequestScope(arrival, arrival + admission.config.deadline_s, ticket,
-                         header_id=(headers or {}).get("x-request-id") or None)
+    scope = RequestScope(
+        arrival, arrival + admission.config.deadline_s, ticket, header_id=(headers or {}).get("x-request-id") or None
+    )
     scope.shorten(time_remaining)
     token = _CURRENT.set(scope)
     try:
@@ -79,8 +81,10 @@ def client_timeout_s(parameters: Mapping[str, Any] | None) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidInput(f"request parameter '{TIMEOUT_PARAMETER}' must be a whole number of microseconds "
-                           f"(0: none), got {clip(value)}")
+        raise InvalidInput(
+            f"request parameter '{TIMEOUT_PARAMETER}' must be a whole number of microseconds "
+            f"(0: none), got {clip(value)}"
+        )
     return value / 1e6 if value else None
 
 

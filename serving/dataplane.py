@@ -47,8 +47,9 @@ class ChestCtDataPlane(DataPlane):
     async def get_model(self, name: str) -> BaseKServeModel:
         model = self.get_model_from_registry(name)
         if not await self.model_registry.is_model_ready(name):
-            raise NotReady(name, "It is loading, or a model call has run past --model_call_timeout_s; "
-                                 "retry on another replica")
+            raise NotReady(
+                name, "It is loading, or a model call has run past --model_call_timeout_s; retry on another replica"
+            )
         return model
 
     async def model_ready(self, model_name: str, disable_predictor_health_check: bool = False) -> bool:

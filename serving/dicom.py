@@ -62,7 +62,7 @@ class DicomSlice:
 
 def is_dicom(data: bytes | memoryview) -> bool:
     """True for a DICOM Part 10 file (preamble + ``DICM``), whatever its name."""
-    return len(data) >= MAGIC_OFFSET + 4 and bytes(data[MAGIC_OFFSET:MAGIC_OFFSET + 4]) == MAGIC
+    return len(data) >= MAGIC_OFFSET + 4 and bytes(data[MAGIC_OFFSET : MAGIC_OFFSET + 4]) == MAGIC
 
 
 def _int(ds: FileDataset, keyword: str, default: int | None = None) -> int | None:
@@ -78,27 +78,34 @@ def _int(ds: FileDataset, keyword: str, default: int | None = None) -> int | Non
 def read_header(data: bytes, max_pixels: int) -> DicomSlice:
     """Parse ``data`` and check it is one CT slice this installation can decode, under ``max_pixels``."""
     if not is_dicom(data):
-        raise DicomError(f"not a DICOM file: no '{MAGIC.decode()}' marker at byte {MAGIC_OFFSET} "
-                         "(a DICOM Part 10 file starts with a 128-byte preamble and 'DICM')")
+        raise DicomError(
+            f"not a DICOM file: no '{MAGIC.decode()}' marker at byte {MAGIC_OFFSET} "
+            "(a DICOM Part 10 file starts with a 128-byte preamble and 'DICM')"
+        )
     _check_deflated(data, max_bytes=4 * max_pixels + (1 << 20))
     try:
         ds = pydicom.dcmread(io.BytesIO(bytes(data)))
     except InvalidDicomError as exc:
         raise DicomError(f"not a readable DICOM file ({exc})") from None
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on damaged headers
-        raise DicomError(f"cannot parse the DICOM header, the file is truncated or corrupt "
-                         f"({type(exc).__name__}: {str(exc)[:150]})") from None
+        raise DicomError(
+            f"cannot parse the DICOM header, the file is truncated or corrupt ({type(exc).__name__}: {str(exc)[:150]})"
+        ) from None
     if not any(tag in ds for tag in PIXEL_DATA_TAGS):
-        raise DicomError("no pixel data: the file holds no image (e.g. a report or a structured document), "
-                         f"or it was cut off before its pixels ({len(data)} bytes)")
+        raise DicomError(
+            "no pixel data: the file holds no image (e.g. a report or a structured document), "
+            f"or it was cut off before its pixels ({len(data)} bytes)"
+        )
     modality = str(ds.get("Modality", "") or "").strip()
     if modality != "CT":
-        raise DicomError(f"Modality is {modality or 'missing'!r}, not 'CT': the model reads CT slices in "
-                         "Hounsfield units")
+        raise DicomError(
+            f"Modality is {modality or 'missing'!r}, not 'CT': the model reads CT slices in Hounsfield units"
+        )
     frames = _int(ds, "NumberOfFrames", 1) or 1
     if frames > 1:
-        raise DicomError(f"multi-frame file ({frames} frames) where one slice is expected; send each slice "
-                         "as its own file")
+        raise DicomError(
+            f"multi-frame file ({frames} frames) where one slice is expected; send each slice as its own file"
+        )
     samples = _int(ds, "SamplesPerPixel", 1)
     if samples != 1:
         raise DicomError(f"SamplesPerPixel is {samples} (colour); a CT slice has one grey value per pixel")
@@ -115,8 +122,10 @@ def read_header(data: bytes, max_pixels: int) -> DicomSlice:
     except NotImplementedError:
         raise DicomError(f"transfer syntax {syntax} ({syntax.name}) has no pixel data decoder in pydicom") from None
     if not decoder.is_available:
-        raise DicomError(f"pixel data is compressed as {syntax.name} ({syntax}) and no decoder for it is "
-                         "installed; send it uncompressed, RLE, JPEG baseline or JPEG 2000")
+        raise DicomError(
+            f"pixel data is compressed as {syntax.name} ({syntax}) and no decoder for it is "
+            "installed; send it uncompressed, RLE, JPEG baseline or JPEG 2000"
+        )
     return DicomSlice(ds, rows, columns, str(syntax))
 
 
@@ -128,21 +137,25 @@ def _check_deflated(data: bytes, max_bytes: int) -> None:
     decompression bomb. This inflates at most ``max_bytes + 1`` bytes first, the bound
     being that of a file at the pixel cap (4 bytes a pixel and 1 MiB of metadata).
     """
-    head = bytes(data[:MAGIC_OFFSET + 4 + 4096])  # the meta group: a few hundred bytes in practice
+    head = bytes(data[: MAGIC_OFFSET + 4 + 4096])  # the meta group: a few hundred bytes in practice
     if DeflatedExplicitVRLittleEndian.encode() not in head:
         return
-    if head[MAGIC_OFFSET + 4:MAGIC_OFFSET + 12] != _GROUP_LENGTH:
-        raise DicomError("deflated DICOM without its File Meta Information Group Length: where the deflated "
-                         "dataset starts is unknown")
+    if head[MAGIC_OFFSET + 4 : MAGIC_OFFSET + 12] != _GROUP_LENGTH:
+        raise DicomError(
+            "deflated DICOM without its File Meta Information Group Length: where the deflated "
+            "dataset starts is unknown"
+        )
     (length,) = struct.unpack_from("<I", head, MAGIC_OFFSET + 12)
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     try:
-        inflated = inflater.decompress(bytes(data[MAGIC_OFFSET + 16 + length:]), max_bytes + 1)
+        inflated = inflater.decompress(bytes(data[MAGIC_OFFSET + 16 + length :]), max_bytes + 1)
     except zlib.error as exc:
         raise DicomError(f"the deflated dataset is corrupt ({exc})") from None
     if len(inflated) > max_bytes:
-        raise DicomError(f"the deflated dataset inflates to more than {max_bytes} bytes, more than a slice at the "
-                         "pixel cap needs (a decompression bomb)")
+        raise DicomError(
+            f"the deflated dataset inflates to more than {max_bytes} bytes, more than a slice at the "
+            "pixel cap needs (a decompression bomb)"
+        )
 
 
 def to_hu(dicom: DicomSlice) -> np.ndarray:
@@ -155,13 +168,13 @@ def to_hu(dicom: DicomSlice) -> np.ndarray:
         what = "truncated" if "less than expected" in message or "truncat" in message.lower() else "unreadable"
         raise DicomError(f"pixel data is {what} ({type(exc).__name__}: {message})") from None
     if stored.shape != (dicom.rows, dicom.columns):
-        raise DicomError(f"pixel data decodes to shape {stored.shape}, expected one {dicom.rows}x{dicom.columns} "
-                         "slice")
+        raise DicomError(f"pixel data decodes to shape {stored.shape}, expected one {dicom.rows}x{dicom.columns} slice")
     try:
         hu = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
     except Exception as exc:  # noqa: BLE001 - a malformed rescale or modality LUT
-        raise DicomError(f"cannot apply the rescale (RescaleSlope/RescaleIntercept): {type(exc).__name__}: "
-                         f"{str(exc)[:150]}") from None
+        raise DicomError(
+            f"cannot apply the rescale (RescaleSlope/RescaleIntercept): {type(exc).__name__}: {str(exc)[:150]}"
+        ) from None
     if not np.all(np.isfinite(hu)):
         slope, intercept = ds.get("RescaleSlope", 1), ds.get("RescaleIntercept", 0)
         raise DicomError(f"the rescale (slope {slope}, intercept {intercept}) gives values that are not finite")

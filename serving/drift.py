@@ -20,15 +20,23 @@ from serving.metrics import LABELS
 OOD_SCORE_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 100.0)
 PROBABILITY_BUCKETS = tuple(round(0.1 * i, 1) for i in range(1, 10)) + (0.95, 0.99)
 
-OOD_SCORE = Histogram("chest_ct_ood_score", "Out-of-distribution score of each answered image (the guard rejects "
-                      "scores above the model's ood_threshold)", LABELS, buckets=OOD_SCORE_BUCKETS)
-PROBABILITY = Histogram("chest_ct_probability", "Predicted probability of the positive class of each answered image",
-                        LABELS, buckets=PROBABILITY_BUCKETS)
-GUARD_REJECTIONS = Counter("chest_ct_guard_rejections", "Answered images the out-of-distribution guard flagged as "
-                           "unsupported input", LABELS)
+OOD_SCORE = Histogram(
+    "chest_ct_ood_score",
+    "Out-of-distribution score of each answered image (the guard rejects scores above the model's ood_threshold)",
+    LABELS,
+    buckets=OOD_SCORE_BUCKETS,
+)
+PROBABILITY = Histogram(
+    "chest_ct_probability",
+    "Predicted probability of the positive class of each answered image",
+    LABELS,
+    buckets=PROBABILITY_BUCKETS,
+)
+GUARD_REJECTIONS = Counter(
+    "chest_ct_guard_rejections", "Answered images the out-of-distribution guard flagged as unsupported input", LABELS
+)
 #: The served model's threshold, so an alert can compare live scores with it whatever model is deployed.
-OOD_THRESHOLD = Gauge("chest_ct_ood_threshold", "The served model's out-of-distribution threshold on ood_score",
-                      LABELS)
+OOD_THRESHOLD = Gauge("chest_ct_ood_threshold", "The served model's out-of-distribution threshold on ood_score", LABELS)
 
 
 def create_series(model_name: str, ood_threshold: float) -> None:

@@ -46,8 +46,7 @@ def one_line(text: str, limit: int = CLIP_CHARS) -> str:
 
 def safe_id(request_id: str | None) -> str | None:
     """``request_id`` if it can be quoted in a message and grepped in the log as is, else None."""
-    if request_id and len(request_id) <= 128 and request_id.isprintable() and not any(c.isspace()
-                                                                                      for c in request_id):
+    if request_id and len(request_id) <= 128 and request_id.isprintable() and not any(c.isspace() for c in request_id):
         return request_id
     return None
 
@@ -62,16 +61,19 @@ class Overloaded(grpc_errors.Unavailable):
     def __init__(self, what: str, reason: str, retry_after_s: int):
         self.reason = reason  # the metric label
         self.retry_after_s = retry_after_s
-        super().__init__(f"server is overloaded: {what}; retry in {retry_after_s} s "
-                         "or send the request to another replica")
+        super().__init__(
+            f"server is overloaded: {what}; retry in {retry_after_s} s or send the request to another replica"
+        )
 
 
 class DeadlineExceeded(grpc_errors.DeadlineExceeded):
     """The request's deadline passed before it was answered: 504 (REST), DEADLINE_EXCEEDED (gRPC)."""
 
     def __init__(self, deadline_s: float, where: str):
-        super().__init__(f"the request's deadline of {deadline_s:.3g} s passed {where}; its remaining work was "
-                         "dropped (the deadline is the server's --deadline_ms, or less if the client set one)")
+        super().__init__(
+            f"the request's deadline of {deadline_s:.3g} s passed {where}; its remaining work was "
+            "dropped (the deadline is the server's --deadline_ms, or less if the client set one)"
+        )
 
 
 class InternalError(grpc_errors.Internal):
@@ -79,8 +81,9 @@ class InternalError(grpc_errors.Internal):
 
     def __init__(self, request_id: str):
         self.request_id = request_id
-        super().__init__(f"internal error while serving request {request_id}; the server log has the details "
-                         "under this id")
+        super().__init__(
+            f"internal error while serving request {request_id}; the server log has the details under this id"
+        )
 
 
 def unexpected(exc: BaseException, request_id: str | None = None) -> InternalError:

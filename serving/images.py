@@ -29,20 +29,25 @@ def image_pixels(encoded: bytes, index: int, max_pixels: int, input_name: str = 
         with Image.open(io.BytesIO(encoded)) as img:  # reads the header only
             fmt, (width, height) = img.format, img.size
     except Image.DecompressionBombError as exc:
-        raise InvalidInput(f"{where}: image is too large ({one_line(str(exc))}); the limit is {max_pixels} "
-                           "pixels") from exc
+        raise InvalidInput(
+            f"{where}: image is too large ({one_line(str(exc))}); the limit is {max_pixels} pixels"
+        ) from exc
     except UnidentifiedImageError as exc:
         raise InvalidInput(f"{where}: not a PNG or JPEG image (cannot identify the file format)") from exc
     except Exception as exc:  # Pillow raises assorted errors on hostile headers
-        raise InvalidInput(f"{where}: cannot read the image header: the file is truncated or corrupt "
-                           f"({type(exc).__name__}: {one_line(str(exc))})") from exc
+        raise InvalidInput(
+            f"{where}: cannot read the image header: the file is truncated or corrupt "
+            f"({type(exc).__name__}: {one_line(str(exc))})"
+        ) from exc
     if fmt not in IMAGE_FORMATS:
         raise InvalidInput(f"{where}: image format {fmt} is not accepted; send PNG or JPEG")
     if width < 1 or height < 1:
         raise InvalidInput(f"{where}: image has no pixels ({width}x{height})")
     if width * height > max_pixels:
-        raise InvalidInput(f"{where}: image is {width}x{height} = {width * height} pixels, over the limit of "
-                           f"{max_pixels} pixels (decompression bomb guard)")
+        raise InvalidInput(
+            f"{where}: image is {width}x{height} = {width * height} pixels, over the limit of "
+            f"{max_pixels} pixels (decompression bomb guard)"
+        )
     return width * height
 
 
@@ -58,5 +63,6 @@ def verify_image(encoded: bytes, index: int, input_name: str = "image") -> None:
         with Image.open(io.BytesIO(encoded)) as img:
             img.load()  # full decode: catches truncated and corrupt image data
     except Exception as exc:
-        raise InvalidInput(f"{where}: {kind} file is truncated or corrupt ({type(exc).__name__}: "
-                           f"{one_line(str(exc))})") from exc
+        raise InvalidInput(
+            f"{where}: {kind} file is truncated or corrupt ({type(exc).__name__}: {one_line(str(exc))})"
+        ) from exc

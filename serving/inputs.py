@@ -23,8 +23,8 @@ from __future__ import annotations
 import base64
 import binascii
 import struct
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -97,8 +97,10 @@ def _files(inp: InferInput, config: ServerConfig, what: str, element: str) -> li
             raise InvalidInput(f"{where}: shape {clip(shape)} says {n} element(s) but data holds {len(data)}")
         elements = [_element_bytes(item, i, where, element) for i, item in enumerate(data)]
     if len(elements) != n:
-        raise InvalidInput(f"{where}: shape {clip(shape)} says {n} element(s) but data holds "
-                           f"{'more' if len(elements) > n else len(elements)}")
+        raise InvalidInput(
+            f"{where}: shape {clip(shape)} says {n} element(s) but data holds "
+            f"{'more' if len(elements) > n else len(elements)}"
+        )
     for i, value in enumerate(elements):
         if not value:
             raise InvalidInput(f"{where}: element {i} is empty")
@@ -112,8 +114,10 @@ def _element_bytes(item: Any, i: int, where: str, element: str = "the base64-enc
         try:
             return base64.b64decode(item, validate=True)
         except (binascii.Error, ValueError) as exc:
-            raise InvalidInput(f"{where}: element {i} is not valid base64 ({one_line(str(exc))}); in JSON each element "
-                               f"must be {element}") from exc
+            raise InvalidInput(
+                f"{where}: element {i} is not valid base64 ({one_line(str(exc))}); in JSON each element "
+                f"must be {element}"
+            ) from exc
     raise InvalidInput(f"{where}: element {i} must be a base64 string, got {type(item).__name__}")
 
 
@@ -127,9 +131,11 @@ def _split_length_prefixed(raw: bytes | memoryview, n: int, where: str) -> list[
         (length,) = struct.unpack_from("<I", raw, offset)
         offset += 4
         if offset + length > len(raw):
-            raise InvalidInput(f"{where}: binary BYTES data is malformed (element {len(out)} declares {length} "
-                               f"bytes but only {len(raw) - offset} remain)")
-        out.append(bytes(raw[offset:offset + length]))
+            raise InvalidInput(
+                f"{where}: binary BYTES data is malformed (element {len(out)} declares {length} "
+                f"bytes but only {len(raw) - offset} remain)"
+            )
+        out.append(bytes(raw[offset : offset + length]))
         offset += length
     return out
 
@@ -148,8 +154,10 @@ def parse_pixels_input(inp: InferInput, config: ServerConfig) -> PixelBatch:
     if height < 1 or width < 1:
         raise InvalidInput(f"{where}: height and width must be at least 1, got shape {clip(shape)}")
     if height * width > config.max_image_pixels:
-        raise InvalidInput(f"{where}: images are {width}x{height} = {width * height} pixels, over the limit of "
-                           f"{config.max_image_pixels} pixels")
+        raise InvalidInput(
+            f"{where}: images are {width}x{height} = {width * height} pixels, over the limit of "
+            f"{config.max_image_pixels} pixels"
+        )
     count = n * height * width * channels
     values = _pixel_values(inp, count, shape, where)
     if not np.all(np.isfinite(values)):
@@ -166,8 +174,10 @@ def _pixel_values(inp: InferInput, count: int, shape: list[int], where: str) -> 
     if raw is not None:
         dtype = np.dtype(np.uint8 if inp.datatype == "UINT8" else "<f4")
         if len(raw) != count * dtype.itemsize:
-            raise InvalidInput(f"{where}: shape {clip(shape)} of {inp.datatype} needs {count * dtype.itemsize} bytes "
-                               f"of binary data, got {len(raw)}")
+            raise InvalidInput(
+                f"{where}: shape {clip(shape)} of {inp.datatype} needs {count * dtype.itemsize} bytes "
+                f"of binary data, got {len(raw)}"
+            )
         return np.frombuffer(raw, dtype=dtype).astype(np.float32)
     data = inp.data
     if isinstance(data, (str, bytes)) or not hasattr(data, "__len__"):
@@ -184,21 +194,32 @@ def _pixel_values(inp: InferInput, count: int, shape: list[int], where: str) -> 
         raise InvalidInput(f"{where}: 'data' must contain only numbers, got {values.dtype.name} values")
     if values.size != count:
         raise InvalidInput(f"{where}: shape {clip(shape)} needs {count} values but data holds {values.size}")
-    if inp.datatype == "UINT8" and values.dtype.kind == "f" and np.all(np.isfinite(values)) \
-            and not np.array_equal(values, np.round(values)):
+    if (
+        inp.datatype == "UINT8"
+        and values.dtype.kind == "f"
+        and np.all(np.isfinite(values))
+        and not np.array_equal(values, np.round(values))
+    ):
         raise InvalidInput(f"{where}: UINT8 data must be whole numbers")
     return values.reshape(-1).astype(np.float32)
 
 
 INPUTS: tuple[InputSpec, ...] = (
     InputSpec("image", ("BYTES",), (-1,), "N encoded PNG/JPEG files (base64 in JSON)", parse_image_input),
-    InputSpec("pixels", ("FP32", "UINT8"), (-1, -1, -1, 3), "RGB values 0-255, any height and width",
-              parse_pixels_input),
-    InputSpec("dicom", ("BYTES",), (-1,), "N DICOM CT slices (Part 10 files, base64 in JSON), all of one size",
-              parse_dicom_input),
+    InputSpec(
+        "pixels", ("FP32", "UINT8"), (-1, -1, -1, 3), "RGB values 0-255, any height and width", parse_pixels_input
+    ),
+    InputSpec(
+        "dicom",
+        ("BYTES",),
+        (-1,),
+        "N DICOM CT slices (Part 10 files, base64 in JSON), all of one size",
+        parse_dicom_input,
+    ),
 )
 INPUTS_HELP = "send exactly one input: " + " or ".join(
-    f"'{s.name}' ({' or '.join(s.datatypes)}, shape {list(s.shape)}: {s.help})" for s in INPUTS)
+    f"'{s.name}' ({' or '.join(s.datatypes)}, shape {list(s.shape)}: {s.help})" for s in INPUTS
+)
 
 
 def parse_inputs(request: InferRequest, config: ServerConfig) -> Batch:
@@ -214,8 +235,9 @@ def parse_inputs(request: InferRequest, config: ServerConfig) -> Batch:
     if len(set(names)) != len(names):
         raise InvalidInput(f"input {clip(names[0])} is given more than once; {INPUTS_HELP}")
     if len(inputs) > 1:
-        raise InvalidInput(f"{' and '.join(repr(n) for n in names)} were {'both' if len(names) == 2 else 'all'} "
-                           f"given; {INPUTS_HELP}")
+        raise InvalidInput(
+            f"{' and '.join(repr(n) for n in names)} were {'both' if len(names) == 2 else 'all'} given; {INPUTS_HELP}"
+        )
     batch = specs[inputs[0].name].parse(inputs[0], config)
     request.inputs = []  # queued requests keep only the model input, not the decoded body
     return batch
@@ -223,8 +245,7 @@ def parse_inputs(request: InferRequest, config: ServerConfig) -> Batch:
 
 def _shape(inp: InferInput, where: str) -> list[int]:
     shape = inp.shape
-    if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool)
-                                                       for d in shape):
+    if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
         raise InvalidInput(f"{where}: 'shape' must be a list of integers, got {clip(shape)}")
     shape = [int(d) for d in shape]
     if any(d < 0 for d in shape):
@@ -236,8 +257,9 @@ def _check_count(n: int, where: str, config: ServerConfig) -> int:
     if n == 0:
         raise InvalidInput(f"{where}: N=0 (empty batch); send at least one image")
     if n > config.max_images:
-        raise InvalidInput(f"{where}: N={n} images is over the limit of {config.max_images} per request; "
-                           "split the batch")
+        raise InvalidInput(
+            f"{where}: N={n} images is over the limit of {config.max_images} per request; split the batch"
+        )
     return n
 
 

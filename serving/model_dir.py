@@ -79,7 +79,8 @@ def check_model_dir(model_dir: str | Path) -> Path:
     if "://" in text:
         raise ModelLoadError(
             f"--model_dir {text!r} is a URI; the server reads a local directory. In KServe set "
-            "storageUri on the InferenceService so the storage initializer downloads the model to /mnt/models.")
+            "storageUri on the InferenceService so the storage initializer downloads the model to /mnt/models."
+        )
     path = Path(text)
     if not path.exists():
         raise ModelLoadError(f"model directory {path} does not exist (set --model_dir or MODEL_DIR)")
@@ -89,7 +90,8 @@ def check_model_dir(model_dir: str | Path) -> Path:
         found = sorted(p.name for p in path.iterdir())[:10]
         raise ModelLoadError(
             f"{path} is not a TensorFlow SavedModel: no saved_model.pb in it (found: {found or 'nothing'}). "
-            "Point --model_dir at the directory written by the export step.")
+            "Point --model_dir at the directory written by the export step."
+        )
     return path
 
 
@@ -99,7 +101,8 @@ def read_model_info(model_dir: str | Path) -> ModelInfo:
     if not path.is_file():
         raise ModelLoadError(
             f"{model_dir} has no {METADATA_FILE}: the server needs the class names, image size and decision "
-            "threshold stored with the model by the export/evaluate steps")
+            "threshold stored with the model by the export/evaluate steps"
+        )
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -117,8 +120,12 @@ def _model_info(meta: dict[str, Any], path: Path) -> ModelInfo:
     if missing:
         raise ModelLoadError(f"{path} lacks {', '.join(repr(k) for k in missing)}")
     names = meta["class_names"]
-    if (not isinstance(names, list) or len(names) != 2 or not all(isinstance(n, str) and n for n in names)
-            or names[0] == names[1]):
+    if (
+        not isinstance(names, list)
+        or len(names) != 2
+        or not all(isinstance(n, str) and n for n in names)
+        or names[0] == names[1]
+    ):
         raise fail("class_names", f"must be two different non-empty strings, got {names!r}")
     positive = meta["positive_class"]
     if positive not in names:
@@ -127,20 +134,26 @@ def _model_info(meta: dict[str, Any], path: Path) -> ModelInfo:
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise fail("image_size", f"must be a positive integer, got {size!r}")
     threshold = meta["threshold"]
-    if (isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold)
-            or not 0.0 <= threshold <= 1.0):
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, (int, float))
+        or not math.isfinite(threshold)
+        or not 0.0 <= threshold <= 1.0
+    ):
         raise fail("threshold", f"must be a number between 0 and 1, got {threshold!r}")
     run_id = meta.get("mlflow_run_id") or ""
     if not isinstance(run_id, str):
         raise fail("mlflow_run_id", f"must be a string, got {run_id!r}")
     ood, window = meta.get("ood"), meta.get("window")
     if not isinstance(ood, dict) or not _number(ood.get("threshold")):
-        raise fail("ood", f"must hold the out-of-distribution guard's numeric 'threshold' (a model exported before "
-                          f"the guard existed: re-export it), got {ood!r}")
+        raise fail(
+            "ood",
+            f"must hold the out-of-distribution guard's numeric 'threshold' (a model exported before "
+            f"the guard existed: re-export it), got {ood!r}",
+        )
     if not isinstance(window, dict) or not _number(window.get("level")) or not _number(window.get("width")):
         raise fail("window", f"must hold the numeric 'level' and 'width' (HU) of the DICOM window, got {window!r}")
-    known = {"class_names", "positive_class", "image_size", "threshold", "threshold_source", "mlflow_run_id",
-             GUARD_KEY}
+    known = {"class_names", "positive_class", "image_size", "threshold", "threshold_source", "mlflow_run_id", GUARD_KEY}
     try:
         golden, golden_problem = _golden_set(meta.get(GUARD_KEY), path.parent), ""
     except ValueError as exc:  # not fatal: the model is served in float32, and says why
@@ -174,8 +187,11 @@ def _golden_set(guard: Any, model_dir: Path) -> GoldenSet:
     names, probs = guard.get("golden_images"), guard.get("fp32_probabilities")
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise ValueError(f"'{GUARD_KEY}.golden_images' must be a non-empty list of file names, got {names!r}")
-    if (not isinstance(probs, list) or len(probs) != len(names)
-            or not all(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1 for p in probs)):
+    if (
+        not isinstance(probs, list)
+        or len(probs) != len(names)
+        or not all(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1 for p in probs)
+    ):
         raise ValueError(f"'{GUARD_KEY}.fp32_probabilities' must hold one probability per golden image")
     root = model_dir.resolve()
     files = []

@@ -11,8 +11,8 @@ computes something new, one field of Prediction.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,7 +20,6 @@ from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse, RequestedOutput, to_http_parameters
 
 from serving.errors import clip
-
 
 #: The label of an image the out-of-distribution guard rejected, whatever its probability.
 UNSUPPORTED_INPUT = "unsupported-input"
@@ -54,12 +53,17 @@ class OutputSpec:
 
 OUTPUTS: tuple[OutputSpec, ...] = (
     OutputSpec("probability", "FP32", (-1,), "probability of adenocarcinoma", lambda p: p.probability),
-    OutputSpec("label", "BYTES", (-1,), f"class at the model's threshold, or '{UNSUPPORTED_INPUT}'",
-               lambda p: p.label),
+    OutputSpec("label", "BYTES", (-1,), f"class at the model's threshold, or '{UNSUPPORTED_INPUT}'", lambda p: p.label),
     OutputSpec("ood_score", "FP32", (-1,), "out-of-distribution score", lambda p: p.ood_score),
     OutputSpec("in_distribution", "BOOL", (-1,), "false: the guard rejected the image", lambda p: p.in_distribution),
-    OutputSpec(HEATMAP, "FP32", (-1, -1, -1), "Grad-CAM map of the adenocarcinoma score over the model's grid, 0-1; "
-               "opt-in: returned only when named", lambda p: p.heatmap, opt_in=True),
+    OutputSpec(
+        HEATMAP,
+        "FP32",
+        (-1, -1, -1),
+        "Grad-CAM map of the adenocarcinoma score over the model's grid, 0-1; opt-in: returned only when named",
+        lambda p: p.heatmap,
+        opt_in=True,
+    ),
 )
 _SPECS = {spec.name: spec for spec in OUTPUTS}
 _OUTPUTS_HELP = ", ".join(f"'{s.name}' ({s.datatype} {list(s.shape)}: {s.help})" for s in OUTPUTS)
@@ -100,20 +104,31 @@ def parse_outputs(request: InferRequest, heatmap_available: bool = True) -> Outp
         if out.name in chosen:
             raise InvalidInput(f"output {clip(out.name)} is requested more than once")
         if out.name == HEATMAP and not heatmap_available:
-            raise InvalidInput(f"output '{HEATMAP}' is not available from this model: it was exported without the "
-                               "explain signatures (explain_images, explain_pixels, explain_hu) that compute it; "
-                               f"re-export it with chest_ct, or leave '{HEATMAP}' out of 'outputs'")
+            raise InvalidInput(
+                f"output '{HEATMAP}' is not available from this model: it was exported without the "
+                "explain signatures (explain_images, explain_pixels, explain_hu) that compute it; "
+                f"re-export it with chest_ct, or leave '{HEATMAP}' out of 'outputs'"
+            )
         flag = _params(out.parameters).get("binary_data", default_binary)
         if not isinstance(flag, bool):
-            raise InvalidInput(f"output {clip(out.name)}: parameter 'binary_data' must be true or false, "
-                               f"got {clip(flag)}")
+            raise InvalidInput(
+                f"output {clip(out.name)}: parameter 'binary_data' must be true or false, got {clip(flag)}"
+            )
         chosen.append(out.name)
         binary[out.name] = flag
     return OutputRequest(tuple(chosen), binary)
 
 
-def build_response(request: InferRequest, outputs: OutputRequest, prediction: Prediction, *, model_name: str,
-                   model_version: str, response_id: str, parameters: dict[str, Any]) -> InferResponse:
+def build_response(
+    request: InferRequest,
+    outputs: OutputRequest,
+    prediction: Prediction,
+    *,
+    model_name: str,
+    model_version: str,
+    response_id: str,
+    parameters: dict[str, Any],
+) -> InferResponse:
     """The v2 response with the requested outputs, as REST (numpy) or gRPC (lists) wants them."""
     as_list = bool(request.from_grpc)  # kserve's to_grpc() only accepts lists safely; to_rest() takes numpy
     infer_outputs = []

@@ -37,9 +37,11 @@ STATIC = Path(__file__).resolve().parent / "static"
 ASSETS = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 PAGE = "index.html"
 #: Only this origin's script, style and API; images also from data: and blob: URLs (uploads on canvases).
-CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
-                           "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; "
-                           "frame-ancestors 'none'")
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
 SECURITY_HEADERS = {
     "content-security-policy": CONTENT_SECURITY_POLICY,
     "x-content-type-options": "nosniff",
@@ -56,8 +58,9 @@ def _read(name: str) -> bytes:
 
 def wants_html(accept: str) -> bool:
     """Whether an ``Accept`` header asks for HTML (browsers navigating); ``*/*`` alone does not."""
-    return any(part.split(";")[0].strip().lower() in {"text/html", "application/xhtml+xml"}
-               for part in accept.split(","))
+    return any(
+        part.split(";")[0].strip().lower() in {"text/html", "application/xhtml+xml"} for part in accept.split(",")
+    )
 
 
 def install(app: FastAPI, live) -> None:
@@ -67,9 +70,13 @@ def install(app: FastAPI, live) -> None:
         asset = request.query_params.get("asset")
         if asset is not None:
             if asset not in ASSETS:
-                return Response(orjson.dumps({"error": f"no page asset {asset[:64]!r}; the page's assets are "
-                                                       f"{', '.join(sorted(ASSETS))}"}),
-                                status_code=int(HTTPStatus.NOT_FOUND), media_type="application/json")
+                return Response(
+                    orjson.dumps(
+                        {"error": f"no page asset {asset[:64]!r}; the page's assets are {', '.join(sorted(ASSETS))}"}
+                    ),
+                    status_code=int(HTTPStatus.NOT_FOUND),
+                    media_type="application/json",
+                )
             return Response(_read(asset), media_type=ASSETS[asset], headers=SECURITY_HEADERS)
         if wants_html(request.headers.get("accept", "")):
             return Response(_read(PAGE), media_type="text/html; charset=utf-8", headers=SECURITY_HEADERS)

@@ -64,13 +64,20 @@ def cpu_bf16(environ: Mapping[str, str] = os.environ, cpuinfo: Path = Path("/pro
             raise ValueError(f"{CPU_BF16_ENV}={forced!r}: expected 0 or 1")
         return CpuBf16(forced == "1", forced == "1", f"{CPU_BF16_ENV}={forced}")
     try:
-        flags = {flag for line in cpuinfo.read_text().splitlines() if line.startswith("flags")
-                 for flag in line.split(":", 1)[1].split()}
+        flags = {
+            flag
+            for line in cpuinfo.read_text().splitlines()
+            if line.startswith("flags")
+            for flag in line.split(":", 1)[1].split()
+        }
     except OSError:
         return CpuBf16(False, False, f"{cpuinfo} unreadable")
     native = [f for f in NATIVE_BF16_FLAGS if f in flags]
-    return CpuBf16(bool(native), bool(native) or ONEDNN_BF16_FLAG in flags,
-                   f"{cpuinfo}: {', '.join(native) if native else 'no ' + '/'.join(NATIVE_BF16_FLAGS)}")
+    return CpuBf16(
+        bool(native),
+        bool(native) or ONEDNN_BF16_FLAG in flags,
+        f"{cpuinfo}: {', '.join(native) if native else 'no ' + '/'.join(NATIVE_BF16_FLAGS)}",
+    )
 
 
 def serving_precision(requested: str, cpu: CpuBf16, gpus: int = 0) -> tuple[str, str]:
@@ -105,27 +112,40 @@ class Parity:
         return self.images > 0 and self.max_abs_diff <= self.tolerance and self.label_flips == 0
 
     def describe(self) -> str:
-        return (f"{self.images} image(s): max |p_reduced - p_fp32| = {self.max_abs_diff:.2g} "
-                f"(tolerance {self.tolerance:g}), {self.label_flips} label flip(s) at threshold {self.threshold:.4f}")
+        return (
+            f"{self.images} image(s): max |p_reduced - p_fp32| = {self.max_abs_diff:.2g} "
+            f"(tolerance {self.tolerance:g}), {self.label_flips} label flip(s) at threshold {self.threshold:.4f}"
+        )
 
     def to_dict(self) -> dict[str, float | int | bool]:
-        return {"images": self.images, "max_abs_diff": self.max_abs_diff, "mean_abs_diff": self.mean_abs_diff,
-                "label_flips": self.label_flips, "tolerance": self.tolerance, "threshold": self.threshold,
-                "within_tolerance": self.ok}
+        return {
+            "images": self.images,
+            "max_abs_diff": self.max_abs_diff,
+            "mean_abs_diff": self.mean_abs_diff,
+            "label_flips": self.label_flips,
+            "tolerance": self.tolerance,
+            "threshold": self.threshold,
+            "within_tolerance": self.ok,
+        }
 
 
-def parity(reference: Sequence[float] | np.ndarray, reduced: Sequence[float] | np.ndarray, threshold: float,
-           tolerance: float) -> Parity:
+def parity(
+    reference: Sequence[float] | np.ndarray, reduced: Sequence[float] | np.ndarray, threshold: float, tolerance: float
+) -> Parity:
     """Compare probabilities; a label flips when the two sit on different sides of ``threshold`` (``>=``)."""
     ref, red = np.asarray(reference, np.float64).reshape(-1), np.asarray(reduced, np.float64).reshape(-1)
     if ref.shape != red.shape:
         raise ValueError(f"{len(red)} reduced-precision probabilities for {len(ref)} reference ones")
     diff = np.abs(ref - red)
     bad = ~np.isfinite(red)
-    return Parity(images=len(ref), max_abs_diff=float(np.max(np.where(bad, np.inf, diff), initial=0.0)),
-                  mean_abs_diff=float(diff[~bad].mean()) if (~bad).any() else float("nan"),
-                  label_flips=int(np.sum((ref >= threshold) != (red >= threshold))),
-                  tolerance=float(tolerance), threshold=float(threshold))
+    return Parity(
+        images=len(ref),
+        max_abs_diff=float(np.max(np.where(bad, np.inf, diff), initial=0.0)),
+        mean_abs_diff=float(diff[~bad].mean()) if (~bad).any() else float("nan"),
+        label_flips=int(np.sum((ref >= threshold) != (red >= threshold))),
+        tolerance=float(tolerance),
+        threshold=float(threshold),
+    )
 
 
 @dataclass(frozen=True)
@@ -141,17 +161,25 @@ class PrecisionState:
 
     def parameters(self) -> dict[str, str | float | int | bool]:
         """For the model's v2 metadata (scalar values only)."""
-        out: dict[str, str | float | int | bool] = {"precision": self.precision, "precision_requested": self.requested,
-                                             "precision_reason": self.reason,
-                                             "precision_fell_back": self.fell_back}
+        out: dict[str, str | float | int | bool] = {
+            "precision": self.precision,
+            "precision_requested": self.requested,
+            "precision_reason": self.reason,
+            "precision_fell_back": self.fell_back,
+        }
         if self.golden is not None:
-            out.update(golden_images=self.golden.images, golden_max_abs_diff=self.golden.max_abs_diff,
-                       golden_label_flips=self.golden.label_flips, golden_tolerance=self.golden.tolerance)
+            out.update(
+                golden_images=self.golden.images,
+                golden_max_abs_diff=self.golden.max_abs_diff,
+                golden_label_flips=self.golden.label_flips,
+                golden_tolerance=self.golden.tolerance,
+            )
         return out
 
 
-def settle_precision(runner, golden, golden_problem: str, threshold: float, requested: str, tolerance: float,
-                     cpu: CpuBf16, gpus: int = 0) -> PrecisionState:
+def settle_precision(
+    runner, golden, golden_problem: str, threshold: float, requested: str, tolerance: float, cpu: CpuBf16, gpus: int = 0
+) -> PrecisionState:
     """Choose the precision, prove bf16 on the golden set, and leave ``runner`` in the precision to serve.
 
     ``runner`` has ``set_precision(precision, keep_float32_ops)`` and ``predict_images(list[bytes])``;
@@ -169,11 +197,20 @@ def settle_precision(runner, golden, golden_problem: str, threshold: float, requ
         reduced = runner.predict_images(golden.read_images())["probability"]
     except Exception as exc:  # noqa: BLE001  (an unreadable or undecodable golden image: the guard cannot vouch)
         runner.set_precision(FP32)
-        return PrecisionState(requested, FP32, f"{reason}, but the golden set could not be run in bf16 "
-                                               f"({type(exc).__name__}: {exc}): serving fp32", fell_back=True)
+        return PrecisionState(
+            requested,
+            FP32,
+            f"{reason}, but the golden set could not be run in bf16 ({type(exc).__name__}: {exc}): serving fp32",
+            fell_back=True,
+        )
     check = parity(golden.probabilities, reduced, threshold, tolerance)
     if not check.ok:
         runner.set_precision(FP32)
-        return PrecisionState(requested, FP32, f"{reason}, but the golden set disagrees in bf16 "
-                                               f"({check.describe()}): serving fp32", check, fell_back=True)
+        return PrecisionState(
+            requested,
+            FP32,
+            f"{reason}, but the golden set disagrees in bf16 ({check.describe()}): serving fp32",
+            check,
+            fell_back=True,
+        )
     return PrecisionState(requested, BF16, f"{reason}; golden set agrees ({check.describe()})", check)

@@ -58,8 +58,11 @@ class VersionNotFound(ModelNotFound):
 
     def __init__(self, name: str, served: str, requested: str):
         super().__init__(clip(name))
-        self.reason = (f"model {clip(name)} has no version {clip(requested)}; it serves version {served!r}" if served
-                       else f"model {clip(name)} is unversioned; leave the version out of the request")
+        self.reason = (
+            f"model {clip(name)} has no version {clip(requested)}; it serves version {served!r}"
+            if served
+            else f"model {clip(name)} is unversioned; leave the version out of the request"
+        )
 
 
 class ChestCtModel(Model):
@@ -89,36 +92,63 @@ class ChestCtModel(Model):
         info = read_model_info(path)
         cfg = self.config
         runner = SavedModelRunner(path)
-        self.precision = settle_precision(runner, info.golden, info.golden_problem, info.threshold, cfg.precision,
-                                          cfg.precision_tolerance, cpu_bf16(), runner.gpus())
-        (logger.warning if self.precision.fell_back else logger.info)("Precision %s: %s", self.precision.precision,
-                                                                       self.precision.reason)
+        self.precision = settle_precision(
+            runner,
+            info.golden,
+            info.golden_problem,
+            info.threshold,
+            cfg.precision,
+            cfg.precision_tolerance,
+            cpu_bf16(),
+            runner.gpus(),
+        )
+        (logger.warning if self.precision.fell_back else logger.info)(
+            "Precision %s: %s", self.precision.precision, self.precision.reason
+        )
         warm = warm_up(runner, info)
         seconds_per_image = warm.seconds_per_image
         self.info, self.heatmap_grid = info, warm.heatmap_grid
-        self.engine = BatchingEngine(runner, model_name=self.name, max_batch_size=cfg.max_batch_size,
-                                     max_call_pixels=cfg.max_call_pixels, max_wait_s=cfg.max_batch_wait_s,
-                                     call_timeout_s=cfg.model_call_timeout_s, seconds_per_image=seconds_per_image,
-                                     explain_seconds_per_image=warm.explain_seconds_per_image)
+        self.engine = BatchingEngine(
+            runner,
+            model_name=self.name,
+            max_batch_size=cfg.max_batch_size,
+            max_call_pixels=cfg.max_call_pixels,
+            max_wait_s=cfg.max_batch_wait_s,
+            call_timeout_s=cfg.model_call_timeout_s,
+            seconds_per_image=seconds_per_image,
+            explain_seconds_per_image=warm.explain_seconds_per_image,
+        )
         self.admission = Admission(cfg, self.engine, self.name)
         drift.create_series(self.name, info.ood_threshold)
         self.ready = True
         if runner.tf_threads:
             logger.info("TensorFlow thread pools sized to the container's CPU limit: %d", runner.tf_threads)
-        heatmap = (f"heatmap {warm.heatmap_grid[0]}x{warm.heatmap_grid[1]} (opt-in), "
-                   f"{1000 * (warm.explain_seconds_per_image or 0):.0f} ms per image with it"
-                   if warm.heatmap_grid else "no heatmap (the model has no explain signatures)")
-        logger.info("Loaded %s (version %r, image size %d, threshold %.4f, ood threshold %.4f, %s, %.0f ms per "
-                    "image; %s)", path, info.version or "unversioned", info.image_size, info.threshold,
-                    info.ood_threshold, runner.precision, 1000 * seconds_per_image, heatmap)
+        heatmap = (
+            f"heatmap {warm.heatmap_grid[0]}x{warm.heatmap_grid[1]} (opt-in), "
+            f"{1000 * (warm.explain_seconds_per_image or 0):.0f} ms per image with it"
+            if warm.heatmap_grid
+            else "no heatmap (the model has no explain signatures)"
+        )
+        logger.info(
+            "Loaded %s (version %r, image size %d, threshold %.4f, ood threshold %.4f, %s, %.0f ms per image; %s)",
+            path,
+            info.version or "unversioned",
+            info.image_size,
+            info.threshold,
+            info.ood_threshold,
+            runner.precision,
+            1000 * seconds_per_image,
+            heatmap,
+        )
         return self.ready
 
     async def healthy(self) -> bool:
         """Loaded, and no model call has run past ``--model_call_timeout_s`` (the watchdog)."""
         return self.ready and self.engine is not None and self.engine.stalled_for() == 0
 
-    def request_scope(self, headers: dict[str, str] | None, body_bytes: int,
-                      time_remaining: float | None = None) -> AbstractContextManager[context.RequestScope]:
+    def request_scope(
+        self, headers: dict[str, str] | None, body_bytes: int, time_remaining: float | None = None
+    ) -> AbstractContextManager[context.RequestScope]:
         """See ``serving.context.request_scope``: opened by the transport when a request arrives."""
         return context.request_scope(self._running()[1], headers, body_bytes, time_remaining)
 
@@ -143,21 +173,35 @@ class ChestCtModel(Model):
         """Model facts and server limits for the REST metadata endpoint (v2 parameters: scalar values only)."""
         info, cfg = self._info(), self.config
         params: dict[str, Any] = {
-            "class_names": ",".join(info.class_names), "positive_class": info.positive_class,
-            "negative_class": info.negative_class, "threshold": info.threshold,
-            "threshold_source": info.threshold_source, "image_size": info.image_size,
-            "pixels_datatypes": "UINT8,FP32", "image_formats": "PNG,JPEG",
+            "class_names": ",".join(info.class_names),
+            "positive_class": info.positive_class,
+            "negative_class": info.negative_class,
+            "threshold": info.threshold,
+            "threshold_source": info.threshold_source,
+            "image_size": info.image_size,
+            "pixels_datatypes": "UINT8,FP32",
+            "image_formats": "PNG,JPEG",
             "dicom": "DICOM Part 10 CT slices, one frame, one size per request",
-            "ood_threshold": info.ood_threshold, "unsupported_label": UNSUPPORTED_INPUT,
-            "window_level": info.window[0], "window_width": info.window[1],
-            "max_images": cfg.max_images, "max_image_pixels": cfg.max_image_pixels,
-            "max_request_bytes": cfg.max_request_bytes, "deadline_ms": cfg.deadline_ms,
+            "ood_threshold": info.ood_threshold,
+            "unsupported_label": UNSUPPORTED_INPUT,
+            "window_level": info.window[0],
+            "window_width": info.window[1],
+            "max_images": cfg.max_images,
+            "max_image_pixels": cfg.max_image_pixels,
+            "max_request_bytes": cfg.max_request_bytes,
+            "deadline_ms": cfg.deadline_ms,
             "default_outputs": ",".join(DEFAULT_OUTPUTS),
         }
         if self.heatmap_grid is not None:  # opt-in: the protocol's default ("all outputs") leaves it out
-            heatmap = info.extra.get("heatmap") if isinstance(info.extra.get("heatmap"), dict) else {}
-            params.update({"opt_in_outputs": HEATMAP, "heatmap_grid_height": self.heatmap_grid[0],
-                           "heatmap_grid_width": self.heatmap_grid[1]})
+            found = info.extra.get("heatmap")
+            heatmap: dict[str, Any] = found if isinstance(found, dict) else {}
+            params.update(
+                {
+                    "opt_in_outputs": HEATMAP,
+                    "heatmap_grid_height": self.heatmap_grid[0],
+                    "heatmap_grid_width": self.heatmap_grid[1],
+                }
+            )
             for key in ("layer", "method"):
                 if isinstance(heatmap.get(key), str):
                     params[f"heatmap_{key}"] = heatmap[key]
@@ -195,11 +239,14 @@ class ChestCtModel(Model):
 
     # --- inference --------------------------------------------------------------------------
 
-    async def predict(self, payload: Any, headers: dict[str, str] | None = None,
-                      response_headers: dict[str, str] | None = None) -> InferResponse:
+    async def predict(
+        self, payload: Any, headers: dict[str, str] | None = None, response_headers: dict[str, str] | None = None
+    ) -> InferResponse:
         if not isinstance(payload, InferRequest):
-            raise InvalidInput(f"model {clip(self.name)} speaks the v2 inference protocol: "
-                               f"POST /v2/models/{self.name}/infer (or gRPC ModelInfer)")
+            raise InvalidInput(
+                f"model {clip(self.name)} speaks the v2 inference protocol: "
+                f"POST /v2/models/{self.name}/infer (or gRPC ModelInfer)"
+            )
         scope = context.current()
         with self.request_scope(headers, 0) if scope is None else nullcontext(scope) as scope:
             response_id = payload.id or scope.header_id or new_id()
@@ -207,8 +254,9 @@ class ChestCtModel(Model):
                 response_headers["x-request-id"] = response_id
             return await self._predict(payload, scope, response_id, safe_id(response_id) or new_id())
 
-    async def _predict(self, request: InferRequest, scope: context.RequestScope, response_id: str,
-                       log_id: str) -> InferResponse:
+    async def _predict(
+        self, request: InferRequest, scope: context.RequestScope, response_id: str, log_id: str
+    ) -> InferResponse:
         info, cfg = self._info(), self.config
         engine, admission = self._running()
         self.check_version(request.model_version)
@@ -238,8 +286,14 @@ class ChestCtModel(Model):
         if scope.time_left() <= 0:
             metrics.DROPPED.labels(model_name=self.name, reason="deadline_exceeded").inc()
             raise DeadlineExceeded(scope.budget_s, "before the request was admitted")
-        first_chunk = admission.admit(scope.ticket, len(pixels), engine.chunk_bounds(pixels)[0][1], sum(pixels),
-                                      scope.time_left(), explain=outputs.explain)
+        first_chunk = admission.admit(
+            scope.ticket,
+            len(pixels),
+            engine.chunk_bounds(pixels)[0][1],
+            sum(pixels),
+            scope.time_left(),
+            explain=outputs.explain,
+        )
         if isinstance(batch, ImageBatch):
             await loop.run_in_executor(None, _verify_all, batch.encoded)
         elif slices:
@@ -247,8 +301,9 @@ class ChestCtModel(Model):
             del slices
         admission.queued(scope.ticket)
         try:
-            result = await engine.run(kind, payload, pixels, request_id=log_id, deadline=scope.deadline,
-                                      first_chunk=first_chunk)
+            result = await engine.run(
+                kind, payload, pixels, request_id=log_id, deadline=scope.deadline, first_chunk=first_chunk
+            )
         except TimeoutError:
             raise DeadlineExceeded(scope.budget_s, "while the request waited for or ran in the model") from None
         except ModelInputError as exc:
@@ -256,13 +311,19 @@ class ChestCtModel(Model):
         prediction = self._prediction(result)
         drift.observe(self.name, prediction.probability, prediction.ood_score, prediction.in_distribution)
         # gRPC parameters carry only bool/int/string, so thresholds travel as text there.
-        threshold, ood_threshold = info.threshold, info.ood_threshold
+        threshold: float | str = info.threshold
+        ood_threshold: float | str = info.ood_threshold
         if request.from_grpc:
             threshold, ood_threshold = str(threshold), str(ood_threshold)
-        return build_response(request, outputs, prediction, model_name=self.name, model_version=info.version,
-                              response_id=response_id,
-                              parameters={"threshold": threshold, "positive_class": info.positive_class,
-                                          "ood_threshold": ood_threshold})
+        return build_response(
+            request,
+            outputs,
+            prediction,
+            model_name=self.name,
+            model_version=info.version,
+            response_id=response_id,
+            parameters={"threshold": threshold, "positive_class": info.positive_class, "ood_threshold": ood_threshold},
+        )
 
     def _prediction(self, result: np.ndarray) -> Prediction:
         """The engine's records as outputs; an image outside the training distribution is ``unsupported-input``."""
@@ -270,10 +331,10 @@ class ChestCtModel(Model):
         probs = np.asarray(result["probability"], dtype=np.float32).reshape(-1)
         inside = np.asarray(result["in_distribution"], dtype=np.bool_).reshape(-1)
         labels = [info.label_for(float(p)) if ok else UNSUPPORTED_INPUT for p, ok in zip(probs, inside, strict=True)]
-        heatmap = np.asarray(result[HEATMAP_KEY], dtype=np.float32) if HEATMAP_KEY in (result.dtype.names or ()) \
-            else None
-        return Prediction(probs, labels, np.asarray(result["ood_score"], dtype=np.float32).reshape(-1), inside,
-                          heatmap)
+        heatmap = (
+            np.asarray(result[HEATMAP_KEY], dtype=np.float32) if HEATMAP_KEY in (result.dtype.names or ()) else None
+        )
+        return Prediction(probs, labels, np.asarray(result["ood_score"], dtype=np.float32).reshape(-1), inside, heatmap)
 
 
 def _verify_all(encoded: list[bytes]) -> None:
@@ -291,8 +352,10 @@ def _dicom_headers(encoded: list[bytes], max_pixels: int) -> list[DicomSlice]:
             raise InvalidInput(f"input 'dicom' element {i}: {exc.reason}") from None
         first = slices[0]
         if (slices[-1].rows, slices[-1].columns) != (first.rows, first.columns):
-            raise InvalidInput(f"input 'dicom' element {i} is {slices[-1].columns}x{slices[-1].rows} but element 0 "
-                               f"is {first.columns}x{first.rows}; send slices of one size per request")
+            raise InvalidInput(
+                f"input 'dicom' element {i} is {slices[-1].columns}x{slices[-1].rows} but element 0 "
+                f"is {first.columns}x{first.rows}; send slices of one size per request"
+            )
     return slices
 
 

@@ -17,8 +17,10 @@ class RepositoryChangesDisabled(NotImplementedError):
     """Answered as 501 (REST) / UNIMPLEMENTED (gRPC) by kserve's error handlers."""
 
     def __init__(self, action: str, model_name: str):
-        self.reason = (f"{action} of model '{model_name}' is disabled: this server serves one fixed model; "
-                       "deploy a new InferenceService revision to change it")
+        self.reason = (
+            f"{action} of model '{model_name}' is disabled: this server serves one fixed model; "
+            "deploy a new InferenceService revision to change it"
+        )
         super().__init__(self.reason)
 
 

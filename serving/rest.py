@@ -26,17 +26,16 @@ from http import HTTPStatus
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from starlette.requests import ClientDisconnect
 from grpc_interceptor.exceptions import GrpcException
 from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
 from kserve.logging import logger
+from starlette.requests import ClientDisconnect
 
 from serving import context, page
 from serving.dataplane import ChestCtDataPlane
 from serving.errors import DeadlineExceeded, InternalError, NotReady, Overloaded, clip, unexpected
 from serving.predictor import INLINE_PARSE_BYTES, ChestCtModel
-from serving.rest_codec import HEADER_LENGTH, RequestTooLarge, decode_request, encode_response, json_response, \
-    read_body
+from serving.rest_codec import HEADER_LENGTH, RequestTooLarge, decode_request, encode_response, json_response, read_body
 
 V2_MODEL = "/v2/models/{model_name}"
 #: Errors that are answers in their own right; anything else in the infer route is an internal error.
@@ -60,9 +59,17 @@ class BodySizeLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             body = orjson.dumps({"error": str(RequestTooLarge(self.max_bytes))})
-            await send({"type": "http.response.start", "status": int(HTTPStatus.REQUEST_ENTITY_TOO_LARGE),
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": int(HTTPStatus.REQUEST_ENTITY_TOO_LARGE),
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                        (b"connection", b"close"),
+                    ],
+                }
+            )
             await send({"type": "http.response.body", "body": body})
             return
         seen = 0
@@ -80,8 +87,12 @@ class BodySizeLimit:
 
 
 def _error(status: HTTPStatus, message: str, headers: dict[str, str] | None = None) -> Response:
-    return Response(content=orjson.dumps({"error": message}), status_code=int(status), media_type="application/json",
-                    headers=headers)
+    return Response(
+        content=orjson.dumps({"error": message}),
+        status_code=int(status),
+        media_type="application/json",
+        headers=headers,
+    )
 
 
 def install(app: FastAPI, dataplane: ChestCtDataPlane, max_request_bytes: int) -> None:
@@ -136,8 +147,9 @@ def install(app: FastAPI, dataplane: ChestCtDataPlane, max_request_bytes: int) -
     page.install(app, dataplane.live)
 
 
-async def _infer(request: Request, dataplane: ChestCtDataPlane, model_name: str, model_version: str | None,
-                 max_request_bytes: int) -> Response:
+async def _infer(
+    request: Request, dataplane: ChestCtDataPlane, model_name: str, model_version: str | None, max_request_bytes: int
+) -> Response:
     dataplane.check_version(model_name, model_version)  # unknown model or version: 404
     if not await dataplane.model_ready(model_name):
         raise NotReady(model_name)
@@ -158,19 +170,22 @@ async def _infer(request: Request, dataplane: ChestCtDataPlane, model_name: str,
         length = request.headers.get(HEADER_LENGTH)
         if len(body) > INLINE_PARSE_BYTES:  # large JSON: one at a time, off the event loop
             infer_request = await asyncio.get_running_loop().run_in_executor(
-                model.parser, decode_request, body, length, model_name)
+                model.parser, decode_request, body, length, model_name
+            )
         else:
             infer_request = decode_request(body, length, model_name)
         del body  # from here on only the parsed request holds it (its binary data are views of it)
         if model_version is not None:
             infer_request.model_version = model_version
-        work = asyncio.ensure_future(dataplane.infer(model_name=model_name, request=infer_request,
-                                                     headers=context.loggable(headers)))
+        work = asyncio.ensure_future(
+            dataplane.infer(model_name=model_name, request=infer_request, headers=context.loggable(headers))
+        )
         del infer_request
         outcome = await _unless_disconnected(request, work)
         if outcome is None:
-            logger.info("Client of request %s disconnected; its queued work was dropped",
-                        clip(scope.header_id or "(no id)", 64))
+            logger.info(
+                "Client of request %s disconnected; its queued work was dropped", clip(scope.header_id or "(no id)", 64)
+            )
             return Response(status_code=499)
         response, response_headers = outcome
         return encode_response(response, response_headers)

@@ -34,8 +34,10 @@ class RequestTooLarge(Exception):
     """The request body (after decompression) is over ``max_request_bytes``: 413."""
 
     def __init__(self, limit: int):
-        super().__init__(f"request body is over the limit of {limit} bytes; send fewer or smaller images "
-                         "(the limit is set with --max_request_bytes / CHEST_CT_MAX_REQUEST_BYTES)")
+        super().__init__(
+            f"request body is over the limit of {limit} bytes; send fewer or smaller images "
+            "(the limit is set with --max_request_bytes / CHEST_CT_MAX_REQUEST_BYTES)"
+        )
 
 
 async def read_body(request: Request, limit: int, on_bytes: Callable[[int], None]) -> bytes:
@@ -85,11 +87,13 @@ def decode_request(body: bytes, header_length: str | None, model_name: str) -> I
         try:
             json_length = int(header_length)
         except ValueError:
-            raise InvalidInput(f"header Inference-Header-Content-Length must be an integer, "
-                               f"got {clip(header_length)}") from None
+            raise InvalidInput(
+                f"header Inference-Header-Content-Length must be an integer, got {clip(header_length)}"
+            ) from None
         if not 0 < json_length <= len(body):
-            raise InvalidInput(f"header Inference-Header-Content-Length is {json_length} but the body has "
-                               f"{len(body)} bytes")
+            raise InvalidInput(
+                f"header Inference-Header-Content-Length is {json_length} but the body has {len(body)} bytes"
+            )
         view, binary = view[:json_length], view[json_length:]
     doc = _parse_json(view, header_length is not None)
     if not isinstance(doc, dict):
@@ -99,8 +103,10 @@ def decode_request(body: bytes, header_length: str | None, model_name: str) -> I
         raise InvalidInput(f"'id' must be a string, got {type(request_id).__name__}")
     parameters = _parameters(doc.get("parameters"), "request 'parameters'")
     if "inputs" not in doc:
-        raise InvalidInput("the request has no 'inputs'; expected {\"inputs\": [{\"name\": ..., \"datatype\": ..., "
-                           "\"shape\": [...], \"data\": [...]}]}")
+        raise InvalidInput(
+            'the request has no \'inputs\'; expected {"inputs": [{"name": ..., "datatype": ..., '
+            '"shape": [...], "data": [...]}]}'
+        )
     if not isinstance(doc["inputs"], list):
         raise InvalidInput("'inputs' must be a list of tensors")
     inputs, offset = [], 0
@@ -109,10 +115,17 @@ def decode_request(body: bytes, header_length: str | None, model_name: str) -> I
         inputs.append(inp)
         offset += used
     if offset != len(binary):
-        raise InvalidInput(f"the body has {len(binary)} bytes of binary data after the JSON header but the inputs' "
-                           f"binary_data_size parameters add up to {offset}")
-    return InferRequest(model_name=model_name, infer_inputs=inputs, request_id=request_id,
-                        parameters=parameters or None, request_outputs=_outputs(doc.get("outputs")))
+        raise InvalidInput(
+            f"the body has {len(binary)} bytes of binary data after the JSON header but the inputs' "
+            f"binary_data_size parameters add up to {offset}"
+        )
+    return InferRequest(
+        model_name=model_name,
+        infer_inputs=inputs,
+        request_id=request_id,
+        parameters=parameters or None,
+        request_outputs=_outputs(doc.get("outputs")),
+    )
 
 
 def _parse_json(body: memoryview, has_binary_header: bool) -> Any:
@@ -121,9 +134,14 @@ def _parse_json(body: memoryview, has_binary_header: bool) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        hint = "" if has_binary_header else (
-            " (JSON has no NaN or Infinity; for raw binary tensor data send the Inference-Header-Content-Length "
-            "header; in plain JSON, BYTES elements must be base64 strings)")
+        hint = (
+            ""
+            if has_binary_header
+            else (
+                " (JSON has no NaN or Infinity; for raw binary tensor data send the Inference-Header-Content-Length "
+                "header; in plain JSON, BYTES elements must be base64 strings)"
+            )
+        )
         reason = one_line(str(exc))
         if "depth limit" in reason:
             reason = f"nested too deeply ({reason})"
@@ -142,7 +160,7 @@ def _input(item: Any, i: int, binary: memoryview, offset: int) -> tuple[InferInp
             raise InvalidInput(f"{where} has no '{key}'")
     datatype, shape = item["datatype"], item["shape"]
     if not isinstance(datatype, str):
-        raise InvalidInput(f"{where}: 'datatype' must be a string such as \"BYTES\" or \"FP32\"")
+        raise InvalidInput(f'{where}: \'datatype\' must be a string such as "BYTES" or "FP32"')
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
         raise InvalidInput(f"{where}: 'shape' must be a list of integers, got {clip(shape)}")
     params = _parameters(item.get("parameters"), f"{where} parameters")
@@ -157,10 +175,11 @@ def _input(item: Any, i: int, binary: memoryview, offset: int) -> tuple[InferInp
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
         raise InvalidInput(f"{where}: binary_data_size must be a non-negative integer, got {clip(size)}")
     if offset + size > len(binary):
-        raise InvalidInput(f"{where}: binary_data_size {size} runs past the end of the body "
-                           f"({len(binary) - offset} binary bytes left)")
+        raise InvalidInput(
+            f"{where}: binary_data_size {size} runs past the end of the body ({len(binary) - offset} binary bytes left)"
+        )
     inp = InferInput(name, shape, datatype, data=None, parameters=params)
-    inp._raw_data = binary[offset:offset + size]  # where kserve keeps binary tensor data (see inputs._raw_data)
+    inp._raw_data = binary[offset : offset + size]  # where kserve keeps binary tensor data (see inputs._raw_data)
     return inp, size
 
 
@@ -173,8 +192,9 @@ def _outputs(outputs: Any) -> list[RequestedOutput] | None:
     for i, out in enumerate(outputs):
         if not isinstance(out, dict) or not isinstance(out.get("name"), str):
             raise InvalidInput(f"outputs[{i}] must be an object with a string 'name'")
-        requested.append(RequestedOutput(out["name"], _parameters(out.get("parameters"),
-                                                                  f"output {clip(out['name'])} parameters")))
+        requested.append(
+            RequestedOutput(out["name"], _parameters(out.get("parameters"), f"output {clip(out['name'])} parameters"))
+        )
     return requested or None
 
 

@@ -31,12 +31,14 @@ HU_ARG = "hu"
 OUTPUT_KEY = "probability"
 #: One record per image: what every signature returns.
 OUTPUT_DTYPE = np.dtype([("probability", "<f4"), ("ood_score", "<f4"), ("in_distribution", "?")])
+OUTPUT_NAMES: tuple[str, ...] = OUTPUT_DTYPE.names or ()  # a structured dtype always has names
 HEATMAP_KEY = "heatmap"
 
 
 def explain_dtype(grid: tuple[int, int]) -> np.dtype:
     """One record per image of an explain call: :data:`OUTPUT_DTYPE` plus the ``[h, w]`` heatmap."""
     return np.dtype([*OUTPUT_DTYPE.descr, (HEATMAP_KEY, "<f4", tuple(grid))])
+
 
 #: Packages that ``import tensorflow`` pulls in through Keras only when they happen to be installed
 #: (scikit-learn wrappers, a SciPy sparse check, matplotlib plotting); each such import is guarded by
@@ -69,8 +71,9 @@ class SavedModelRunner:
         try:
             self._loaded = tf.saved_model.load(str(model_dir))
         except Exception as exc:  # TF raises many types (OSError, DecodeError, InvalidArgumentError...)
-            raise ModelLoadError(f"TensorFlow cannot load the SavedModel in {model_dir}: "
-                                 f"{type(exc).__name__}: {_first_line(exc)}") from exc
+            raise ModelLoadError(
+                f"TensorFlow cannot load the SavedModel in {model_dir}: {type(exc).__name__}: {_first_line(exc)}"
+            ) from exc
         signatures = getattr(self._loaded, "signatures", {})
         self._bytes_fn = _signature(signatures, BYTES_SIGNATURE, BYTES_ARG, tf.string, 1, model_dir)
         self._pixels_fn = _signature(signatures, PIXELS_SIGNATURE, PIXELS_ARG, tf.float32, 4, model_dir)
@@ -79,12 +82,21 @@ class SavedModelRunner:
         self._explain: dict[str, object] = {}
         if explain:  # all three or none: a partial set is a broken export, not an older one
             self._explain = {
-                BYTES_ARG: _signature(signatures, EXPLAIN_SIGNATURES[BYTES_SIGNATURE], BYTES_ARG, tf.string, 1,
-                                      model_dir, (HEATMAP_KEY,)),
-                PIXELS_ARG: _signature(signatures, EXPLAIN_SIGNATURES[PIXELS_SIGNATURE], PIXELS_ARG, tf.float32, 4,
-                                       model_dir, (HEATMAP_KEY,)),
-                HU_ARG: _signature(signatures, EXPLAIN_SIGNATURES[HU_SIGNATURE], HU_ARG, tf.float32, 3, model_dir,
-                                   (HEATMAP_KEY,)),
+                BYTES_ARG: _signature(
+                    signatures, EXPLAIN_SIGNATURES[BYTES_SIGNATURE], BYTES_ARG, tf.string, 1, model_dir, (HEATMAP_KEY,)
+                ),
+                PIXELS_ARG: _signature(
+                    signatures,
+                    EXPLAIN_SIGNATURES[PIXELS_SIGNATURE],
+                    PIXELS_ARG,
+                    tf.float32,
+                    4,
+                    model_dir,
+                    (HEATMAP_KEY,),
+                ),
+                HU_ARG: _signature(
+                    signatures, EXPLAIN_SIGNATURES[HU_SIGNATURE], HU_ARG, tf.float32, 3, model_dir, (HEATMAP_KEY,)
+                ),
             }
         self.precision = FP32
 
@@ -127,16 +139,19 @@ class SavedModelRunner:
     def predict_pixels(self, pixels: np.ndarray, explain: bool = False) -> np.ndarray:
         """Outputs for float32 RGB pixels ``[N, H, W, 3]`` in 0..255 (one call); with ``explain``, the heatmap too."""
         try:
-            return self._call(self._fn(PIXELS_ARG, self._pixels_fn, explain), PIXELS_ARG,
-                              np.asarray(pixels, dtype=np.float32), explain)
+            return self._call(
+                self._fn(PIXELS_ARG, self._pixels_fn, explain),
+                PIXELS_ARG,
+                np.asarray(pixels, dtype=np.float32),
+                explain,
+            )
         except self._tf.errors.InvalidArgumentError as exc:
             raise ModelInputError(f"the model rejected the pixels: {_tf_message(exc)}") from exc
 
     def predict_hu(self, hu: np.ndarray, explain: bool = False) -> np.ndarray:
         """Outputs for CT slices in Hounsfield units, float32 ``[N, H, W]`` (one call; the window is in the graph)."""
         try:
-            return self._call(self._fn(HU_ARG, self._hu_fn, explain), HU_ARG, np.asarray(hu, dtype=np.float32),
-                              explain)
+            return self._call(self._fn(HU_ARG, self._hu_fn, explain), HU_ARG, np.asarray(hu, dtype=np.float32), explain)
         except self._tf.errors.InvalidArgumentError as exc:
             raise ModelInputError(f"the model rejected the slices: {_tf_message(exc)}") from exc
 
@@ -150,7 +165,7 @@ class SavedModelRunner:
     def _call(self, fn, arg: str, values, explain: bool) -> np.ndarray:
         dtype = self._tf.string if arg == BYTES_ARG else self._tf.float32
         out = fn(**{arg: self._tf.constant(values, dtype=dtype)})
-        columns = {name: np.asarray(out[name].numpy()).reshape(-1) for name in OUTPUT_DTYPE.names}
+        columns = {name: np.asarray(out[name].numpy()).reshape(-1) for name in OUTPUT_NAMES}
         n = len(columns[OUTPUT_KEY])
         record = OUTPUT_DTYPE
         if explain:
@@ -160,8 +175,9 @@ class SavedModelRunner:
             columns[HEATMAP_KEY] = heatmap
             record = explain_dtype((heatmap.shape[1], heatmap.shape[2]))
         if any(len(c) != n for c in columns.values()):
-            raise RuntimeError(f"the model returned outputs of different lengths: "
-                               f"{ {k: len(c) for k, c in columns.items()} }")
+            raise RuntimeError(
+                f"the model returned outputs of different lengths: { {k: len(c) for k, c in columns.items()} }"
+            )
         records = np.empty(n, dtype=record)
         for name, column in columns.items():
             records[name] = column
@@ -180,7 +196,7 @@ def import_tensorflow():
         return tf
     hidden = [name for name in UNUSED_OPTIONAL_IMPORTS if name not in sys.modules]
     for name in hidden:
-        sys.modules[name] = None  # makes ``import name`` raise ImportError
+        sys.modules[name] = None  # type: ignore[assignment]  # None makes ``import name`` raise ImportError
     try:
         import tensorflow as tf
     finally:
@@ -217,10 +233,14 @@ def fit_threads_to_cpu_limit(tf) -> int | None:
     visible = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if cpus >= visible:
         return None
-    setters = [setter for env, setter in (
-        ("TF_NUM_INTRAOP_THREADS", tf.config.threading.set_intra_op_parallelism_threads),
-        ("TF_NUM_INTEROP_THREADS", tf.config.threading.set_inter_op_parallelism_threads),
-    ) if not os.environ.get(env)]
+    setters = [
+        setter
+        for env, setter in (
+            ("TF_NUM_INTRAOP_THREADS", tf.config.threading.set_intra_op_parallelism_threads),
+            ("TF_NUM_INTEROP_THREADS", tf.config.threading.set_inter_op_parallelism_threads),
+        )
+        if not os.environ.get(env)
+    ]
     try:
         for setter in setters:
             setter(cpus)
@@ -231,20 +251,25 @@ def fit_threads_to_cpu_limit(tf) -> int | None:
 
 def _signature(signatures, name: str, arg: str, dtype, rank: int, model_dir, extra_outputs: tuple[str, ...] = ()):
     if name not in signatures:
-        raise ModelLoadError(f"the SavedModel in {model_dir} has no '{name}' signature "
-                             f"(found: {sorted(signatures.keys())}); re-export it with chest_ct.export")
+        raise ModelLoadError(
+            f"the SavedModel in {model_dir} has no '{name}' signature "
+            f"(found: {sorted(signatures.keys())}); re-export it with chest_ct.export"
+        )
     fn = signatures[name]
     _, kwargs = fn.structured_input_signature
     spec = kwargs.get(arg)
     if spec is None or spec.dtype != dtype or spec.shape.rank != rank:
-        raise ModelLoadError(f"signature '{name}' of {model_dir} must take '{arg}' as {dtype.name} "
-                             f"of rank {rank}, but takes {kwargs}")
-    expected = [*OUTPUT_DTYPE.names, *extra_outputs]
+        raise ModelLoadError(
+            f"signature '{name}' of {model_dir} must take '{arg}' as {dtype.name} of rank {rank}, but takes {kwargs}"
+        )
+    expected = [*OUTPUT_NAMES, *extra_outputs]
     missing = [key for key in expected if key not in fn.structured_outputs]
     if missing:
-        raise ModelLoadError(f"signature '{name}' of {model_dir} must return {expected}, "
-                             f"returns {sorted(fn.structured_outputs)} (a model exported before the "
-                             "out-of-distribution guard existed: re-export it)")
+        raise ModelLoadError(
+            f"signature '{name}' of {model_dir} must return {expected}, "
+            f"returns {sorted(fn.structured_outputs)} (a model exported before the "
+            "out-of-distribution guard existed: re-export it)"
+        )
     return fn
 
 

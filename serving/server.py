@@ -25,9 +25,18 @@ class ChestCtModelServer(ModelServer):
         # Concurrent gRPC calls: every request admission can hold (queued and running) plus as many being
         # refused at once; beyond it gRPC answers RESOURCE_EXHAUSTED without reading the message.
         max_rpcs = 2 * (config.max_queued_images + config.max_batch_size) + 16
-        self._chest_grpc = ChestCtGRPCServer(
-            self.grpc_port, self.dataplane, self.model_repository_extension, kwargs=vars(kserve_server.args),
-            grace_period=self.grace_period, max_concurrent_rpcs=max_rpcs) if enable_grpc else None
+        self._chest_grpc = (
+            ChestCtGRPCServer(
+                self.grpc_port,
+                self.dataplane,
+                self.model_repository_extension,
+                kwargs=vars(kserve_server.args),
+                grace_period=self.grace_period,
+                max_concurrent_rpcs=max_rpcs,
+            )
+            if enable_grpc
+            else None
+        )
 
     def start(self, models: list) -> None:
         if self._chest_grpc is not None:

@@ -46,32 +46,48 @@ def warm_up(runner: SavedModelRunner, info: ModelInfo) -> WarmUp:
     hu = np.linspace(-1000, 400, size * size, dtype=np.float32).reshape(1, size, size)
     grids = set()
     for explain in (False, True) if runner.has_explain else (False,):
-        for name, out in (("serving_default", runner.predict_images([png], explain)),
-                          ("serve_pixels", runner.predict_pixels(rgb[None].astype(np.float32), explain)),
-                          ("serve_hu", runner.predict_hu(hu, explain))):
+        for name, out in (
+            ("serving_default", runner.predict_images([png], explain)),
+            ("serve_pixels", runner.predict_pixels(rgb[None].astype(np.float32), explain)),
+            ("serve_hu", runner.predict_hu(hu, explain)),
+        ):
             name = EXPLAIN_SIGNATURES[name] if explain else name
             probs, scores = out["probability"], out["ood_score"]
-            if out.shape != (1,) or not np.all(np.isfinite(probs)) or not 0.0 <= float(probs[0]) <= 1.0 \
-                    or not np.all(np.isfinite(scores)):
-                raise ModelLoadError(f"warm-up call of signature '{name}' returned {out!r}; expected one "
-                                     "probability in [0, 1] and a finite ood_score")
+            if (
+                out.shape != (1,)
+                or not np.all(np.isfinite(probs))
+                or not 0.0 <= float(probs[0]) <= 1.0
+                or not np.all(np.isfinite(scores))
+            ):
+                raise ModelLoadError(
+                    f"warm-up call of signature '{name}' returned {out!r}; expected one "
+                    "probability in [0, 1] and a finite ood_score"
+                )
             if explain:
                 heatmap = out[HEATMAP_KEY]
                 if heatmap.ndim != 3 or not np.all(np.isfinite(heatmap)) or heatmap.min() < 0 or heatmap.max() > 1:
-                    raise ModelLoadError(f"warm-up call of signature '{name}' returned a heatmap of shape "
-                                         f"{heatmap.shape[1:]} with values {heatmap.min():g}..{heatmap.max():g}; "
-                                         "expected a finite [h, w] map in 0..1")
+                    raise ModelLoadError(
+                        f"warm-up call of signature '{name}' returned a heatmap of shape "
+                        f"{heatmap.shape[1:]} with values {heatmap.min():g}..{heatmap.max():g}; "
+                        "expected a finite [h, w] map in 0..1"
+                    )
                 grids.add(heatmap.shape[1:])
     grid = None
     if grids:
-        declared = (info.extra.get("heatmap") or {}).get("grid") if isinstance(info.extra.get("heatmap"),
-                                                                                dict) else None
+        declared = (
+            (info.extra.get("heatmap") or {}).get("grid") if isinstance(info.extra.get("heatmap"), dict) else None
+        )
         if len(grids) > 1 or (declared is not None and [tuple(declared)] != list(grids)):
-            raise ModelLoadError(f"the explain signatures return heatmaps of {sorted(grids)} but "
-                                 f"model_metadata.json declares heatmap.grid {declared!r}")
+            raise ModelLoadError(
+                f"the explain signatures return heatmaps of {sorted(grids)} but "
+                f"model_metadata.json declares heatmap.grid {declared!r}"
+            )
         (grid,) = grids
-    return WarmUp(_seconds(lambda: runner.predict_images([png])),
-                  _seconds(lambda: runner.predict_images([png], True)) if grid else None, grid)
+    return WarmUp(
+        _seconds(lambda: runner.predict_images([png])),
+        _seconds(lambda: runner.predict_images([png], True)) if grid else None,
+        grid,
+    )
 
 
 def _seconds(call: Callable[[], Any]) -> float:

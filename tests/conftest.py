@@ -35,8 +35,9 @@ def synthetic_image(label: str, index: int, *, size: int = 40, mode: str = "RGB"
     return buf.getvalue()
 
 
-def write_dataset(root: Path, layout: dict[str, dict[str, int]], *, offset: int = 0, folder_names: dict | None = None,
-                  **kwargs) -> Path:
+def write_dataset(
+    root: Path, layout: dict[str, dict[str, int]], *, offset: int = 0, folder_names: dict | None = None, **kwargs
+) -> Path:
     """``layout``: {split or '' for flat: {class: count}}; images are all distinct."""
     folder_names = folder_names or {}
     n = offset
@@ -52,11 +53,14 @@ def write_dataset(root: Path, layout: dict[str, dict[str, int]], *, offset: int 
 
 @pytest.fixture
 def presplit_dataset(tmp_path: Path) -> Path:
-    return write_dataset(tmp_path / "data", {
-        "train": {"adenocarcinoma": 14, "normal": 12},
-        "valid": {"adenocarcinoma": 6, "normal": 6},
-        "test": {"adenocarcinoma": 6, "normal": 6},
-    })
+    return write_dataset(
+        tmp_path / "data",
+        {
+            "train": {"adenocarcinoma": 14, "normal": 12},
+            "valid": {"adenocarcinoma": 6, "normal": 6},
+            "test": {"adenocarcinoma": 6, "normal": 6},
+        },
+    )
 
 
 @pytest.fixture

@@ -28,6 +28,7 @@ RUN_ID = "test-run-0123456789"
 
 # --- model -------------------------------------------------------------------------------------
 
+
 @cache
 def exported_model(root: str, size: int = IMAGE_SIZE) -> Path:
     """Export a tiny random-weight model once per test process under ``root``; return its directory.
@@ -108,6 +109,7 @@ class InProcessModel:
 
 # --- images ------------------------------------------------------------------------------------
 
+
 def ct_like(seed: int, size: int = 64, nodule: bool = False) -> np.ndarray:
     """A synthetic axial chest CT slice in Hounsfield units (float32): body, two lungs, spine, table.
 
@@ -121,7 +123,11 @@ def ct_like(seed: int, size: int = 64, nodule: bool = False) -> np.ndarray:
     hu[((xx - cx) / ax) ** 2 + ((yy - cy) / ay) ** 2 < 1] = 40.0
     hu[(yy > cy + ay + 0.03) & (yy < cy + ay + 0.07) & (abs(xx - 0.5) < 0.45)] = 150.0  # the table
     for side in (-1, 1):
-        lx, lax, lay = cx + side * ax * 0.45, ax * 0.35 * (1 + rng.normal(0, 0.05)), ay * 0.7 * (1 + rng.normal(0, 0.05))
+        lx, lax, lay = (
+            cx + side * ax * 0.45,
+            ax * 0.35 * (1 + rng.normal(0, 0.05)),
+            ay * 0.7 * (1 + rng.normal(0, 0.05)),
+        )
         hu[((xx - lx) / lax) ** 2 + ((yy - cy + 0.02) / lay) ** 2 < 1] = -850.0
     hu[((xx - cx) / 0.05) ** 2 + ((yy - cy - ay * 0.75) / 0.05) ** 2 < 1] = 700.0  # the spine
     if nodule:
@@ -155,6 +161,7 @@ def b64(data: bytes) -> str:
 
 def png_with_declared_size(width: int, height: int) -> bytes:
     """A small, valid-looking PNG whose header claims ``width`` x ``height`` (a decompression bomb's header)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
@@ -169,6 +176,7 @@ def length_prefixed(elements: list[bytes]) -> bytes:
 
 
 # --- server ------------------------------------------------------------------------------------
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -189,9 +197,26 @@ class ServerProcess:
         self._log = open(log_path, "wb")
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "serving", "--model_dir", str(model_dir), "--model_name", MODEL_NAME,
-             "--http_port", str(self.http_port), "--grpc_port", str(self.grpc_port), *extra_args],
-            cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "serving",
+                "--model_dir",
+                str(model_dir),
+                "--model_name",
+                MODEL_NAME,
+                "--http_port",
+                str(self.http_port),
+                "--grpc_port",
+                str(self.grpc_port),
+                *extra_args,
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def log(self, tail: int = 5000) -> str:
         self._log.flush()
@@ -229,13 +254,28 @@ class ServerProcess:
         self._log.close()
 
 
-def run_server_expecting_failure(model_dir: str | Path, *extra_args: str,
-                                 timeout: float = 120) -> subprocess.CompletedProcess:
+def run_server_expecting_failure(
+    model_dir: str | Path, *extra_args: str, timeout: float = 120
+) -> subprocess.CompletedProcess:
     """Run ``python -m serving`` where startup must fail; return the finished process."""
     return subprocess.run(
-        [sys.executable, "-m", "serving", "--model_dir", str(model_dir), "--http_port", str(free_port()),
-         "--grpc_port", str(free_port()), *extra_args],
-        cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        [
+            sys.executable,
+            "-m",
+            "serving",
+            "--model_dir",
+            str(model_dir),
+            "--http_port",
+            str(free_port()),
+            "--grpc_port",
+            str(free_port()),
+            *extra_args,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def run_in_subprocess(code: str, payload: dict, timeout: float = 120) -> dict:
@@ -244,15 +284,25 @@ def run_in_subprocess(code: str, payload: dict, timeout: float = 120) -> dict:
     Needed for tritonclient.grpc: it and kserve register the same protobuf
     names ('inference.*'), so the two cannot be imported into one process.
     """
-    wrapper = ("import json, sys\nPAYLOAD = json.loads(sys.stdin.read())\nRESULT = {}\n" + code +
-               "\nprint('@@RESULT@@' + json.dumps(RESULT))\n")
-    proc = subprocess.run([sys.executable, "-c", wrapper], input=json.dumps(payload), capture_output=True,
-                          text=True, cwd=REPO, timeout=timeout)
+    wrapper = (
+        "import json, sys\nPAYLOAD = json.loads(sys.stdin.read())\nRESULT = {}\n"
+        + code
+        + "\nprint('@@RESULT@@' + json.dumps(RESULT))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", wrapper],
+        input=json.dumps(payload),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+    )
     marker = [line for line in proc.stdout.splitlines() if line.startswith("@@RESULT@@")]
     if proc.returncode != 0 or not marker:
-        raise AssertionError(f"client subprocess failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-3000:]}")
-    return json.loads(marker[-1][len("@@RESULT@@"):])
+        raise AssertionError(
+            f"client subprocess failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
+    return json.loads(marker[-1][len("@@RESULT@@") :])
 
 
 # --- a steerable model for overload and failure tests ------------------------------------------
@@ -310,6 +360,7 @@ def steerable_model(root: Path, *, version: str = "") -> tuple[Path, Gate, Gate]
             def wait():
                 with tf.control_dependencies([tf.io.write_file(str(gate.path), "released")]):
                     return tf.identity(probs)
+
             return wait
 
         def failing():
@@ -318,10 +369,12 @@ def steerable_model(root: Path, *, version: str = "") -> tuple[Path, Gate, Gate]
         probs = tf.cond(tf.reduce_any(tf.equal(markers, GATE)), blocked(gates[0]), lambda: probs)
         probs = tf.cond(tf.reduce_any(tf.equal(markers, GATE_2)), blocked(gates[1]), lambda: probs)
         probs = tf.cond(tf.reduce_any(tf.equal(markers, INTERNAL_ERROR)), failing, lambda: probs)
-        probs = tf.cond(tf.reduce_any(tf.equal(markers, EXTRA_RESULT)),
-                        lambda: tf.concat([probs, [0.5]], 0), lambda: probs)
-        check = tf.debugging.Assert(tf.logical_not(tf.reduce_any(tf.equal(markers, INPUT_ERROR))),
-                                    ["an image carries the input-error marker"])
+        probs = tf.cond(
+            tf.reduce_any(tf.equal(markers, EXTRA_RESULT)), lambda: tf.concat([probs, [0.5]], 0), lambda: probs
+        )
+        check = tf.debugging.Assert(
+            tf.logical_not(tf.reduce_any(tf.equal(markers, INPUT_ERROR))), ["an image carries the input-error marker"]
+        )
         with tf.control_dependencies([check]):
             probs = tf.identity(probs)
             return {"probability": probs, "ood_score": 2.0 * probs, "in_distribution": 2.0 * probs <= 1.5}
@@ -347,12 +400,24 @@ def steerable_model(root: Path, *, version: str = "") -> tuple[Path, Gate, Gate]
 
     module = Steerable()
     out = root / "steerable-model"
-    tf.saved_model.save(module, str(out), signatures={"serving_default": module.images,
-                                                      "serve_pixels": module.pixels, "serve_hu": module.hu})
-    (out / "model_metadata.json").write_text(json.dumps({
-        "class_names": ["normal", "adenocarcinoma"], "positive_class": "adenocarcinoma", "image_size": 8,
-        "threshold": 0.5, "mlflow_run_id": version, "ood": {"threshold": 1.5},
-        "window": {"level": -600.0, "width": 1500.0}}))
+    tf.saved_model.save(
+        module,
+        str(out),
+        signatures={"serving_default": module.images, "serve_pixels": module.pixels, "serve_hu": module.hu},
+    )
+    (out / "model_metadata.json").write_text(
+        json.dumps(
+            {
+                "class_names": ["normal", "adenocarcinoma"],
+                "positive_class": "adenocarcinoma",
+                "image_size": 8,
+                "threshold": 0.5,
+                "mlflow_run_id": version,
+                "ood": {"threshold": 1.5},
+                "window": {"level": -600.0, "width": 1500.0},
+            }
+        )
+    )
     return out, gates[0], gates[1]
 
 

@@ -1,4 +1,3 @@
-import io
 import stat
 import zipfile
 from pathlib import Path
@@ -26,12 +25,15 @@ def test_extracts_nested_members(tmp_path):
     assert (out / "Data/train/adenocarcinoma/b.png").read_bytes() == b"yy"
 
 
-@pytest.mark.parametrize("name, problem", [
-    ("../evil.png", "escapes"),
-    ("Data/../../evil.png", "escapes"),
-    ("/etc/evil.png", "absolute"),
-    ("C:/evil.png", "absolute"),
-])
+@pytest.mark.parametrize(
+    "name, problem",
+    [
+        ("../evil.png", "escapes"),
+        ("Data/../../evil.png", "escapes"),
+        ("/etc/evil.png", "absolute"),
+        ("C:/evil.png", "absolute"),
+    ],
+)
 def test_rejects_path_traversal(tmp_path, name, problem):
     archive = make_zip(tmp_path / "bad.zip", {"ok.png": b"x", name: b"evil"})
     with pytest.raises(UnsafeArchiveError, match=problem) as err:
@@ -66,7 +68,7 @@ def test_header_that_lies_about_size_is_caught(tmp_path):
     # Rewrite the declared uncompressed size (local header and central directory) to 10 bytes.
     for sig, offset in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):
         pos = raw.find(sig)
-        raw[pos + offset:pos + offset + 4] = (10).to_bytes(4, "little")
+        raw[pos + offset : pos + offset + 4] = (10).to_bytes(4, "little")
     archive.write_bytes(bytes(raw))
     with pytest.raises(UnsafeArchiveError, match="corrupt"):
         extract_zip(archive, tmp_path / "out", max_bytes=1000)

@@ -17,8 +17,14 @@ def compile_with(tmp_path: Path, **env: str) -> tuple[dict, dict]:
     """Compile in a fresh interpreter: the settings are read from the environment at import."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("CHEST_CT_")}
     out = tmp_path / "pipeline.yaml"
-    subprocess.run([sys.executable, "-m", "pipelines.compile", "--output", str(out)], cwd=PROJECT,
-                   env={**clean, **env}, check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-m", "pipelines.compile", "--output", str(out)],
+        cwd=PROJECT,
+        env={**clean, **env},
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     spec, platform = yaml.safe_load_all(out.read_text())
     return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
 
@@ -38,8 +44,16 @@ def test_committed_yaml_is_up_to_date(default):
 def test_parameters_and_defaults(default):
     _, spec, _ = default
     params = spec["root"]["inputDefinitions"]["parameters"]
-    for name in ("data_uri", "image_size", "epochs", "batch_size", "learning_rate", "base_weights",
-                 "target_sensitivity", "seed"):
+    for name in (
+        "data_uri",
+        "image_size",
+        "epochs",
+        "batch_size",
+        "learning_rate",
+        "base_weights",
+        "target_sensitivity",
+        "seed",
+    ):
         assert "defaultValue" in params[name], name
     assert params["base_weights"]["defaultValue"] == "imagenet"
     assert params["target_sensitivity"]["defaultValue"] == 0.95
@@ -57,11 +71,16 @@ def test_every_task_has_resources_image_and_secrets(default):
         for field in ("resourceCpuRequest", "resourceCpuLimit", "resourceMemoryRequest", "resourceMemoryLimit"):
             assert res.get(field), f"{name} lacks {field}"
         secrets = {s["secretName"]: {k["envVar"] for k in s["keyToEnv"]} for s in k8s[name]["secretAsEnv"]}
-        assert secrets["mlflow-tracking"] == {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
-                                              "MLFLOW_TRACKING_PASSWORD"}
+        assert secrets["mlflow-tracking"] == {
+            "MLFLOW_TRACKING_URI",
+            "MLFLOW_TRACKING_USERNAME",
+            "MLFLOW_TRACKING_PASSWORD",
+        }
         assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= secrets["s3-credentials"]
     text = yaml.safe_dump(spec)
-    assert "AWS_SECRET_ACCESS_KEY=" not in text and "password" not in text.lower().replace("mlflow_tracking_password", "")
+    assert "AWS_SECRET_ACCESS_KEY=" not in text and "password" not in text.lower().replace(
+        "mlflow_tracking_password", ""
+    )
 
 
 def test_train_runs_on_the_gpu_pool(default):
@@ -95,9 +114,12 @@ def test_deploy_runs_only_when_blessed(default):
 
 
 def test_settings_for_other_clouds_and_cpu_only(tmp_path):
-    spec, k8s = compile_with(tmp_path, CHEST_CT_TRAIN_IMAGE="registry.example.com/ml/chest-ct-train:1.2.3",
-                             CHEST_CT_GPU_NODE_SELECTOR="k8s.amazonaws.com/accelerator=nvidia-tesla-t4",
-                             CHEST_CT_GPU_COUNT="2")
+    spec, k8s = compile_with(
+        tmp_path,
+        CHEST_CT_TRAIN_IMAGE="registry.example.com/ml/chest-ct-train:1.2.3",
+        CHEST_CT_GPU_NODE_SELECTOR="k8s.amazonaws.com/accelerator=nvidia-tesla-t4",
+        CHEST_CT_GPU_COUNT="2",
+    )
     train = spec["deploymentSpec"]["executors"]["exec-train"]["container"]
     assert train["image"] == "registry.example.com/ml/chest-ct-train:1.2.3"
     assert train["resources"]["accelerator"]["resourceCount"] == "2"
@@ -179,7 +201,8 @@ def test_deploy_parameters_and_the_one_serving_image_default(default):
     assert params["ready_timeout_seconds"]["defaultValue"] == DEFAULT_READY_TIMEOUT_S
     sources = [p for p in PROJECT.rglob("*.py") if ".venv" not in p.parts and "tests" not in p.parts]
     assert [p.relative_to(PROJECT).as_posix() for p in sources if DEFAULT_IMAGE in p.read_text()] == [
-        "chest_ct/inference_service.py"]
+        "chest_ct/inference_service.py"
+    ]
 
 
 @pytest.mark.parametrize("backend", ["2.4.1", "2.15.0"])
@@ -190,8 +213,12 @@ def test_a_multi_user_kfp_server_of_each_backend_accepts_the_upload(default, bac
     from tests.platforms.kfp_server import FakeKfp, serve
 
     path, _, _ = default
-    fake = FakeKfp(multi_user=True, backend_version=backend, tokens={"t": ("alice", ("pipelines.kubeflow.org",))},
-                   access={"alice": {"team"}})
+    fake = FakeKfp(
+        multi_user=True,
+        backend_version=backend,
+        tokens={"t": ("alice", ("pipelines.kubeflow.org",))},
+        access={"alice": {"team"}},
+    )
     with serve(fake) as url, warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         connection = kfp_client.connect(url, "team", "t")

@@ -17,7 +17,8 @@ import pytest
 import yaml
 from kubernetes.client import Configuration
 
-from chest_ct import deploy, inference_service as isvc, rollout
+from chest_ct import deploy, rollout
+from chest_ct import inference_service as isvc
 from chest_ct.model_store import model_uri, parse_s3_uri, upload_model_dir
 from tests.platforms import kube_api
 from tests.platforms.kserve import RELEASES, Controller, Release
@@ -157,9 +158,16 @@ def test_autoscaling_fits_a_cpu_bound_model():
         isvc.Autoscaling(scale_metric="cpu")  # KServe's webhook refuses cpu for Knative's autoscaler
 
 
-@pytest.mark.parametrize(("version", "knative", "standard"), [
-    ("0.14.1", "Serverless", "RawDeployment"), ("0.15.0", "Serverless", "RawDeployment"),
-    ("0.15.2", "Serverless", "RawDeployment"), ("0.16.0", "Knative", "Standard"), ("0.17", "Knative", "Standard")])
+@pytest.mark.parametrize(
+    ("version", "knative", "standard"),
+    [
+        ("0.14.1", "Serverless", "RawDeployment"),
+        ("0.15.0", "Serverless", "RawDeployment"),
+        ("0.15.2", "Serverless", "RawDeployment"),
+        ("0.16.0", "Knative", "Standard"),
+        ("0.17", "Knative", "Standard"),
+    ],
+)
 def test_the_mode_annotation_uses_the_name_the_target_kserve_knows(version, knative, standard):
     assert isvc.mode_annotation("Knative", version) == knative
     assert isvc.mode_annotation("Standard", version) == standard
@@ -371,12 +379,18 @@ def test_the_mode_annotation_follows_what_kserve_recorded(cluster):
     store.uris.add("s3://models/chest-ct/run-2")
     rollout.deploy(isvcs, newer)
     assert api.writes()[-1].body["metadata"]["annotations"][isvc.DEPLOYMENT_MODE_ANNOTATION] == (
-        recorded or newer["metadata"]["annotations"][isvc.DEPLOYMENT_MODE_ANNOTATION])
+        recorded or newer["metadata"]["annotations"][isvc.DEPLOYMENT_MODE_ANNOTATION]
+    )
 
     # The webhook rule itself, as the old code met it: a raw patch with the other name.
     if release.records_mode:
-        wrong = {"metadata": {"annotations": {isvc.DEPLOYMENT_MODE_ANNOTATION: "Knative" if recorded == "Serverless"
-                                              else "Serverless"}}}
+        wrong = {
+            "metadata": {
+                "annotations": {
+                    isvc.DEPLOYMENT_MODE_ANNOTATION: "Knative" if recorded == "Serverless" else "Serverless"
+                }
+            }
+        }
         with pytest.raises(rollout.RolloutError, match="deploymentMode cannot be changed from"):
             isvcs.patch("chest-ct", wrong)
 
@@ -384,8 +398,9 @@ def test_the_mode_annotation_follows_what_kserve_recorded(cluster):
 def test_switching_mode_in_place_is_refused_before_the_api_call(cluster):
     api, isvcs, store, release = cluster
     store.uris.add("s3://m/p")
-    rollout.deploy(isvcs, isvc.inference_service("s3://m/p", kserve_version=release.version,
-                                                 deployment_mode="Standard"))
+    rollout.deploy(
+        isvcs, isvc.inference_service("s3://m/p", kserve_version=release.version, deployment_mode="Standard")
+    )
     rollout.wait_ready(isvcs, "chest-ct", timeout_s=5, poll_s=0.01)
     writes = len(api.writes())
     with pytest.raises(rollout.RolloutError, match="cannot switch it to Knative in place"):
@@ -424,7 +439,8 @@ def test_wait_ready_fails_with_the_status_message_when_the_model_is_missing(clus
         rollout.wait_ready(isvcs, "chest-ct", timeout_s=0.3, poll_s=0.01)
     assert "not Ready after 0.3 s" in str(raised.value)
     assert "RevisionFailed" in str(raised.value) and "no model found under s3://models/chest-ct/nothing-here" in str(
-        raised.value)
+        raised.value
+    )
 
 
 def test_wait_ready_waits_for_the_new_revision_not_the_old_one(cluster):
@@ -450,8 +466,14 @@ def test_wait_ready_is_bounded_by_its_timeout():
             return next(states)
 
     with pytest.raises(rollout.RolloutError, match="not Ready after 30 s: Ready=Unknown .*observed 1"):
-        rollout.wait_ready(Never(), "chest-ct", timeout_s=30, poll_s=10, clock=lambda: now[0],
-                           sleep=lambda s: now.__setitem__(0, now[0] + s))
+        rollout.wait_ready(
+            Never(),
+            "chest-ct",
+            timeout_s=30,
+            poll_s=10,
+            clock=lambda: now[0],
+            sleep=lambda s: now.__setitem__(0, now[0] + s),
+        )
     assert now[0] == 30
 
 
@@ -477,9 +499,15 @@ def test_deploy_model_dry_runs_uploads_applies_and_waits(version, s3, s3_endpoin
 
     api = kube_api.FakeKubeApi(release, Controller(release, in_s3))
     with kube_api.serve(api) as url:
-        done = deploy.deploy_model(saved_model, model_store_uri=f"s3://{bucket}/chest-ct", version="run-1",
-                                   kserve_version=version, s3_endpoint_url=s3_endpoint, ready_timeout_s=5,
-                                   api=rollout.custom_objects_api(Configuration(host=url)))
+        done = deploy.deploy_model(
+            saved_model,
+            model_store_uri=f"s3://{bucket}/chest-ct",
+            version="run-1",
+            kserve_version=version,
+            s3_endpoint_url=s3_endpoint,
+            ready_timeout_s=5,
+            api=rollout.custom_objects_api(Configuration(host=url)),
+        )
     assert done.storage_uri == f"s3://{bucket}/chest-ct/run-1" and done.status.serving
     writes = api.writes()
     assert [(w.method, w.query.get("dryRun")) for w in writes] == [("POST", "All"), ("POST", None)]
@@ -492,13 +520,24 @@ def test_deploy_model_uploads_nothing_when_the_server_refuses_the_object(s3, s3_
 
     client, bucket = s3
     release = Release("0.15.2")
-    api = kube_api.FakeKubeApi(release, Controller(release, lambda uri: True), authorizer=Authorizer(),
-                               tokens={"t": "system:serviceaccount:team:default-editor"})
+    api = kube_api.FakeKubeApi(
+        release,
+        Controller(release, lambda uri: True),
+        authorizer=Authorizer(),
+        tokens={"t": "system:serviceaccount:team:default-editor"},
+    )
     with kube_api.serve(api) as url:
-        configuration = Configuration(host=url, api_key={"authorization": "t"}, api_key_prefix={"authorization": "Bearer"})
+        configuration = Configuration(
+            host=url, api_key={"authorization": "t"}, api_key_prefix={"authorization": "Bearer"}
+        )
         with pytest.raises(rollout.RolloutError, match='cannot get resource "inferenceservices"'):
-            deploy.deploy_model(saved_model, model_store_uri=f"s3://{bucket}/chest-ct", version="run-1",
-                                s3_endpoint_url=s3_endpoint, api=rollout.custom_objects_api(configuration))
+            deploy.deploy_model(
+                saved_model,
+                model_store_uri=f"s3://{bucket}/chest-ct",
+                version="run-1",
+                s3_endpoint_url=s3_endpoint,
+                api=rollout.custom_objects_api(configuration),
+            )
     assert _keys(client, bucket, "chest-ct/") == []
 
 

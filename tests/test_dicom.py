@@ -26,6 +26,7 @@ from tests.serving_helpers import ct_like
 
 # --- the reader ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["CT_small.dcm", "693_J2KI.dcm", "J2K_pixelrep_mismatch.dcm", "deflated"])
 def test_real_ct_slices_become_hounsfield_units_with_their_rescale(name):
     """Uncompressed, JPEG 2000 and deflated slices: HU = stored value x RescaleSlope + RescaleIntercept."""
@@ -33,8 +34,9 @@ def test_real_ct_slices_become_hounsfield_units_with_their_rescale(name):
     ds = pydicom.dcmread(__import__("io").BytesIO(data))
     hu = read_hu(data, TEST_MAX_PIXELS)
     assert hu.dtype == np.float32 and hu.shape == (ds.Rows, ds.Columns)
-    expected = (ds.pixel_array.astype(np.float64) * float(ds.get("RescaleSlope", 1))
-                + float(ds.get("RescaleIntercept", 0)))
+    expected = ds.pixel_array.astype(np.float64) * float(ds.get("RescaleSlope", 1)) + float(
+        ds.get("RescaleIntercept", 0)
+    )
     np.testing.assert_array_equal(hu, expected.astype(np.float32))
 
 
@@ -67,6 +69,7 @@ def test_the_pixel_cap_is_read_from_the_header_before_any_pixel_is_decoded():
 
 # --- layout: DICOM by name and by content -------------------------------------------------------
 
+
 def test_dicom_files_are_found_by_suffix_and_by_content(tmp_path):
     root = write_dataset(tmp_path / "data", {"train": {"adenocarcinoma": 2, "normal": 2}})
     folder = root / "train" / "normal"
@@ -85,6 +88,7 @@ def test_dicom_files_are_found_by_suffix_and_by_content(tmp_path):
 
 
 # --- validation and description -----------------------------------------------------------------
+
 
 def test_a_dicom_slice_is_described_as_the_model_sees_it(tmp_path):
     path = tmp_path / "IM0001"
@@ -110,13 +114,16 @@ def test_bad_dicom_files_are_quarantined_with_their_reasons_in_worker_processes(
     for (kind, (_, reason)), path, result in zip(cases.items(), paths, results, strict=False):
         assert isinstance(result, InvalidImage), kind
         assert result.path == str(path) and result.reason.startswith("DICOM: ") and reason in result.reason, (
-            kind, result.reason)
+            kind,
+            result.reason,
+        )
     assert results[-1].format == "DICOM" and (results[-1].width, results[-1].height) == (512, 512)
 
 
 def test_ingest_keeps_dicom_beside_png_and_quarantines_bad_dicom(tmp_path):
-    root = write_dataset(tmp_path / "data", {"train": {"adenocarcinoma": 6, "normal": 6},
-                                             "valid": {"adenocarcinoma": 2, "normal": 2}})
+    root = write_dataset(
+        tmp_path / "data", {"train": {"adenocarcinoma": 6, "normal": 6}, "valid": {"adenocarcinoma": 2, "normal": 2}}
+    )
     for i in range(3):
         (root / "train" / "adenocarcinoma" / f"slice{i}.dcm").write_bytes(ct_dicom(ct_like(10 + i, nodule=True)))
         (root / "valid" / "normal" / f"IM{i:04d}").write_bytes(ct_dicom(ct_like(20 + i)))
@@ -135,6 +142,7 @@ def test_ingest_keeps_dicom_beside_png_and_quarantines_bad_dicom(tmp_path):
 
 # --- training reads DICOM through the same window as the SavedModel -----------------------------
 
+
 def test_training_pipeline_reads_dicom_as_serve_hu_does():
     """file_to_pixels (tf.data) on a DICOM file == the serve_hu graph's windowing and resizing of its HU."""
     window = Window(level=-600, width=1500)
@@ -147,7 +155,10 @@ def test_training_pipeline_reads_dicom_as_serve_hu_does():
 
 
 def test_window_values_are_checked():
-    for kwargs, message in (({"width": 0}, "window_width=0"), ({"level": float("nan")}, "window_level=nan"),
-                            ({"width": True}, "window_width=True")):
+    for kwargs, message in (
+        ({"width": 0}, "window_width=0"),
+        ({"level": float("nan")}, "window_level=nan"),
+        ({"width": True}, "window_width=True"),
+    ):
         with pytest.raises(ValueError, match=message):
             Window(**kwargs)

@@ -35,7 +35,9 @@ RESULT["replicas"] = [tf.distribute.get_strategy().num_replicas_in_sync, mirrore
                       training_strategy().num_replicas_in_sync]
 """
 
-FIT = SETUP + """
+FIT = (
+    SETUP
+    + """
 # Fine-tuning reads images through tf.data with per-epoch augmentation and shuffling. Keras' distributed input
 # path iterates that dataset differently, so the two runs would see different (seeded) draws; without them the
 # comparison is of the arithmetic alone. The draws themselves run mirrored in the train-step test below.
@@ -66,8 +68,11 @@ x = np.concatenate([b for b in image_dataset(valid.files, 32, 8)])
 RESULT["stages"] = [one.exported_stage, two.exported_stage]
 RESULT["prob_diff"] = float(np.abs(one.model.predict(x, verbose=0) - two.model.predict(x, verbose=0)).max())
 """
+)
 
-TRAIN_STEP = SETUP + """
+TRAIN_STEP = (
+    SETUP
+    + """
 import os
 import mlflow
 import chest_ct.train as train_module
@@ -91,6 +96,7 @@ guard = meta["precision_guard"]
 images = [(tmp / "out" / n).read_bytes() for n in guard["golden_images"]]
 RESULT["golden_diff"] = float(np.abs(load_predictor(tmp / "out")(images) - guard["fp32_probabilities"]).max())
 """
+)
 
 
 @pytest.mark.slow
@@ -104,7 +110,7 @@ def test_mirrored_feature_pass_head_and_fine_tuning_match_one_device(tmp_path):
     assert result["stages"] == ["fine-tuned", "fine-tuned"]
     for single, mirrored in (result["val_loss"], result["ft_val_loss"]):
         assert len(single) == len(mirrored)
-        assert max(abs(s - m) for s, m in zip(single, mirrored)) < 1e-4, result
+        assert max(abs(s - m) for s, m in zip(single, mirrored, strict=True)) < 1e-4, result
     assert result["prob_diff"] < 1e-4, result
 
 

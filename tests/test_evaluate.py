@@ -82,8 +82,9 @@ def test_out_of_fold_threshold_holds_whole_groups_out():
         calls.append((fit_idx, held_idx))
         return np.clip(0.3 + 0.4 * y[held_idx] + noise[g[held_idx]], 0, 1)
 
-    choice = out_of_fold_threshold(y, g, fit_predict, target_sensitivity=0.9, folds=5, seed=3,
-                                   class_names=("normal", "adenocarcinoma"))
+    choice = out_of_fold_threshold(
+        y, g, fit_predict, target_sensitivity=0.9, folds=5, seed=3, class_names=("normal", "adenocarcinoma")
+    )
     assert len(calls) == choice.folds == 5
     for fit_idx, held_idx in calls:
         assert not set(g[fit_idx]) & set(g[held_idx]), "a picture is never on both sides of a fold"
@@ -111,8 +112,16 @@ def test_out_of_fold_folds_are_limited_by_the_rarest_class():
 
 
 def info(**kw) -> ImageInfo:
-    base = dict(sha256="0" * 64, phash="0" * 16, format="PNG", mode="RGB", width=512, height=512,
-                brightness_mean=100.0, brightness_std=40.0)
+    base = dict(
+        sha256="0" * 64,
+        phash="0" * 16,
+        format="PNG",
+        mode="RGB",
+        width=512,
+        height=512,
+        brightness_mean=100.0,
+        brightness_std=40.0,
+    )
     return ImageInfo(**{**base, **kw})
 
 
@@ -121,8 +130,14 @@ def stats_records(n: int, rng, brightness_by_label: bool) -> list[ImageRecord]:
     for i in range(n):
         label = "adenocarcinoma" if i % 2 else "normal"
         bright = (150 if label == "adenocarcinoma" else 60) if brightness_by_label else 100
-        out.append(ImageRecord(f"{i}.png", "train", label, info(brightness_mean=bright + rng.normal(0, 5),
-                                                                 brightness_std=rng.normal(40, 5))))
+        out.append(
+            ImageRecord(
+                f"{i}.png",
+                "train",
+                label,
+                info(brightness_mean=bright + rng.normal(0, 5), brightness_std=rng.normal(40, 5)),
+            )
+        )
     return out
 
 
@@ -143,8 +158,13 @@ GOOD = {"roc_auc": 0.9, "sensitivity": 0.95, "specificity": 0.7}
 
 
 def compared(challenger_auc: float, champion_auc: float, normal: int = 10, cancer: int = 10) -> Comparison:
-    return Comparison("3", images=40, groups_per_class={"normal": normal, "adenocarcinoma": cancer},
-                      challenger_auc=challenger_auc, champion_auc=champion_auc)
+    return Comparison(
+        "3",
+        images=40,
+        groups_per_class={"normal": normal, "adenocarcinoma": cancer},
+        challenger_auc=challenger_auc,
+        champion_auc=champion_auc,
+    )
 
 
 def test_blessing_floors_are_per_group():
@@ -168,8 +188,10 @@ def test_too_few_unseen_pictures_make_the_comparison_inconclusive():
     policy = BlessingPolicy(min_compare_per_class=5)
     decision = decide(GOOD, policy, compared(0.5, 0.99, normal=4))
     assert decision.blessed, "decided by the floors alone"
-    assert decision.reasons == ["champion comparison inconclusive (only 4 normal, 10 adenocarcinoma test pictures "
-                                "are unseen by both models (need 5 per class)): decided by the floors alone"]
+    assert decision.reasons == [
+        "champion comparison inconclusive (only 4 normal, 10 adenocarcinoma test pictures "
+        "are unseen by both models (need 5 per class)): decided by the floors alone"
+    ]
     assert not decide({**GOOD, "sensitivity": 0.5}, policy, compared(0.5, 0.99, normal=4)).blessed
     legacy = decide(GOOD, policy, Comparison("3", unavailable="champion version 3 carries no record"))
     assert legacy.blessed and "inconclusive (champion version 3 carries no record)" in legacy.reasons[0]
@@ -177,8 +199,9 @@ def test_too_few_unseen_pictures_make_the_comparison_inconclusive():
     assert not broken.blessed and broken.failures == ["cannot score champion version 3"]
 
 
-@pytest.mark.parametrize("kwargs, message", [({"min_auc": 1.5}, "min_auc=1.5"),
-                                             ({"min_compare_per_class": 0}, "min_compare_per_class=0")])
+@pytest.mark.parametrize(
+    "kwargs, message", [({"min_auc": 1.5}, "min_auc=1.5"), ({"min_compare_per_class": 0}, "min_compare_per_class=0")]
+)
 def test_bad_policy(kwargs, message):
     with pytest.raises(ValueError, match=message):
         BlessingPolicy(**kwargs)
@@ -195,9 +218,11 @@ def test_copies_of_seen_images_are_not_unseen(tmp_path, presplit_dataset):
     near = ImageRecord("x/near.png", "test", train[0].label, info(sha256="f" * 64, phash=flip_bit(train[0].phash)))
     kept, excluded = split_unseen([*test, near], read_seen(tmp_path / "m"))
     assert [r.path for r in kept] == [r.path for r in test[2:]]
-    assert excluded == {test[0].path: "same file as an image it saw in test",
-                        test[1].path: "same file as an image it saw in test",
-                        "x/near.png": "near copy of an image it saw in train"}
+    assert excluded == {
+        test[0].path: "same file as an image it saw in test",
+        test[1].path: "same file as an image it saw in test",
+        "x/near.png": "near copy of an image it saw in train",
+    }
     assert split_unseen(test, []) == (test, {})
     assert read_seen(tmp_path) is None, "a model from before the record: unknown, not empty"
 
@@ -225,15 +250,19 @@ def test_promotion_rechecks_the_champion_right_before_setting_it(mlflow_sqlite):
 def models(tmp_path_factory):
     """A trained model and its mirror image (1 - p), each with its record of fitted images."""
     tmp = tmp_path_factory.mktemp("eval")
-    root = write_dataset(tmp / "src", {"train": {"adenocarcinoma": 10, "normal": 10},
-                                       "valid": {"adenocarcinoma": 4, "normal": 4},
-                                       "test": {"adenocarcinoma": 5, "normal": 5}})
+    root = write_dataset(
+        tmp / "src",
+        {
+            "train": {"adenocarcinoma": 10, "normal": 10},
+            "valid": {"adenocarcinoma": 4, "normal": 4},
+            "test": {"adenocarcinoma": 5, "normal": 5},
+        },
+    )
     build_dataset(root, tmp / "data")
     manifest = Manifest.load(tmp / "data")
     seed_everything(0)
     model = build_model(32, "none")
-    fit_classifier(model, Examples.of_role(manifest, TRAIN), Examples.of_role(manifest, VALID), epochs=3,
-                   batch_size=8)
+    fit_classifier(model, Examples.of_role(manifest, TRAIN), Examples.of_role(manifest, VALID), epochs=3, batch_size=8)
     fitted = manifest.role(TRAIN) + manifest.role(VALID)
     guard = fit_guard(block_features(model, [manifest.file(r) for r in fitted], 32, 8), [r.group for r in fitted])
     a = export_saved_model(model, tmp / "a", {"threshold": 0.5}, guard=guard)
@@ -289,10 +318,16 @@ def test_evaluate_scores_registers_and_blesses(models, tmp_path, mlflow_sqlite):
     assert not any("valid_sensitivity" in name for name in metrics), "a number that meets its target by construction"
     assert client.get_run(run).data.tags["blessed"] == "true"
     artifacts = {a.path for a in client.list_artifacts(run, "plots")}
-    assert artifacts == {"plots/confusion_matrix_per_group.png", "plots/confusion_matrix_per_image.png",
-                         "plots/roc_curve.png", "plots/precision_recall_curve.png", "plots/calibration.png"}
+    assert artifacts == {
+        "plots/confusion_matrix_per_group.png",
+        "plots/confusion_matrix_per_image.png",
+        "plots/roc_curve.png",
+        "plots/precision_recall_curve.png",
+        "plots/calibration.png",
+    }
     assert {"evaluation/report.json", "evaluation/blessing.json", "evaluation/shortcut_audit.json"} <= {
-        a.path for a in client.list_artifacts(run, "evaluation")}
+        a.path for a in client.list_artifacts(run, "evaluation")
+    }
     assert "saved_model/fitted_images.json" in {a.path for a in client.list_artifacts(run, "saved_model")}
     md = summary_markdown(result)
     assert "Scored **10 test images (10 duplicate groups: 5 normal, 5 adenocarcinoma)**" in md
@@ -321,12 +356,20 @@ def test_champion_is_compared_only_on_pictures_neither_model_saw(models, tmp_pat
     assert set(champion["excluded_as_seen_by_champion"]) == {r.path for r in seen_by_champion}
     assert champion["groups_per_class"] == {"normal": 3, "adenocarcinoma": 4}
     assert second.blessed, "inconclusive: the floors decide"
-    assert any(r.startswith("champion comparison inconclusive (only 3 normal, 4 adenocarcinoma test pictures")
-               for r in second.reasons)
+    assert any(
+        r.startswith("champion comparison inconclusive (only 3 normal, 4 adenocarcinoma test pictures")
+        for r in second.reasons
+    )
     assert second.report["scored_images"] == 10, "the challenger itself is scored on all it did not see"
 
-    third = evaluate_model(worse, data, tmp_path / "m3", tmp_path / "p3", run_id=new_run(),
-                           policy=BlessingPolicy(0, 0, 0, min_compare_per_class=5))
+    third = evaluate_model(
+        worse,
+        data,
+        tmp_path / "m3",
+        tmp_path / "p3",
+        run_id=new_run(),
+        policy=BlessingPolicy(0, 0, 0, min_compare_per_class=5),
+    )
     assert third.report["champion"]["images"] == 10 and not third.blessed
     assert "regresses by more than the allowed 0.01" in third.reasons[0]
     client = MlflowClient()
@@ -337,15 +380,17 @@ def test_champion_is_compared_only_on_pictures_neither_model_saw(models, tmp_pat
 
 def test_floors_broken_and_legacy_champions(models, tmp_path, mlflow_sqlite):
     data, better, _ = models
-    strict = evaluate_model(better, data, tmp_path / "m1", tmp_path / "p1", run_id=new_run(),
-                            policy=BlessingPolicy(1.0, 1.0, 1.0))
+    strict = evaluate_model(
+        better, data, tmp_path / "m1", tmp_path / "p1", run_id=new_run(), policy=BlessingPolicy(1.0, 1.0, 1.0)
+    )
     assert not strict.blessed and any("below the floor" in r for r in strict.reasons)
     client = MlflowClient()
     bogus = client.create_model_version("chest-ct", source="file:///no/such/model", run_id=None)
     client.set_registered_model_alias("chest-ct", "champion", bogus.version)
     blocked = evaluate_model(better, data, tmp_path / "m2", tmp_path / "p2", run_id=new_run(), policy=NO_FLOORS)
-    assert not blocked.blessed and any(r.startswith(f"cannot score champion version {bogus.version}")
-                                       for r in blocked.reasons)
+    assert not blocked.blessed and any(
+        r.startswith(f"cannot score champion version {bogus.version}") for r in blocked.reasons
+    )
     assert client.get_model_version_by_alias("chest-ct", "champion").version == bogus.version
 
     legacy = tmp_path / "legacy"

@@ -39,8 +39,8 @@ from chest_ct import gradcam
 from chest_ct.determinism import seed_everything
 from chest_ct.export import BYTES_SIGNATURE, PIXELS_SIGNATURE, SIGNATURES, export_saved_model, read_metadata
 from chest_ct.forward import LAST_CONV_LAYER, SplitModel
-from chest_ct.ood import feature_model, fit_guard
 from chest_ct.model import build_model, split_model
+from chest_ct.ood import feature_model, fit_guard
 from chest_ct.preprocess import to_model_input
 
 SIZE, CELL, PATCH = 64, 16, 8
@@ -70,10 +70,11 @@ def patch_images(rng: np.random.Generator, n: int, patches: tuple[float, ...]) -
     cells = np.zeros((n, len(patches), 2), int)
     off = (CELL - PATCH) // 2
     for i in range(n):
-        for j, (flat, value) in enumerate(zip(rng.choice(GRID * GRID, len(patches), replace=False), patches,
-                                              strict=True)):
+        for j, (flat, value) in enumerate(
+            zip(rng.choice(GRID * GRID, len(patches), replace=False), patches, strict=True)
+        ):
             row, col = divmod(int(flat), GRID)
-            images[i, row * CELL + off:row * CELL + off + PATCH, col * CELL + off:col * CELL + off + PATCH] = value
+            images[i, row * CELL + off : row * CELL + off + PATCH, col * CELL + off : col * CELL + off + PATCH] = value
             cells[i, j] = row, col
     return np.repeat(images[..., None], 3, axis=-1), cells
 
@@ -102,8 +103,9 @@ def bright_rule(tmp_path_factory):
     rng = np.random.default_rng(0)
     train_head(model, patch_images(rng, 60, (BRIGHT,))[0], patch_images(rng, 60, (DARK,))[0], seed=0)
     images = patch_images(rng, 10, (BRIGHT, DARK))[0]
-    return model, export_saved_model(model, tmp_path_factory.mktemp("gradcam") / "model", {"mlflow_run_id": "r"},
-                                     guard=guard_for(model, images))
+    return model, export_saved_model(
+        model, tmp_path_factory.mktemp("gradcam") / "model", {"mlflow_run_id": "r"}, guard=guard_for(model, images)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +138,7 @@ def textbook_gradcam(model: keras.Model, pixels: np.ndarray) -> tuple[np.ndarray
     """Grad-CAM written the usual eager way (GradientTape on a Keras sub-model), apart from chest_ct.gradcam."""
     base, head = split_model(model)
     to_conv = keras.Model(base.inputs, base.get_layer(LAST_CONV_LAYER).output)
-    after = base.layers[[layer.name for layer in base.layers].index(LAST_CONV_LAYER) + 1:]
+    after = base.layers[[layer.name for layer in base.layers].index(LAST_CONV_LAYER) + 1 :]
     dense = head.layers[-1]
     conv = to_conv(to_model_input(tf.constant(pixels)))
     with tf.GradientTape() as tape:
@@ -166,8 +168,11 @@ def test_explain_signatures_shape_range_and_metadata(bright_rule, loaded):
     assert set(np.round(heat.max(axis=(1, 2)), 6)) <= {0.0, 1.0}, "each map is scaled to its own maximum"
     meta = read_metadata(model_dir)
     assert meta["heatmap"]["grid"] == [GRID, GRID] and meta["heatmap"]["layer"] == LAST_CONV_LAYER
-    assert meta["heatmap"]["signatures"] == {"images": EXPLAIN_IMAGES, "pixels": EXPLAIN_PIXELS,
-                                             "hu": SIGNATURES["hu", "explain"]}
+    assert meta["heatmap"]["signatures"] == {
+        "images": EXPLAIN_IMAGES,
+        "pixels": EXPLAIN_PIXELS,
+        "hu": SIGNATURES["hu", "explain"],
+    }
     assert set(meta["signatures"]) == set(loaded.signatures)
 
 
@@ -184,8 +189,9 @@ def test_explain_matches_in_process_gradcam_and_serving(bright_rule, loaded):
     encoded = tf.constant([png(p) for p in pixels])
     by_bytes = loaded.signatures[EXPLAIN_IMAGES](images=encoded)
     np.testing.assert_allclose(by_bytes["heatmap"].numpy(), exported["heatmap"].numpy(), atol=1e-5)
-    np.testing.assert_array_equal(by_bytes["probability"].numpy(),
-                                  loaded.signatures[BYTES_SIGNATURE](images=encoded)["probability"].numpy())
+    np.testing.assert_array_equal(
+        by_bytes["probability"].numpy(), loaded.signatures[BYTES_SIGNATURE](images=encoded)["probability"].numpy()
+    )
 
 
 def test_heatmap_peak_falls_on_the_bright_patch(loaded):
@@ -194,10 +200,11 @@ def test_heatmap_peak_falls_on_the_bright_patch(loaded):
     normal, _ = patch_images(rng, 40, (DARK,))
     fn = loaded.signatures[EXPLAIN_PIXELS]
     out = fn(pixels=tf.constant(alone))
-    assert out["probability"].numpy().min() > fn(pixels=tf.constant(normal))["probability"].numpy().max(), \
+    assert out["probability"].numpy().min() > fn(pixels=tf.constant(normal))["probability"].numpy().max(), (
         "the model learnt the task"
+    )
     hits = (peak_cells(out["heatmap"].numpy()) == cells[:, 0]).all(axis=1)
-    assert hits.mean() >= 0.9, f"peak on the patch in {hits.mean():.0%} of images (chance {1 / GRID ** 2:.0%})"
+    assert hits.mean() >= 0.9, f"peak on the patch in {hits.mean():.0%} of images (chance {1 / GRID**2:.0%})"
 
     both, cells = patch_images(rng, 40, (BRIGHT, DARK))
     heat = fn(pixels=tf.constant(both))["heatmap"].numpy()

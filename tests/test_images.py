@@ -2,6 +2,7 @@ import csv
 import hashlib
 import io
 import struct
+from itertools import zip_longest
 
 import imagehash
 import numpy as np
@@ -67,9 +68,9 @@ def cut_before_iend(data: bytes) -> bytes:
 
 def corrupt_idat_checksum(data: bytes) -> bytes:
     start = data.index(b"IDAT")
-    (length,) = struct.unpack(">I", data[start - 4:start])
+    (length,) = struct.unpack(">I", data[start - 4 : start])
     crc = start + 4 + length
-    return data[:crc] + bytes([data[crc] ^ 0xFF]) + data[crc + 1:]
+    return data[:crc] + bytes([data[crc] ^ 0xFF]) + data[crc + 1 :]
 
 
 @pytest.mark.parametrize("damage", [cut_before_iend, corrupt_idat_checksum])
@@ -80,8 +81,9 @@ def test_file_pillow_reads_but_tensorflow_refuses_is_quarantined(tmp_path, damag
         img.load()  # Pillow decodes every pixel without complaint
     path = tmp_path / "scan.png"
     path.write_bytes(data)
-    with pytest.raises(InvalidImage, match="cannot decode with TensorFlow, the decoder training and serving use: "
-                                           "Invalid PNG data"):
+    with pytest.raises(
+        InvalidImage, match="cannot decode with TensorFlow, the decoder training and serving use: Invalid PNG data"
+    ):
         inspect_image(path)
 
 
@@ -101,8 +103,20 @@ def test_file_too_large_for_the_pixel_cap_is_not_read(tmp_path):
         inspect_image(path, max_pixels=100)
 
 
-@pytest.mark.parametrize("mode, fmt", [("RGB", "PNG"), ("RGBA", "PNG"), ("L", "PNG"), ("LA", "PNG"), ("P", "PNG"),
-                                       ("1", "PNG"), ("RGB", "JPEG"), ("L", "JPEG"), ("CMYK", "JPEG")])
+@pytest.mark.parametrize(
+    "mode, fmt",
+    [
+        ("RGB", "PNG"),
+        ("RGBA", "PNG"),
+        ("L", "PNG"),
+        ("LA", "PNG"),
+        ("P", "PNG"),
+        ("1", "PNG"),
+        ("RGB", "JPEG"),
+        ("L", "JPEG"),
+        ("CMYK", "JPEG"),
+    ],
+)
 def test_phash_is_imagehash_of_the_picture_the_model_sees(tmp_path, mode, fmt):
     """Hashing TensorFlow's pixels gives the same phash as imagehash on Pillow's, so groups are unchanged."""
     path = tmp_path / "img"
@@ -143,7 +157,7 @@ def mixed_files(tmp_path) -> list:
         paths.append(path)
     (tmp_path / "folder.png").mkdir()
     paths += [tmp_path / "folder.png", tmp_path / "missing.png"]
-    return [p for pair in zip(good, paths + [None] * len(good)) for p in pair if p is not None]
+    return [p for pair in zip_longest(good, paths) for p in pair if p is not None]
 
 
 def as_comparable(result):
@@ -157,9 +171,11 @@ def test_parallel_validation_equals_serial_in_input_order(tmp_path):
     assert [as_comparable(r) for r in parallel] == [as_comparable(r) for r in serial]
     for out in ("a", "b"):  # valid files are copied as validated, bad ones are not
         copied = {p.name: p.read_bytes() for p in (tmp_path / out).iterdir()}
-        assert copied == {p.name: p.read_bytes() for p, r in zip(paths, serial) if isinstance(r, ImageInfo)}
+        assert copied == {
+            p.name: p.read_bytes() for p, r in zip(paths, serial, strict=True) if isinstance(r, ImageInfo)
+        }
     reasons = {}
-    for path, result in zip(paths, parallel):
+    for path, result in zip(paths, parallel, strict=True):
         if isinstance(result, ImageInfo):
             assert result.sha256 == hashlib.sha256(path.read_bytes()).hexdigest(), "results stay in input order"
         else:
@@ -191,4 +207,5 @@ def test_real_data_hashes_match_the_published_manifest():
     assert [r.sha256 for r in results] == [row["sha256"] for row in rows]
     assert [r.phash for r in results] == [row["phash"] for row in rows]
     assert [(r.format, r.mode, r.width, r.height) for r in results] == [
-        (row["format"], row["mode"], int(row["width"]), int(row["height"])) for row in rows]
+        (row["format"], row["mode"], int(row["width"]), int(row["height"])) for row in rows
+    ]

@@ -34,12 +34,15 @@ def near_copy(data: bytes) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("folder, expected", [
-    ("adenocarcinoma_left.lower.lobe_T2_N0_M0_Ib", "adenocarcinoma"),
-    ("Normal", "normal"),
-    (" normal ", "normal"),
-    ("large.cell.carcinoma_left.hilum_T2_N2_M0_IIIa", "large.cell.carcinoma"),
-])
+@pytest.mark.parametrize(
+    "folder, expected",
+    [
+        ("adenocarcinoma_left.lower.lobe_T2_N0_M0_Ib", "adenocarcinoma"),
+        ("Normal", "normal"),
+        (" normal ", "normal"),
+        ("large.cell.carcinoma_left.hilum_T2_N2_M0_IIIa", "large.cell.carcinoma"),
+    ],
+)
 def test_normalise_class_name(folder, expected):
     assert normalise_class_name(folder) == expected
 
@@ -47,16 +50,20 @@ def test_normalise_class_name(folder, expected):
 def test_presplit_layout_keeps_given_splits(tmp_path, presplit_dataset):
     report = build_dataset(presplit_dataset, tmp_path / "out", source_uri="local")
     assert report["layout"] == "pre-split"
-    assert report["counts"] == {"train": {"normal": 12, "adenocarcinoma": 14},
-                                "valid": {"normal": 6, "adenocarcinoma": 6},
-                                "test": {"normal": 6, "adenocarcinoma": 6},
-                                "excluded": {"normal": 0, "adenocarcinoma": 0}}
+    assert report["counts"] == {
+        "train": {"normal": 12, "adenocarcinoma": 14},
+        "valid": {"normal": 6, "adenocarcinoma": 6},
+        "test": {"normal": 6, "adenocarcinoma": 6},
+        "excluded": {"normal": 0, "adenocarcinoma": 0},
+    }
     assert report["files"] == {"found": 50, "images": 50, "quarantined": 0, "ignored": 0}
     assert report["quarantined"] == [] and report["leaks"] == [] and report["excluded"] == []
     manifest = Manifest.load(tmp_path / "out")
     assert all(r.split == r.given_split for r in manifest.records)
-    assert all((tmp_path / "out" / r.stored_as).read_bytes() == (presplit_dataset / r.path).read_bytes()
-               for r in manifest.records)
+    assert all(
+        (tmp_path / "out" / r.stored_as).read_bytes() == (presplit_dataset / r.path).read_bytes()
+        for r in manifest.records
+    )
     files, labels = manifest.files_and_labels("test")
     assert len(files) == 12 and sorted(set(labels)) == [0, 1]
     assert Manifest.load(tmp_path / "out") == manifest, "records round-trip through manifest.json"
@@ -81,9 +88,11 @@ def test_fingerprint_is_stable_and_tracks_content(tmp_path, presplit_dataset):
 
 
 def test_train_valid_layout_scores_on_given_valid_and_carves_a_share_of_all_groups(tmp_path):
-    root = write_dataset(tmp_path / "d", {"train": {"adenocarcinoma": 20, "normal": 20},
-                                          "valid": {"adenocarcinoma": 4, "normal": 4}},
-                         folder_names={"adenocarcinoma": "adenocarcinoma_left.lower.lobe_T2_N0_M0_Ib"})
+    root = write_dataset(
+        tmp_path / "d",
+        {"train": {"adenocarcinoma": 20, "normal": 20}, "valid": {"adenocarcinoma": 4, "normal": 4}},
+        folder_names={"adenocarcinoma": "adenocarcinoma_left.lower.lobe_T2_N0_M0_Ib"},
+    )
     report = build_dataset(root, tmp_path / "out", valid_fraction=0.2)
     recs = records(tmp_path / "out")
     assert {r.split for r in recs if r.given_split == "valid"} == {"test"}
@@ -128,14 +137,20 @@ def test_copies_of_fitted_pictures_are_excluded_from_scoring(tmp_path, presplit_
     by_size = sorted(report["duplicate_groups"], key=lambda g: (len(g["members"]), g["kind"]))
     assert [(len(g["members"]), g["kind"]) for g in by_size] == [(2, "near"), (2, "near"), (3, "exact")]
     assert {(m["given_split"], m["path"]) for m in by_size[-1]["members"]} == {
-        ("train", f"train/normal/{train_img.name}"), ("train", "train/normal/same - Copy.png"),
-        ("test", "test/normal/leaked copy.png")}
+        ("train", f"train/normal/{train_img.name}"),
+        ("train", "train/normal/same - Copy.png"),
+        ("test", "test/normal/leaked copy.png"),
+    }
     assert len(report["leaks"]) == 3
     excluded = {e["path"]: e["reason"] for e in report["excluded"]}
-    assert set(excluded) == {"test/normal/leaked copy.png", "valid/adenocarcinoma/marked.png",
-                             "test/normal/from valid.png"}
+    assert set(excluded) == {
+        "test/normal/leaked copy.png",
+        "valid/adenocarcinoma/marked.png",
+        "test/normal/from valid.png",
+    }
     assert excluded["test/normal/leaked copy.png"].startswith(
-        f"copy of a picture the model sees (train: train/normal/{train_img.name}, train/normal/same - Copy.png)")
+        f"copy of a picture the model sees (train: train/normal/{train_img.name}, train/normal/same - Copy.png)"
+    )
     assert "would have been valid" in excluded["valid/adenocarcinoma/marked.png"]
     assert f"(valid: {valid_img.relative_to(presplit_dataset).as_posix()})" in excluded["test/normal/from valid.png"]
     assert report["counts"]["test"] == {"normal": 6, "adenocarcinoma": 6}, "the copies are not scored"
@@ -206,13 +221,19 @@ def test_every_file_of_a_messy_tree_is_accounted_for(tmp_path, presplit_dataset)
 
 
 def test_the_canonical_split_folder_wins_over_an_alias(tmp_path):
-    root = write_dataset(tmp_path / "d", {"train": {"adenocarcinoma": 6, "normal": 6},
-                                          "validation": {"adenocarcinoma": 3, "normal": 3},
-                                          "valid": {"adenocarcinoma": 2, "normal": 2}})
+    root = write_dataset(
+        tmp_path / "d",
+        {
+            "train": {"adenocarcinoma": 6, "normal": 6},
+            "validation": {"adenocarcinoma": 3, "normal": 3},
+            "valid": {"adenocarcinoma": 2, "normal": 2},
+        },
+    )
     report = build_dataset(root, tmp_path / "out")
     assert report["counts"]["test"] == {"normal": 2, "adenocarcinoma": 2}
     assert Counter(i["reason"] for i in report["ignored"]) == {
-        "second folder for split 'valid': 'validation/' beside 'valid/' (only 'valid/' is used)": 6}
+        "second folder for split 'valid': 'validation/' beside 'valid/' (only 'valid/' is used)": 6
+    }
 
 
 def test_missing_class_folders(tmp_path):
@@ -266,12 +287,13 @@ def test_report_lists_refused_source_objects_and_the_largest_groups(tmp_path, pr
     report = build_dataset(presplit_dataset, tmp_path / "out", refused=refused, workers=0)
 
     assert report["refused_source_objects"] == refused
-    assert report["files"]["found"] == report["files"]["images"] + report["files"]["quarantined"] \
-        + report["files"]["ignored"]  # refused objects were never files under the root
+    assert (
+        report["files"]["found"]
+        == report["files"]["images"] + report["files"]["quarantined"] + report["files"]["ignored"]
+    )  # refused objects were never files under the root
     top = report["largest_duplicate_groups"][0]
     assert top["size"] == 3 and top["distinct_files"] == 1
-    assert set(top["examples"]) == {f"train/normal/{first.name}", "train/normal/copy-1.png",
-                                    "train/normal/copy-2.png"}
+    assert set(top["examples"]) == {f"train/normal/{first.name}", "train/normal/copy-1.png", "train/normal/copy-2.png"}
     markdown = report_markdown(report)
     assert "Refused by the fetch (not downloaded): 1" in markdown and "data//etc/passwd" in markdown
 

@@ -18,19 +18,21 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import kubernetes_validate
 import pytest
 import yaml
 from kubernetes.client import Configuration
 
-from chest_ct import inference_service as isvc, rollout
+from chest_ct import inference_service as isvc
+from chest_ct import rollout
 from tests.platforms import kube_api, pod_security
 from tests.platforms.kserve import RELEASES, Controller, Release
 from tests.platforms.rbac import Authorizer, Request
-from tests.platforms.serving_pod import kserve_default_storage_container, knative_refusals, serving_pod
+from tests.platforms.serving_pod import knative_refusals, kserve_default_storage_container, serving_pod
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"
@@ -84,7 +86,8 @@ def profile_overlay(tmp_path: Path, profile: str) -> list[dict[str, Any]]:
     (copy_dir / "params.env").write_text(f"PROFILE_NAMESPACE={profile}\n")
     kustomization = (copy_dir / "kustomization.yaml").read_text()
     (copy_dir / "kustomization.yaml").write_text(
-        kustomization.replace("../../base", os.path.relpath(MANIFESTS / "base", copy_dir)))
+        kustomization.replace("../../base", os.path.relpath(MANIFESTS / "base", copy_dir))
+    )
     return kustomize(copy_dir)
 
 
@@ -94,10 +97,16 @@ def profile_overlay(tmp_path: Path, profile: str) -> list[dict[str, Any]]:
 def test_overlay_builds_the_expected_objects(overlay):
     name, docs = overlay
     kinds = {(doc["kind"], doc["metadata"]["name"]) for doc in docs}
-    assert {("Namespace", NAMESPACE), ("ServiceAccount", "chest-ct-model-server"),
-            ("Role", "inferenceservice-deployer"), ("RoleBinding", "inferenceservice-deployer"),
-            ("Deployment", "mlflow"), ("Service", "mlflow"), ("ConfigMap", "mlflow-config"),
-            ("NetworkPolicy", "mlflow")} <= kinds
+    assert {
+        ("Namespace", NAMESPACE),
+        ("ServiceAccount", "chest-ct-model-server"),
+        ("Role", "inferenceservice-deployer"),
+        ("RoleBinding", "inferenceservice-deployer"),
+        ("Deployment", "mlflow"),
+        ("Service", "mlflow"),
+        ("ConfigMap", "mlflow-config"),
+        ("NetworkPolicy", "mlflow"),
+    } <= kinds
     assert not by_kind(docs, "Secret"), "credentials must not be part of an overlay (re-applying would reset them)"
     # An account that cannot mount a token cannot call the API: nothing may pretend to run pipelines as one.
     assert ("ServiceAccount", "chest-ct-pipeline-runner") not in kinds
@@ -129,7 +138,8 @@ def test_the_schema_check_can_fail(storage_container):
     bad = copy.deepcopy(storage_container)
     bad["spec"]["container"]["securityContex"] = {}
     assert Release("0.15.2").unknown_fields_of(bad, "V1alpha1ClusterStorageContainer") == [
-        "spec.container.securityContex"]
+        "spec.container.securityContex"
+    ]
 
 
 def test_everything_lives_in_the_chest_ct_namespace(overlay):
@@ -159,8 +169,10 @@ def test_example_secrets_have_every_key_the_workloads_and_tasks_read(overlay):
     pipeline_secrets = {s["metadata"]["name"]: s for s in kustomize(MANIFESTS / "examples" / "pipeline-secrets")}
     for secret in [*secrets, *pipeline_secrets.values()]:
         kubernetes_validate.validate(secret, KUBERNETES_VERSION, strict=True)
-        assert all("CHANGE_ME" in v or not v or k in ("AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI")
-                   for k, v in secret["stringData"].items()), secret["metadata"]["name"]
+        assert all(
+            "CHANGE_ME" in v or not v or k in ("AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI")
+            for k, v in secret["stringData"].items()
+        ), secret["metadata"]["name"]
     for name, keys in cluster.SECRET_ENV.items():
         assert set(keys) <= set(pipeline_secrets[name]["stringData"]), name
         assert pipeline_secrets[name]["metadata"]["namespace"] == PROFILE  # multi-user is the normal case
@@ -230,11 +242,18 @@ def test_knative_accepts_the_predictor():
 
 
 def test_the_pod_security_check_can_fail():
-    pod = {"containers": [{"name": "c", "securityContext": {"privileged": True}}],
-           "volumes": [{"name": "host", "hostPath": {"path": "/"}}]}
+    pod = {
+        "containers": [{"name": "c", "securityContext": {"privileged": True}}],
+        "volumes": [{"name": "host", "hostPath": {"path": "/"}}],
+    }
     problems = pod_security.violations(pod)
-    assert {p.split(" (")[0] for p in problems} >= {"privileged", "restricted volume types", "runAsNonRoot != true",
-                                                    "seccompProfile", "unrestricted capabilities"}
+    assert {p.split(" (")[0] for p in problems} >= {
+        "privileged",
+        "restricted volume types",
+        "runAsNonRoot != true",
+        "seccompProfile",
+        "unrestricted capabilities",
+    }
 
 
 # ------------------------------------------------------------------- RBAC
@@ -269,19 +288,31 @@ def test_multi_user_lets_the_profiles_default_editor_deploy(tmp_path, manifests_
     # In its own profile namespace default-editor may serve models through Kubeflow's kubeflow-edit.
     assert _can(authorizer, editor, "create", namespace="team-ct")
     netpol = one(docs, "NetworkPolicy", "mlflow")
-    admitted = {peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
-                for peer in netpol["spec"]["ingress"][0]["from"]}
+    admitted = {
+        peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+        for peer in netpol["spec"]["ingress"][0]["from"]
+    }
     assert admitted == {NAMESPACE, "team-ct"}
 
 
 def test_the_old_binding_did_not_reach_multi_user_pipeline_pods():
     """Defect 3: the binding named chest-ct-pipeline-runner and kubeflow/pipeline-runner, not default-editor."""
-    old = [{"kind": "Role", "metadata": {"name": "inferenceservice-deployer", "namespace": NAMESPACE},
-            "rules": [{"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"], "verbs": ["*"]}]},
-           {"kind": "RoleBinding", "metadata": {"name": "inferenceservice-deployer", "namespace": NAMESPACE},
+    old = [
+        {
+            "kind": "Role",
+            "metadata": {"name": "inferenceservice-deployer", "namespace": NAMESPACE},
+            "rules": [{"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"], "verbs": ["*"]}],
+        },
+        {
+            "kind": "RoleBinding",
+            "metadata": {"name": "inferenceservice-deployer", "namespace": NAMESPACE},
             "roleRef": {"kind": "Role", "name": "inferenceservice-deployer"},
-            "subjects": [{"kind": "ServiceAccount", "name": "chest-ct-pipeline-runner", "namespace": NAMESPACE},
-                         {"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "kubeflow"}]}]
+            "subjects": [
+                {"kind": "ServiceAccount", "name": "chest-ct-pipeline-runner", "namespace": NAMESPACE},
+                {"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "kubeflow"},
+            ],
+        },
+    ]
     authorizer = Authorizer().load(old).add_profile(PROFILE)
     assert not _can(authorizer, f"system:serviceaccount:{PROFILE}:default-editor", "patch")
 
@@ -291,13 +322,21 @@ def test_the_deploy_step_runs_end_to_end_as_the_profiles_default_editor(tmp_path
     docs = profile_overlay(tmp_path, "team-ct")
     authorizer = Authorizer().load(docs).add_profile("team-ct")
     release = Release("0.15.2")
-    api = kube_api.FakeKubeApi(release, Controller(release, lambda uri: True), authorizer=authorizer,
-                               tokens={"editor": "system:serviceaccount:team-ct:default-editor",
-                                       "stranger": "system:serviceaccount:other:default-editor"})
+    api = kube_api.FakeKubeApi(
+        release,
+        Controller(release, lambda uri: True),
+        authorizer=authorizer,
+        tokens={
+            "editor": "system:serviceaccount:team-ct:default-editor",
+            "stranger": "system:serviceaccount:other:default-editor",
+        },
+    )
     with kube_api.serve(api) as url:
+
         def client(token: str) -> rollout.InferenceServices:
-            configuration = Configuration(host=url, api_key={"authorization": token},
-                                          api_key_prefix={"authorization": "Bearer"})
+            configuration = Configuration(
+                host=url, api_key={"authorization": token}, api_key_prefix={"authorization": "Bearer"}
+            )
             return rollout.InferenceServices(rollout.custom_objects_api(configuration), NAMESPACE)
 
         rollout.deploy(client("editor"), isvc.inference_service("s3://m/run-1"), dry_run=True)
@@ -305,16 +344,20 @@ def test_the_deploy_step_runs_end_to_end_as_the_profiles_default_editor(tmp_path
         assert rollout.wait_ready(client("editor"), "chest-ct", timeout_s=5, poll_s=0.01).serving
         with pytest.raises(rollout.RolloutError, match='403: .*"system:serviceaccount:other:default-editor" cannot'):
             rollout.deploy(client("stranger"), isvc.inference_service("s3://m/run-2"))
-    assert {r.user for r in api.requests} == {"system:serviceaccount:team-ct:default-editor",
-                                             "system:serviceaccount:other:default-editor"}
+    assert {r.user for r in api.requests} == {
+        "system:serviceaccount:team-ct:default-editor",
+        "system:serviceaccount:other:default-editor",
+    }
     assert isvc.storage_uri_of(api.objects[(NAMESPACE, "chest-ct")]) == "s3://m/run-1"
     assert not [r for r in api.writes() if r.user == "system:serviceaccount:other:default-editor"]
 
 
 def test_standalone_mlflow_admits_the_kfp_namespace():
     netpol = one(kustomize(MANIFESTS / "overlays" / "standalone"), "NetworkPolicy", "mlflow")
-    admitted = {peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
-                for peer in netpol["spec"]["ingress"][0]["from"]}
+    admitted = {
+        peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+        for peer in netpol["spec"]["ingress"][0]["from"]
+    }
     assert admitted == {NAMESPACE, "kubeflow"}
 
 
@@ -349,8 +392,11 @@ def test_gpu_smoke_test_runs_on_gpu_nodes():
 
 def test_images_are_pinned(overlay):
     _, docs = overlay
-    images = [c["image"] for _, pod, _ in [*workload_pods(docs), *workload_pods(kustomize(MANIFESTS / "gpu-smoke-test"))]
-              for c in pod_security.containers(pod)]
+    images = [
+        c["image"]
+        for _, pod, _ in [*workload_pods(docs), *workload_pods(kustomize(MANIFESTS / "gpu-smoke-test"))]
+        for c in pod_security.containers(pod)
+    ]
     assert images
     for image in images:
         name_part = image.rsplit("/", 1)[-1]
@@ -363,9 +409,21 @@ def test_images_are_pinned(overlay):
 def run_checkov(path: Path, framework: str) -> dict[str, Any]:
     """checkov's JSON summary for one file; offline (--skip-download)."""
     result = subprocess.run(
-        [str(CHECKOV), "--file", str(path), "--framework", framework, "--output", "json", "--quiet",
-         "--skip-download", "--compact"],
-        capture_output=True, text=True, timeout=300,
+        [
+            str(CHECKOV),
+            "--file",
+            str(path),
+            "--framework",
+            framework,
+            "--output",
+            "json",
+            "--quiet",
+            "--skip-download",
+            "--compact",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     report = json.loads(result.stdout)
     reports = report if isinstance(report, list) else [report]
@@ -374,14 +432,25 @@ def run_checkov(path: Path, framework: str) -> dict[str, Any]:
     for part in reports:
         for key in summary:
             summary[key] += part.get("summary", {}).get(key, 0)
-        failed += [f"{c['check_id']} {c['resource']}: {c['check_name']}"
-                   for c in part.get("results", {}).get("failed_checks", [])]
+        failed += [
+            f"{c['check_id']} {c['resource']}: {c['check_name']}"
+            for c in part.get("results", {}).get("failed_checks", [])
+        ]
     return {"summary": summary, "failed": failed}
 
 
 @pytest.mark.skipif(not CHECKOV.exists(), reason="checkov is not installed in .venv-checkov (see Makefile)")
-@pytest.mark.parametrize("target", ["overlays/standalone", "overlays/kubeflow", "gpu-smoke-test", "kserve",
-                                    "examples/secrets", "examples/pipeline-secrets"])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "overlays/standalone",
+        "overlays/kubeflow",
+        "gpu-smoke-test",
+        "kserve",
+        "examples/secrets",
+        "examples/pipeline-secrets",
+    ],
+)
 def test_checkov_finds_nothing_in_the_built_manifests(target, tmp_path):
     built = tmp_path / "built.yaml"
     built.write_text(yaml.safe_dump_all(kustomize(MANIFESTS / target)))

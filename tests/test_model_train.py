@@ -10,13 +10,13 @@ from PIL import Image
 
 from chest_ct.determinism import seed_everything
 from chest_ct.export import BYTES_SIGNATURE, PIXELS_SIGNATURE, export_saved_model, read_metadata
-from chest_ct.predict import load_predictor
 from chest_ct.fitting import Examples, fit_classifier, picture_weights
 from chest_ct.ingest import build_dataset
 from chest_ct.inputs import image_dataset
 from chest_ct.model import build_model, resolve_base_weights, split_model
 from chest_ct.ood import block_features, fit_guard
 from chest_ct.precision import conv_policy
+from chest_ct.predict import load_predictor
 from chest_ct.preprocess import decode_and_resize, to_model_input
 from chest_ct.records import TEST, TRAIN, VALID, Manifest
 from tests.conftest import synthetic_image, write_dataset
@@ -27,9 +27,14 @@ SIZE = 32
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ds")
-    root = write_dataset(tmp / "src", {"train": {"adenocarcinoma": 12, "normal": 12},
-                                       "valid": {"adenocarcinoma": 4, "normal": 4},
-                                       "test": {"adenocarcinoma": 4, "normal": 4}})
+    root = write_dataset(
+        tmp / "src",
+        {
+            "train": {"adenocarcinoma": 12, "normal": 12},
+            "valid": {"adenocarcinoma": 4, "normal": 4},
+            "test": {"adenocarcinoma": 4, "normal": 4},
+        },
+    )
     build_dataset(root, tmp / "out")
     return Manifest.load(tmp / "out")
 
@@ -41,8 +46,12 @@ def examples(manifest: Manifest, role: str) -> Examples:
 def fit(manifest: Manifest, seed: int = 1, **kwargs):
     seed_everything(seed)
     model = build_model(SIZE, "none")
-    return fit_classifier(model, examples(manifest, TRAIN), examples(manifest, VALID),
-                          **{"epochs": 3, "batch_size": 8, "seed": seed, **kwargs})
+    return fit_classifier(
+        model,
+        examples(manifest, TRAIN),
+        examples(manifest, VALID),
+        **{"epochs": 3, "batch_size": 8, "seed": seed, **kwargs},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +65,9 @@ def trained(manifest):
 def exported(trained, tmp_path_factory, manifest):
     files, _ = manifest.files_and_labels(TRAIN)
     guard = fit_guard(block_features(trained[0].model, files, SIZE, 8), [r.group for r in manifest.role(TRAIN)])
-    return export_saved_model(trained[0].model, tmp_path_factory.mktemp("sm") / "model", {"mlflow_run_id": "run-1"},
-                              guard=guard)
+    return export_saved_model(
+        trained[0].model, tmp_path_factory.mktemp("sm") / "model", {"mlflow_run_id": "run-1"}, guard=guard
+    )
 
 
 def test_model_is_frozen_vgg16_with_new_head():
@@ -77,10 +87,13 @@ def test_base_weights_from_local_h5(tmp_path):
     np.testing.assert_array_equal(base.get_weights()[0], donor.get_weights()[0])
 
 
-@pytest.mark.parametrize("value, message", [
-    ("resnet", "expected 'imagenet'"),
-    ("/no/such/weights.h5", "does not exist"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("resnet", "expected 'imagenet'"),
+        ("/no/such/weights.h5", "does not exist"),
+    ],
+)
 def test_bad_base_weights(value, message):
     with pytest.raises(ValueError, match=message):
         resolve_base_weights(value)
@@ -137,8 +150,9 @@ def test_one_pass_gives_the_head_its_features_and_the_guard_its_blocks(trained, 
     result, _ = trained
     files = [*examples(manifest, TRAIN).files, *examples(manifest, VALID).files]
     assert [b.shape[0] for b in result.features.blocks] == [len(files)] * 5
-    np.testing.assert_array_equal(result.features.blocks[-1].astype(np.float32),
-                                  np.concatenate([result.features.train, result.features.valid]))
+    np.testing.assert_array_equal(
+        result.features.blocks[-1].astype(np.float32), np.concatenate([result.features.train, result.features.valid])
+    )
     base, _ = split_model(result.model)
     with conv_policy(base, result.precision.policy, result.model):  # the precision fitting ran in (auto: bf16 here)
         again = block_features(result.model, files, SIZE, 8)
@@ -172,10 +186,15 @@ def test_augmentation_is_seeded_per_image_and_per_pass(manifest):
     assert not np.array_equal(first[0], plain) and first[0].shape == plain.shape
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"epochs": 0}, "epochs=0"), ({"batch_size": -1}, "batch_size=-1"),
-    ({"learning_rate": 0.0}, "learning_rate=0.0"), ({"augment_copies": 99}, "augment_copies=99"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"epochs": 0}, "epochs=0"),
+        ({"batch_size": -1}, "batch_size=-1"),
+        ({"learning_rate": 0.0}, "learning_rate=0.0"),
+        ({"augment_copies": 99}, "augment_copies=99"),
+    ],
+)
 def test_bad_training_parameters(manifest, kwargs, message):
     with pytest.raises(ValueError, match=message):
         fit_classifier(build_model(SIZE, "none"), examples(manifest, TRAIN), examples(manifest, VALID), **kwargs)
@@ -233,8 +252,16 @@ def test_fine_tuning_trains_only_the_last_block(manifest):
         if "ft_val_loss" in logs:  # after a fine-tuning epoch, before any keep-or-discard decision
             changed.update(w.path for w in base.weights if not np.array_equal(before[w.path], w.numpy()))
 
-    result = fit_classifier(model, examples(manifest, TRAIN), examples(manifest, VALID), epochs=1, batch_size=8,
-                            fine_tune_epochs=1, fine_tune_learning_rate=1e-3, on_epoch=on_epoch)
+    result = fit_classifier(
+        model,
+        examples(manifest, TRAIN),
+        examples(manifest, VALID),
+        epochs=1,
+        batch_size=8,
+        fine_tune_epochs=1,
+        fine_tune_learning_rate=1e-3,
+        on_epoch=on_epoch,
+    )
     assert changed and all("block5" in path for path in changed), changed
     assert result.fine_tune_history["loss"] and not base.trainable, "frozen again for export"
 
@@ -245,8 +272,9 @@ def test_fine_tuning_that_does_not_help_is_discarded(manifest):
     tuned = fit(manifest, fine_tune_epochs=2, fine_tune_learning_rate=1.0)
     assert min(tuned.fine_tune_history["val_loss"]) > head_only.best_val_loss
     assert tuned.exported_stage == "head"
-    assert (tuned.best_epoch, tuned.best_val_loss) == (head_only.best_epoch, head_only.best_val_loss), \
+    assert (tuned.best_epoch, tuned.best_val_loss) == (head_only.best_epoch, head_only.best_val_loss), (
         "the logged best epoch describes the exported model"
+    )
     for x, y in zip(tuned.model.get_weights(), head_only.model.get_weights(), strict=True):
         np.testing.assert_array_equal(x, y)
 
@@ -258,8 +286,19 @@ def test_train_step_exports_threshold_and_fitted_images(manifest, tmp_path, mlfl
 
     seed_everything(3)
     build_model(SIZE, "none").save(tmp_path / "base.keras")
-    run_ids = [train_and_export(manifest.root, tmp_path / "base.keras", tmp_path / f"out{i}", epochs=2, batch_size=8,
-                                seed=3, threshold_folds=3, target_sensitivity=0.9) for i in (1, 2)]
+    run_ids = [
+        train_and_export(
+            manifest.root,
+            tmp_path / "base.keras",
+            tmp_path / f"out{i}",
+            epochs=2,
+            batch_size=8,
+            seed=3,
+            threshold_folds=3,
+            target_sensitivity=0.9,
+        )
+        for i in (1, 2)
+    ]
     meta = read_metadata(tmp_path / "out1")
     assert meta["threshold_source"].startswith("out-of-fold: 3-fold grouped CV over 32 fitting images (32 pictures)")
     assert meta["training"]["exported_stage"] == "head" and meta["fitted_images"]["count"] == 32
@@ -304,10 +343,12 @@ def test_failed_training_marks_the_mlflow_run_failed(manifest, tmp_path, mlflow_
 
 
 def test_deterministic_turns_on_tensorflow_op_determinism():
-    code = ("from chest_ct.determinism import seed_everything\n"
-            "from tensorflow.python.framework import config\n"
-            "before = config.is_op_determinism_enabled()\n"
-            "seed_everything(1, deterministic=True)\n"
-            "print(before, config.is_op_determinism_enabled())\n")
+    code = (
+        "from chest_ct.determinism import seed_everything\n"
+        "from tensorflow.python.framework import config\n"
+        "before = config.is_op_determinism_enabled()\n"
+        "seed_everything(1, deterministic=True)\n"
+        "print(before, config.is_op_determinism_enabled())\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.split() == ["False", "True"]

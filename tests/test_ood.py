@@ -15,11 +15,11 @@ import pytest
 import tensorflow as tf
 
 from chest_ct.export import SIGNATURES, export_saved_model, read_metadata
-from chest_ct.predict import predict_outputs
 from chest_ct.foreign import foreign_set
 from chest_ct.guard_eval import guard_markdown, guard_rates, log_guard_rates
 from chest_ct.model import build_model, split_model
 from chest_ct.ood import BLOCKS, GuardGraph, block_features, feature_model, fit_guard
+from chest_ct.predict import predict_outputs
 from chest_ct.preprocess import resize, to_model_input
 from chest_ct.window import Window
 from serving.dicom import read_hu
@@ -31,6 +31,7 @@ SIZE = 32
 
 
 # --- fitting and calibration --------------------------------------------------------------------
+
 
 def _gaussian_blocks(rng: np.random.Generator, n: int, shift: float = 0.0) -> list[np.ndarray]:
     """Non-negative 'pooled features' for three blocks (as ReLU averages are)."""
@@ -69,6 +70,7 @@ def test_the_graph_computes_what_numpy_computes():
 
 
 # --- the guard inside the SavedModel ------------------------------------------------------------
+
 
 def _ct_files(folder: Path, seeds: range) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
@@ -136,8 +138,9 @@ def test_dicom_slices_are_scored_through_serve_hu_with_the_exported_window(guard
     # The Keras model on training's own reading of the same file, through the same window.
     from chest_ct.inputs import image_dataset
 
-    from_training = model.predict(image_dataset([str(path)], SIZE, 1, window=Window(level=-650, width=1400)),
-                                  verbose=0).reshape(-1)
+    from_training = model.predict(
+        image_dataset([str(path)], SIZE, 1, window=Window(level=-650, width=1400)), verbose=0
+    ).reshape(-1)
     assert abs(float(out["probability"][0]) - float(from_training[0])) <= 1e-5
     assert bool(out["in_distribution"][0]), "a CT slice read from DICOM looks like the lung-window PNGs"
     np.testing.assert_array_equal(read_hu(path.read_bytes(), TEST_MAX_PIXELS), np.round(hu))
@@ -147,8 +150,16 @@ def test_rates_on_synthetic_data_meet_both_targets(guarded):
     _, _, model_dir, test_files, _ = guarded
     rates = guard_rates(model_dir, test_files)
     assert rates.test_images == 40 and rates.foreign_images == len(foreign_set(test_files))
-    assert set(rates.per_category) == {"natural photo", "noise", "solid colour", "gradient", "text",
-                                       "CT in bone window", "CT upside down", "CT inverted"}
+    assert set(rates.per_category) == {
+        "natural photo",
+        "noise",
+        "solid colour",
+        "gradient",
+        "text",
+        "CT in bone window",
+        "CT upside down",
+        "CT inverted",
+    }
     print(json.dumps(rates.to_dict(), indent=1))
     assert rates.test_accept_rate >= 0.95, rates.to_dict()
     assert rates.foreign_reject_rate >= 0.95, rates.to_dict()
@@ -169,14 +180,19 @@ def test_rates_are_logged_to_mlflow(guarded, mlflow_sqlite):
     logged = mlflow.get_run(run.info.run_id).data.metrics
     assert logged["guard_test_accept_rate"] == pytest.approx(rates.test_accept_rate)
     assert logged["guard_foreign_reject_rate"] == pytest.approx(rates.foreign_reject_rate)
-    assert logged["guard_reject_rate_natural_photo"] == pytest.approx(rates.per_category["natural photo"]["reject_rate"])
+    assert logged["guard_reject_rate_natural_photo"] == pytest.approx(
+        rates.per_category["natural photo"]["reject_rate"]
+    )
 
 
 # --- the shared real data -----------------------------------------------------------------------
 
+
 @pytest.mark.realdata
-@pytest.mark.skipif(not (SHARED_DATA / "train").is_dir(),
-                    reason=f"real data not found at {SHARED_DATA} (it lives in ../shared beside the checkout)")
+@pytest.mark.skipif(
+    not (SHARED_DATA / "train").is_dir(),
+    reason=f"real data not found at {SHARED_DATA} (it lives in ../shared beside the checkout)",
+)
 def test_real_ct_pictures_the_guard_never_saw_are_accepted(tmp_path):
     """Nested by picture: the guard is fitted and calibrated on 4/5 of the pictures, the rest are scored.
 

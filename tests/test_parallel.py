@@ -18,6 +18,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 
 # --- worker functions (module level: the workers import them by name) ----------------------------
 
+
 def double(chunk: list[int]) -> list[int]:
     return [2 * x for x in chunk]
 
@@ -49,10 +50,17 @@ def crashed(x: int) -> str:
 
 # --- CPU count -----------------------------------------------------------------------------------
 
+
 def cpus_in(command_prefix: list[str], env: dict | None = None) -> int:
     code = "from chest_ct.parallel import available_cpus; print(available_cpus())"
-    out = subprocess.run([*command_prefix, sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": str(PROJECT), **(env or {})}, cwd=PROJECT)
+    out = subprocess.run(
+        [*command_prefix, sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(PROJECT), **(env or {})},
+        cwd=PROJECT,
+    )
     return int(out.stdout.strip())
 
 
@@ -65,19 +73,25 @@ def test_cpu_count_follows_affinity_and_loky_override():
 
 
 def can_unshare() -> bool:
-    return bool(shutil.which("unshare")) and subprocess.run(
-        ["unshare", "--mount", "true"], capture_output=True, check=False).returncode == 0
+    return (
+        bool(shutil.which("unshare"))
+        and subprocess.run(["unshare", "--mount", "true"], capture_output=True, check=False).returncode == 0
+    )
 
 
-needs_unshare = pytest.mark.skipif(not can_unshare(), reason="needs root and unshare(1) to give a process its own mounts")
+needs_unshare = pytest.mark.skipif(
+    not can_unshare(), reason="needs root and unshare(1) to give a process its own mounts"
+)
 
 
 @needs_unshare
 @pytest.mark.parametrize("cpu_max, expected", [("50000 100000", 1), ("250000 100000", 3), ("max 100000", None)])
 def test_cpu_count_reads_the_cgroup_v2_limit(cpu_max, expected):
-    """A container sees its own cgroup at /sys/fs/cgroup: give a process that view, with cpu.max as the kernel writes it."""
-    script = ('d=$(mktemp -d) && mount -t tmpfs none "$d" && printf "%s\\n" "$CPU_MAX" > "$d/cpu.max" '
-              '&& mount --bind "$d" /sys/fs/cgroup && exec "$@"')
+    """A container sees its own cgroup at /sys/fs/cgroup: give a process that view, cpu.max as the kernel writes it."""
+    script = (
+        'd=$(mktemp -d) && mount -t tmpfs none "$d" && printf "%s\\n" "$CPU_MAX" > "$d/cpu.max" '
+        '&& mount --bind "$d" /sys/fs/cgroup && exec "$@"'
+    )
     got = cpus_in(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"], {"CPU_MAX": cpu_max})
     machine = min(os.cpu_count(), len(os.sched_getaffinity(0)))
     assert got == (min(expected, machine) if expected else machine)
@@ -100,6 +114,7 @@ def test_cpu_count_reads_a_real_cgroup_v1_quota():
 
 
 # --- process_map ---------------------------------------------------------------------------------
+
 
 def test_results_come_back_in_input_order():
     items = list(range(1000))
@@ -128,6 +143,7 @@ def test_bugs_in_the_worker_function_propagate():
 
 
 # --- progress ------------------------------------------------------------------------------------
+
 
 class Clock:
     def __init__(self):

@@ -10,11 +10,18 @@ DECLARED = {"s": "STRING", "i": "NUMBER_INTEGER", "f": "NUMBER_DOUBLE", "b": "BO
 
 def test_values_are_converted_by_declared_type():
     assert params.parse_params(["s=007", "i=7", "f=0.5", "b=True", "l=[1, 2]", 'd={"a": 1}'], DECLARED) == {
-        "s": "007", "i": 7, "f": 0.5, "b": True, "l": [1, 2], "d": {"a": 1}}
+        "s": "007",
+        "i": 7,
+        "f": 0.5,
+        "b": True,
+        "l": [1, 2],
+        "d": {"a": 1},
+    }
 
 
-@pytest.mark.parametrize(("word", "value"), [("true", True), ("YES", True), ("1", True), ("false", False),
-                                             ("No", False), ("0", False)])
+@pytest.mark.parametrize(
+    ("word", "value"), [("true", True), ("YES", True), ("1", True), ("false", False), ("No", False), ("0", False)]
+)
 def test_booleans_accept_the_same_words_everywhere(word, value):
     assert params.parse_params([f"b={word}"], DECLARED) == {"b": value}
 
@@ -22,7 +29,7 @@ def test_booleans_accept_the_same_words_everywhere(word, value):
 @pytest.mark.parametrize(
     ("pairs", "message"),
     [
-        (["l={\"a\": 1}"], "parameter l='{\"a\": 1}': expected a JSON list"),
+        (['l={"a": 1}'], "parameter l='{\"a\": 1}': expected a JSON list"),
         (["i=1", "i=2"], "parameter 'i': given more than once"),
         (["x=1"], "parameter 'x': unknown; the pipeline takes b, d, f, i, l, s"),
         (["i=1.5"], "parameter i='1.5': expected integer"),
@@ -38,7 +45,12 @@ def test_bad_pairs_are_named(pairs, message):
 
 def test_without_declared_types_json_values_are_decoded_and_the_rest_stays_text():
     assert params.parse_params(["a=3", "b=true", "c=s3://x", "d=", "e=[1]"]) == {
-        "a": 3, "b": True, "c": "s3://x", "d": "", "e": [1]}
+        "a": 3,
+        "b": True,
+        "c": "s3://x",
+        "d": "",
+        "e": [1],
+    }
 
 
 def test_the_pipeline_function_and_its_compiled_spec_declare_the_same_types(tmp_path):

@@ -91,23 +91,37 @@ def test_a_dicom_dataset_runs_through_make_run_and_the_server_answers_like_the_m
     assert run.data.metrics["guard_test_accept_rate"] == pytest.approx(guard["test_accept_rate"])
     assert run.data.metrics["guard_foreign_reject_rate"] == pytest.approx(guard["foreign_reject_rate"])
     assert run.data.params["window_level"] == "-550.0" and "ood_threshold" in run.data.metrics
-    print(f"guard on the synthetic DICOM run: accepted {guard['test_accepted']}/{guard['test_images']}, "
-          f"rejected {guard['foreign_rejected']}/{guard['foreign_images']}")
+    print(
+        f"guard on the synthetic DICOM run: accepted {guard['test_accepted']}/{guard['test_images']}, "
+        f"rejected {guard['foreign_rejected']}/{guard['foreign_images']}"
+    )
 
     test_dicom = [r for r in dataset.role("test") if r.image.format == "DICOM"]
     files = [dataset.file(r) for r in test_dicom]
     in_process = predict_outputs(model_dir, files)
     from serving.dicom import read_hu
 
-    reference = InProcessModel(model_dir).outputs("hu", np.stack([read_hu(Path(f).read_bytes(), TEST_MAX_PIXELS)
-                                                                  for f in files]))
+    reference = InProcessModel(model_dir).outputs(
+        "hu", np.stack([read_hu(Path(f).read_bytes(), TEST_MAX_PIXELS) for f in files])
+    )
     assert np.max(np.abs(reference["probability"] - in_process["probability"])) <= 1e-5
     server = ServerProcess(model_dir, tmp_path / "server.log")
     try:
         server.wait_ready()
-        resp = requests.post(f"{server.url}/v2/models/{MODEL_NAME}/infer", timeout=60, json={"inputs": [{
-            "name": "dicom", "datatype": "BYTES", "shape": [len(files)],
-            "data": [b64(Path(f).read_bytes()) for f in files]}]})
+        resp = requests.post(
+            f"{server.url}/v2/models/{MODEL_NAME}/infer",
+            timeout=60,
+            json={
+                "inputs": [
+                    {
+                        "name": "dicom",
+                        "datatype": "BYTES",
+                        "shape": [len(files)],
+                        "data": [b64(Path(f).read_bytes()) for f in files],
+                    }
+                ]
+            },
+        )
         assert resp.status_code == 200, resp.text
         out = {o["name"]: o["data"] for o in resp.json()["outputs"]}
     finally:

@@ -15,23 +15,48 @@ from pipelines.run_local import declared_inputs, parse_params
 from tests.conftest import write_dataset
 
 PROJECT = Path(__file__).resolve().parents[1]
-FAST = ["image_size=32", "epochs=2", "batch_size=8", "base_weights=none", "augment_copies=1",
-        "min_auc=0", "min_sensitivity=0", "min_specificity=0"]
+FAST = [
+    "image_size=32",
+    "epochs=2",
+    "batch_size=8",
+    "base_weights=none",
+    "augment_copies=1",
+    "min_auc=0",
+    "min_sensitivity=0",
+    "min_specificity=0",
+]
 
 
 def run_local(tmp_path: Path, data: str, *params: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    return subprocess.run([sys.executable, "-m", "pipelines.run_local", "--data", data,
-                           "--runs-dir", str(tmp_path / "runs"), *params],
-                          cwd=PROJECT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.run_local", "--data", data, "--runs-dir", str(tmp_path / "runs"), *params],
+        cwd=PROJECT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_parse_params_types_and_errors():
     declared = declared_inputs(chest_ct_pipeline)
-    assert {"data_uri", "image_size", "epochs", "batch_size", "learning_rate", "base_weights",
-            "target_sensitivity", "seed"} <= set(declared)
+    assert {
+        "data_uri",
+        "image_size",
+        "epochs",
+        "batch_size",
+        "learning_rate",
+        "base_weights",
+        "target_sensitivity",
+        "seed",
+    } <= set(declared)
     assert parse_params(["epochs=3", "learning_rate=1e-4", "base_weights=none", "min_auc=0"], declared) == {
-        "epochs": 3, "learning_rate": 1e-4, "base_weights": "none", "min_auc": 0.0}
+        "epochs": 3,
+        "learning_rate": 1e-4,
+        "base_weights": "none",
+        "min_auc": 0.0,
+    }
     with pytest.raises(SystemExit, match="parameter 'epoch': unknown; the pipeline takes"):
         parse_params(["epoch=3"], declared)
     with pytest.raises(SystemExit, match="parameter epochs='ten': expected int"):
@@ -42,13 +67,21 @@ def test_parse_params_types_and_errors():
 
 @pytest.mark.slow
 def test_whole_pipeline_runs_locally(tmp_path):
-    data = write_dataset(tmp_path / "data", {"train": {"adenocarcinoma": 12, "normal": 10},
-                                             "valid": {"adenocarcinoma": 5, "normal": 5}})
+    data = write_dataset(
+        tmp_path / "data", {"train": {"adenocarcinoma": 12, "normal": 10}, "valid": {"adenocarcinoma": 5, "normal": 5}}
+    )
     proc = run_local(tmp_path, str(data), *FAST)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert {"model_dir", "mlflow_run_id", "metrics", "blessed", "validation_report", "evaluation_report",
-            "report_html"} <= set(result)
+    assert {
+        "model_dir",
+        "mlflow_run_id",
+        "metrics",
+        "blessed",
+        "validation_report",
+        "evaluation_report",
+        "report_html",
+    } <= set(result)
     # The score's basis, without opening the report: the given valid folder, scored whole.
     assert (result["scored_images"], result["scored_groups"], result["excluded_images"]) == (10, 10, 0)
     model_dir = Path(result["model_dir"])
@@ -58,15 +91,20 @@ def test_whole_pipeline_runs_locally(tmp_path):
     assert meta["threshold_source"].startswith("out-of-fold")
     for unit in ("per_group", "per_image"):
         assert {"roc_auc", "sensitivity", "specificity", "precision", "f1", "accuracy", "loss"} <= set(
-            result["metrics"][unit])
+            result["metrics"][unit]
+        )
     report = json.loads(Path(result["validation_report"]).read_text())
     assert report["counts"]["test"] == {"normal": 5, "adenocarcinoma": 5}
     evaluation = json.loads(Path(result["evaluation_report"]).read_text())
     assert evaluation["per_group"] == result["metrics"]["per_group"]
     assert evaluation["decision"]["blessed"] == result["blessed"]
     assert sorted(p.name for p in Path(result["plots"]).iterdir()) == [
-        "calibration.png", "confusion_matrix_per_group.png", "confusion_matrix_per_image.png",
-        "precision_recall_curve.png", "roc_curve.png"]
+        "calibration.png",
+        "confusion_matrix_per_group.png",
+        "confusion_matrix_per_image.png",
+        "precision_recall_curve.png",
+        "roc_curve.png",
+    ]
     page = Path(result["report_html"]).read_text()
     assert page.startswith("<!DOCTYPE html>") and 'id="model-card"' in page and result["mlflow_run_id"] in page
     assert json.loads((tmp_path / "runs" / "latest.json").read_text()) == result
@@ -90,8 +128,11 @@ def test_reruns_repeat_and_a_moved_split_hides_the_champions_training_images(tmp
         proc = run_local(tmp_path, str(data), *FAST, f"seed={seed}")
         assert proc.returncode == 0, proc.stderr[-3000:]
         result = json.loads(proc.stdout.strip().splitlines()[-1])
-        return {**result, "evaluation": json.loads(Path(result["evaluation_report"]).read_text()),
-                "dataset": Path(result["validation_report"]).parent / "dataset"}
+        return {
+            **result,
+            "evaluation": json.loads(Path(result["evaluation_report"]).read_text()),
+            "dataset": Path(result["validation_report"]).parent / "dataset",
+        }
 
     first, again, moved = run(1), run(1), run(2)
     assert again["metrics"] == first["metrics"] and again["threshold"] == first["threshold"], "same seed, same run"

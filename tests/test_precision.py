@@ -16,14 +16,23 @@ import tensorflow as tf
 from chest_ct import defaults
 from chest_ct.determinism import seed_everything
 from chest_ct.export import export_saved_model, read_metadata
-from chest_ct.ood import block_features, fit_guard
-from chest_ct.predict import load_predictor
 from chest_ct.fitting import Examples, fit_classifier
 from chest_ct.golden import KEEP_FLOAT32_OPS, encode_golden, pick_golden, write_golden_set
 from chest_ct.ingest import build_dataset
 from chest_ct.model import build_model, split_model
-from chest_ct.precision import (FLOAT32, MIXED_BF16, MIXED_FP16, PrecisionChoice, choose_precision, conv_policy,
-                                gpu_policy, onednn_bf16, precision_agreement)
+from chest_ct.ood import block_features, fit_guard
+from chest_ct.precision import (
+    FLOAT32,
+    MIXED_BF16,
+    MIXED_FP16,
+    PrecisionChoice,
+    choose_precision,
+    conv_policy,
+    gpu_policy,
+    onednn_bf16,
+    precision_agreement,
+)
+from chest_ct.predict import load_predictor
 from chest_ct.records import TRAIN, VALID, Manifest
 from serving.precision import CpuBf16, cpu_bf16, parity, serving_precision
 from tests.conftest import write_dataset
@@ -36,14 +45,20 @@ ONEDNN_BF16 = cpu_bf16({}).runnable
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ds")
-    root = write_dataset(tmp / "src", {"train": {"adenocarcinoma": 10, "normal": 10},
-                                       "valid": {"adenocarcinoma": 4, "normal": 4},
-                                       "test": {"adenocarcinoma": 4, "normal": 4}})
+    root = write_dataset(
+        tmp / "src",
+        {
+            "train": {"adenocarcinoma": 10, "normal": 10},
+            "valid": {"adenocarcinoma": 4, "normal": 4},
+            "test": {"adenocarcinoma": 4, "normal": 4},
+        },
+    )
     build_dataset(root, tmp / "out")
     return Manifest.load(tmp / "out")
 
 
 # --- choosing -----------------------------------------------------------------------------------
+
 
 def test_cpu_detection_reads_the_flags_and_the_override_wins(tmp_path):
     info = tmp_path / "cpuinfo"
@@ -84,15 +99,18 @@ def test_explicit_choices():
             choose_precision(bad, gpus=[], cpu=NATIVE)
 
 
-@pytest.mark.parametrize("capabilities, requested, policy", [
-    ([(8, 0)], "auto", MIXED_BF16),            # A100
-    ([(9, 0), (9, 0)], "auto", MIXED_BF16),    # H100 x2
-    ([(7, 5)], "auto", MIXED_FP16),            # T4
-    ([(8, 6), (7, 0)], "auto", MIXED_FP16),    # the slowest GPU decides
-    ([(6, 1)], "auto", FLOAT32),               # P4: no tensor cores
-    ([(6, 1)], "bf16", MIXED_FP16),            # forced: the GPU's reduced type
-    ([(8, 0)], "fp32", FLOAT32),
-])
+@pytest.mark.parametrize(
+    "capabilities, requested, policy",
+    [
+        ([(8, 0)], "auto", MIXED_BF16),  # A100
+        ([(9, 0), (9, 0)], "auto", MIXED_BF16),  # H100 x2
+        ([(7, 5)], "auto", MIXED_FP16),  # T4
+        ([(8, 6), (7, 0)], "auto", MIXED_FP16),  # the slowest GPU decides
+        ([(6, 1)], "auto", FLOAT32),  # P4: no tensor cores
+        ([(6, 1)], "bf16", MIXED_FP16),  # forced: the GPU's reduced type
+        ([(8, 0)], "fp32", FLOAT32),
+    ],
+)
 def test_gpu_policy_follows_the_compute_capability(capabilities, requested, policy):
     choice = choose_precision(requested, gpus=capabilities, cpu=NATIVE)
     assert choice.policy == policy and choice.device == f"{len(capabilities)} GPU(s)"
@@ -107,6 +125,7 @@ def test_the_server_and_the_export_use_the_same_tolerance():
 
 
 # --- mixed precision in Keras -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("policy, dtype", [(MIXED_FP16, "float16"), (MIXED_BF16, "bfloat16")])
 def test_conv_policy_keeps_features_and_head_float32_and_is_undone(policy, dtype):
@@ -140,11 +159,23 @@ def test_fine_tuning_in_mixed_float16_scales_the_loss_and_outputs_float32(manife
     def on_epoch(epoch, logs):
         if "ft_loss" in logs:
             base, _ = split_model(model)
-            seen.update(optimizer=type(model.optimizer).__name__, conv=base.get_layer("block5_conv1").compute_dtype,
-                        output=model(np.zeros((1, SIZE, SIZE, 3), np.float32)).dtype, loss=logs["ft_loss"])
+            seen.update(
+                optimizer=type(model.optimizer).__name__,
+                conv=base.get_layer("block5_conv1").compute_dtype,
+                output=model(np.zeros((1, SIZE, SIZE, 3), np.float32)).dtype,
+                loss=logs["ft_loss"],
+            )
 
-    result = fit_classifier(model, Examples.of_role(manifest, TRAIN), Examples.of_role(manifest, VALID), epochs=1,
-                            batch_size=8, fine_tune_epochs=1, fine_tune_learning_rate=1e-4, on_epoch=on_epoch)
+    result = fit_classifier(
+        model,
+        Examples.of_role(manifest, TRAIN),
+        Examples.of_role(manifest, VALID),
+        epochs=1,
+        batch_size=8,
+        fine_tune_epochs=1,
+        fine_tune_learning_rate=1e-4,
+        on_epoch=on_epoch,
+    )
     assert seen["optimizer"] == "LossScaleOptimizer" and seen["conv"] == "float16"
     assert seen["output"] == tf.float32 and np.isfinite(seen["loss"])
     assert result.precision == t4 and all(w.dtype == "float32" for w in model.weights)
@@ -154,8 +185,14 @@ def test_fine_tuning_in_mixed_float16_scales_the_loss_and_outputs_float32(manife
 def test_bf16_features_are_close_to_fp32(manifest):
     def run(precision):
         seed_everything(1)
-        return fit_classifier(build_model(SIZE, "none"), Examples.of_role(manifest, TRAIN),
-                              Examples.of_role(manifest, VALID), epochs=2, batch_size=8, precision=precision)
+        return fit_classifier(
+            build_model(SIZE, "none"),
+            Examples.of_role(manifest, TRAIN),
+            Examples.of_role(manifest, VALID),
+            epochs=2,
+            batch_size=8,
+            precision=precision,
+        )
 
     fp32, bf16 = run("fp32"), run("bf16")
     assert (fp32.precision.policy, bf16.precision.policy) == (FLOAT32, MIXED_BF16)
@@ -164,6 +201,7 @@ def test_bf16_features_are_close_to_fp32(manifest):
 
 
 # --- the golden set and agreement ----------------------------------------------------------------
+
 
 def test_pick_golden_spreads_over_both_classes_one_per_picture_clear_of_the_threshold():
     probs = [0.05, 0.10, 0.10, 0.49, 0.51, 0.30, 0.95, 0.80, 0.60, 0.52, 0.99, 0.70]
@@ -232,9 +270,11 @@ def test_agreement_on_a_split_and_the_grappler_rewrite_is_scoped(golden_export, 
 
 # --- the train step ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("cpu_flag, used", [("0", FLOAT32), ("1", MIXED_BF16)])
-def test_the_train_step_records_its_precision_and_a_golden_set(manifest, tmp_path, mlflow_sqlite, monkeypatch,
-                                                               cpu_flag, used):
+def test_the_train_step_records_its_precision_and_a_golden_set(
+    manifest, tmp_path, mlflow_sqlite, monkeypatch, cpu_flag, used
+):
     from mlflow import MlflowClient
 
     from chest_ct.train import train_and_export
@@ -242,29 +282,48 @@ def test_the_train_step_records_its_precision_and_a_golden_set(manifest, tmp_pat
     monkeypatch.setenv("CHEST_CT_CPU_BF16", cpu_flag)
     seed_everything(3)
     build_model(SIZE, "none").save(tmp_path / "base.keras")
-    run_id = train_and_export(manifest.root, tmp_path / "base.keras", tmp_path / "out", epochs=2, batch_size=8,
-                              seed=3, threshold_folds=3, target_sensitivity=0.9)
+    run_id = train_and_export(
+        manifest.root,
+        tmp_path / "base.keras",
+        tmp_path / "out",
+        epochs=2,
+        batch_size=8,
+        seed=3,
+        threshold_folds=3,
+        target_sensitivity=0.9,
+    )
     run = MlflowClient().get_run(run_id)
     assert run.data.params["precision"] == "auto" and run.data.params["precision_used"] == used
     assert run.data.params["precision_device"] == "CPU" and run.data.params["replicas"] == "1"
     assert f"CHEST_CT_CPU_BF16={cpu_flag}" in run.data.tags["precision_reason"]
     meta = read_metadata(tmp_path / "out")
-    assert meta["training"]["precision"] == {"requested": "auto", "policy": used, "device": "CPU",
-                                             "reason": run.data.tags["precision_reason"]}
+    assert meta["training"]["precision"] == {
+        "requested": "auto",
+        "policy": used,
+        "device": "CPU",
+        "reason": run.data.tags["precision_reason"],
+    }
     guard = meta["precision_guard"]
     assert 2 <= len(guard["golden_images"]) <= defaults.GOLDEN_IMAGES
     assert all((tmp_path / "out" / name).is_file() for name in guard["golden_images"])
     assert all(abs(p - meta["threshold"]) > defaults.PRECISION_TOLERANCE for p in guard["fp32_probabilities"])
     fitting = [manifest.file(r) for r in manifest.records if r.split in (TRAIN, VALID)]
     encoded = set(encode_golden(fitting, SIZE))
-    assert all((tmp_path / "out" / name).read_bytes() in encoded for name in guard["golden_images"]), \
+    assert all((tmp_path / "out" / name).read_bytes() in encoded for name in guard["golden_images"]), (
         "golden images come from the fitting data only"
+    )
     if cpu_flag == "1":  # evaluation reports how bf16 answers differ on its split, and keeps the golden set
         from chest_ct.blessing import BlessingPolicy
         from chest_ct.evaluate import evaluate_model
 
-        result = evaluate_model(tmp_path / "out", manifest.root, tmp_path / "evaluated", tmp_path / "plots",
-                                run_id=run_id, policy=BlessingPolicy(min_auc=0, min_sensitivity=0, min_specificity=0))
+        result = evaluate_model(
+            tmp_path / "out",
+            manifest.root,
+            tmp_path / "evaluated",
+            tmp_path / "plots",
+            run_id=run_id,
+            policy=BlessingPolicy(min_auc=0, min_sensitivity=0, min_specificity=0),
+        )
         agreement = read_metadata(tmp_path / "evaluated")["evaluation"]["precision_agreement"]
         assert agreement == result.report["precision_agreement"]
         assert agreement["images"] == result.report["scored_images"] and agreement["precision"] == "bf16"
@@ -274,15 +333,20 @@ def test_the_train_step_records_its_precision_and_a_golden_set(manifest, tmp_pat
 
 def test_a_bad_precision_is_refused_before_training(manifest):
     with pytest.raises(ValueError, match="precision='half': expected one of auto, fp32, bf16"):
-        fit_classifier(build_model(SIZE, "none"), Examples.of_role(manifest, TRAIN), Examples.of_role(manifest, VALID),
-                       precision="half")
+        fit_classifier(
+            build_model(SIZE, "none"),
+            Examples.of_role(manifest, TRAIN),
+            Examples.of_role(manifest, VALID),
+            precision="half",
+        )
 
 
 def test_the_pipeline_passes_precision_to_the_train_step():
     import yaml
 
-    spec = next(yaml.safe_load_all((Path(__file__).resolve().parents[1] / "pipelines" /
-                                    "chest_ct_pipeline.yaml").read_text()))
+    spec = next(
+        yaml.safe_load_all((Path(__file__).resolve().parents[1] / "pipelines" / "chest_ct_pipeline.yaml").read_text())
+    )
     assert spec["root"]["inputDefinitions"]["parameters"]["precision"]["defaultValue"] == defaults.PRECISION
     train = spec["root"]["dag"]["tasks"]["train"]["inputs"]["parameters"]["precision"]
     assert train == {"componentInputParameter": "precision"}

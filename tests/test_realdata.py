@@ -13,8 +13,10 @@ from tests.test_pipeline_local import FAST, run_local
 
 pytestmark = [
     pytest.mark.realdata,
-    pytest.mark.skipif(not (SHARED_DATA / "train").is_dir(),
-                       reason=f"real data not found at {SHARED_DATA} (it lives in ../shared beside the checkout)"),
+    pytest.mark.skipif(
+        not (SHARED_DATA / "train").is_dir(),
+        reason=f"real data not found at {SHARED_DATA} (it lives in ../shared beside the checkout)",
+    ),
 ]
 KNOWN_LEAKS = {"valid/normal/5.png", "valid/adenocarcinoma/000110 (7).png"}
 
@@ -56,8 +58,11 @@ def test_valid_is_a_share_of_all_distinct_pictures(ingested):
 
 def test_normal_class_is_mostly_copies(ingested):
     report, _ = ingested
-    normal_groups = {tuple(sorted(m["path"] for m in g["members"])) for g in report["duplicate_groups"]
-                     if g["members"][0]["label"] == "normal"}
+    normal_groups = {
+        tuple(sorted(m["path"] for m in g["members"]))
+        for g in report["duplicate_groups"]
+        if g["members"][0]["label"] == "normal"
+    }
     copies = sum(len(g) for g in normal_groups)
     assert copies >= 40, "train/normal has 60 files but few distinct pictures"
 

@@ -38,23 +38,26 @@ def reference(model_dir):
 def engine_for(runner, max_batch_size: int = 4, max_wait_s: float = 0.0, max_call_pixels: int = 10**9):
     from serving.batching import BatchingEngine
 
-    return BatchingEngine(runner, model_name="test", max_batch_size=max_batch_size, max_call_pixels=max_call_pixels,
-                          max_wait_s=max_wait_s)
+    return BatchingEngine(
+        runner, model_name="test", max_batch_size=max_batch_size, max_call_pixels=max_call_pixels, max_wait_s=max_wait_s
+    )
 
 
 async def run_images(engine, encoded: list[bytes], request_id: str = "r", timeout: float = 120.0):
     from serving.batching import IMAGES
 
-    return await engine.run(IMAGES, encoded, [30 * 34] * len(encoded), request_id=request_id,
-                            deadline=time.monotonic() + timeout)
+    return await engine.run(
+        IMAGES, encoded, [30 * 34] * len(encoded), request_id=request_id, deadline=time.monotonic() + timeout
+    )
 
 
 async def run_pixels(engine, pixels: np.ndarray, request_id: str = "p"):
     from serving.batching import pixels_kind
 
     n, height, width, _ = pixels.shape
-    return await engine.run(pixels_kind(height, width), pixels, [height * width] * n, request_id=request_id,
-                            deadline=time.monotonic() + 120)
+    return await engine.run(
+        pixels_kind(height, width), pixels, [height * width] * n, request_id=request_id, deadline=time.monotonic() + 120
+    )
 
 
 def _calls():
@@ -112,8 +115,9 @@ def test_a_bad_request_does_not_fail_the_requests_merged_with_it(runner, referen
     bad = [_images(1, 70)[0], b"\x89PNG\r\n\x1a\n but not really"]
 
     async def go():
-        return await asyncio.gather(run_images(engine, good_a), run_images(engine, bad), run_images(engine, good_b),
-                                    return_exceptions=True)
+        return await asyncio.gather(
+            run_images(engine, good_a), run_images(engine, bad), run_images(engine, good_b), return_exceptions=True
+        )
 
     res_a, res_bad, res_b = asyncio.run(go())
     assert np.max(np.abs(res_a["probability"] - reference.images(good_a))) <= TOL
@@ -221,6 +225,10 @@ def test_the_exported_model_decodes_one_image_at_a_time(model_dir):
     from tensorflow.core.protobuf import saved_model_pb2
 
     graph = saved_model_pb2.SavedModel.FromString((model_dir / "saved_model.pb").read_bytes()).meta_graphs[0]
-    loops = [node for fn in graph.graph_def.library.function for node in fn.node_def
-             if node.op in ("While", "StatelessWhile") and "parallel_iterations" in node.attr]
+    loops = [
+        node
+        for fn in graph.graph_def.library.function
+        for node in fn.node_def
+        if node.op in ("While", "StatelessWhile") and "parallel_iterations" in node.attr
+    ]
     assert loops and all(node.attr["parallel_iterations"].i == 1 for node in loops)

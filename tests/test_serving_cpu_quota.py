@@ -23,16 +23,23 @@ PROBE = "from serving.runner import container_cpus; print(container_cpus())"
 
 def _cpus_with(setup: str) -> int:
     script = f"mount -t tmpfs tmpfs /sys/fs/cgroup && {setup} && exec {sys.executable} -c '{PROBE}'"
-    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=REPO, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=60)
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        timeout=60,
+    )
     if proc.returncode != 0 and ("Operation not permitted" in proc.stderr or "unshare failed" in proc.stderr):
         pytest.skip(f"cannot make a private mount namespace here: {proc.stderr.strip()[:200]}")
     assert proc.returncode == 0, proc.stderr
     return int(proc.stdout.strip())
 
 
-pytestmark = pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0,
-                                reason="needs root and unshare(1) to fake the cgroup files")
+pytestmark = pytest.mark.skipif(
+    shutil.which("unshare") is None or os.geteuid() != 0, reason="needs root and unshare(1) to fake the cgroup files"
+)
 
 
 def visible_cpus() -> int:
@@ -45,8 +52,10 @@ def test_cgroup_v2_cpu_max():
 
 
 def test_cgroup_v1_cfs_quota():
-    v1 = "mkdir /sys/fs/cgroup/cpu && echo {} > /sys/fs/cgroup/cpu/cpu.cfs_quota_us && " \
-         "echo 100000 > /sys/fs/cgroup/cpu/cpu.cfs_period_us"
+    v1 = (
+        "mkdir /sys/fs/cgroup/cpu && echo {} > /sys/fs/cgroup/cpu/cpu.cfs_quota_us && "
+        "echo 100000 > /sys/fs/cgroup/cpu/cpu.cfs_period_us"
+    )
     assert _cpus_with(v1.format(50000)) == 1  # half a CPU rounds up to one
     assert _cpus_with(v1.format(-1)) == visible_cpus()  # -1: no quota
 

@@ -51,9 +51,16 @@ def reference(model_dir) -> InProcessModel:
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    proc = ServerProcess(model_dir, tmp_path_factory.mktemp("serving-dicom-log") / "server.log",
-                         "--max_request_bytes", str(MAX_REQUEST_BYTES), "--max_images", str(MAX_IMAGES),
-                         "--max_batch_size", "4")
+    proc = ServerProcess(
+        model_dir,
+        tmp_path_factory.mktemp("serving-dicom-log") / "server.log",
+        "--max_request_bytes",
+        str(MAX_REQUEST_BYTES),
+        "--max_images",
+        str(MAX_IMAGES),
+        "--max_batch_size",
+        "4",
+    )
     try:
         proc.wait_ready()
         yield proc
@@ -64,8 +71,11 @@ def server(model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def slices() -> list[bytes]:
     """Three CT-like slices of one size: default rescale, a half-HU slope, a shifted intercept."""
-    return [ct_dicom(ct_like(400, nodule=True)), ct_dicom(ct_like(401), slope=0.5, intercept=-2048.0),
-            ct_dicom(ct_like(402, nodule=True), intercept=-1000.0)]
+    return [
+        ct_dicom(ct_like(400, nodule=True)),
+        ct_dicom(ct_like(401), slope=0.5, intercept=-2048.0),
+        ct_dicom(ct_like(402, nodule=True), intercept=-1000.0),
+    ]
 
 
 def expected(reference: InProcessModel, files: list[bytes]) -> dict[str, np.ndarray]:
@@ -74,13 +84,19 @@ def expected(reference: InProcessModel, files: list[bytes]) -> dict[str, np.ndar
 
 
 def dicom_request(files: list[bytes], **extra) -> dict:
-    return {"inputs": [{"name": "dicom", "datatype": "BYTES", "shape": [len(files)],
-                        "data": [b64(f) for f in files]}], **extra}
+    return {
+        "inputs": [{"name": "dicom", "datatype": "BYTES", "shape": [len(files)], "data": [b64(f) for f in files]}],
+        **extra,
+    }
 
 
 def post(server, payload) -> requests.Response:
-    return requests.post(f"{server.url}/v2/models/{MODEL_NAME}/infer", data=json.dumps(payload), timeout=60,
-                         headers={"content-type": "application/json"})
+    return requests.post(
+        f"{server.url}/v2/models/{MODEL_NAME}/infer",
+        data=json.dumps(payload),
+        timeout=60,
+        headers={"content-type": "application/json"},
+    )
 
 
 def outputs_of(body: dict) -> dict[str, list]:
@@ -92,8 +108,10 @@ def check_against(out: dict, want: dict[str, np.ndarray], threshold: float) -> N
     assert np.max(np.abs(probs - want["probability"])) <= TOL
     assert np.max(np.abs(np.asarray(out["ood_score"], np.float32) - want["ood_score"])) <= TOL
     assert list(out["in_distribution"]) == want["in_distribution"].tolist()
-    labels = [("adenocarcinoma" if p >= threshold else "normal") if ok else UNSUPPORTED_INPUT
-              for p, ok in zip(want["probability"], want["in_distribution"], strict=True)]
+    labels = [
+        ("adenocarcinoma" if p >= threshold else "normal") if ok else UNSUPPORTED_INPUT
+        for p, ok in zip(want["probability"], want["in_distribution"], strict=True)
+    ]
     assert [v.decode() if isinstance(v, bytes) else v for v in out["label"]] == labels
 
 
@@ -102,6 +120,7 @@ def threshold_of(model_dir) -> float:
 
 
 # --- the contract -------------------------------------------------------------------------------
+
 
 def test_metadata_lists_the_dicom_input_the_guard_and_the_window(server, model_dir):
     meta = requests.get(f"{server.url}/v2/models/{MODEL_NAME}", timeout=10).json()
@@ -121,7 +140,8 @@ def test_rest_dicom_matches_the_in_process_model(server, reference, slices, mode
     body = resp.json()
     assert body["id"] == "dcm-1" and body["model_version"] == RUN_ID
     assert body["parameters"]["ood_threshold"] == pytest.approx(
-        json.loads((model_dir / "model_metadata.json").read_text())["ood"]["threshold"])
+        json.loads((model_dir / "model_metadata.json").read_text())["ood"]["threshold"]
+    )
     want = expected(reference, slices)
     assert want["in_distribution"].all(), "CT-like slices are what the test model's guard was fitted on"
     check_against(outputs_of(body), want, threshold_of(model_dir))
@@ -137,10 +157,15 @@ def test_real_ct_files_uncompressed_and_jpeg2000(server, reference, model_dir, n
 
 def test_rest_binary_tensor_extension_carries_raw_dicom(server, reference, slices, model_dir):
     raw = length_prefixed(slices[:2])
-    header = json.dumps({"inputs": [{"name": "dicom", "datatype": "BYTES", "shape": [2],
-                                     "parameters": {"binary_data_size": len(raw)}}]}).encode()
-    resp = requests.post(f"{server.url}/v2/models/{MODEL_NAME}/infer", data=header + raw, timeout=60,
-                         headers={"inference-header-content-length": str(len(header))})
+    header = json.dumps(
+        {"inputs": [{"name": "dicom", "datatype": "BYTES", "shape": [2], "parameters": {"binary_data_size": len(raw)}}]}
+    ).encode()
+    resp = requests.post(
+        f"{server.url}/v2/models/{MODEL_NAME}/infer",
+        data=header + raw,
+        timeout=60,
+        headers={"inference-header-content-length": str(len(header))},
+    )
     assert resp.status_code == 200, resp.text
     check_against(outputs_of(resp.json()), expected(reference, slices[:2]), threshold_of(model_dir))
 
@@ -150,10 +175,19 @@ def test_grpc_typed_and_raw_contents(server, reference, slices, model_dir):
     from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
 
     want = expected(reference, slices)
-    typed = pb.ModelInferRequest(model_name=MODEL_NAME, inputs=[pb.ModelInferRequest.InferInputTensor(
-        name="dicom", datatype="BYTES", shape=[3], contents=pb.InferTensorContents(bytes_contents=slices))])
-    raw = pb.ModelInferRequest(model_name=MODEL_NAME, inputs=[pb.ModelInferRequest.InferInputTensor(
-        name="dicom", datatype="BYTES", shape=[3])], raw_input_contents=[length_prefixed(slices)])
+    typed = pb.ModelInferRequest(
+        model_name=MODEL_NAME,
+        inputs=[
+            pb.ModelInferRequest.InferInputTensor(
+                name="dicom", datatype="BYTES", shape=[3], contents=pb.InferTensorContents(bytes_contents=slices)
+            )
+        ],
+    )
+    raw = pb.ModelInferRequest(
+        model_name=MODEL_NAME,
+        inputs=[pb.ModelInferRequest.InferInputTensor(name="dicom", datatype="BYTES", shape=[3])],
+        raw_input_contents=[length_prefixed(slices)],
+    )
     with grpc.insecure_channel(server.grpc_target) as channel:
         stub = GRPCInferenceServiceStub(channel)
         replies = [stub.ModelInfer(typed, timeout=60), stub.ModelInfer(raw, timeout=60)]
@@ -162,15 +196,19 @@ def test_grpc_typed_and_raw_contents(server, reference, slices, model_dir):
         if reply.raw_output_contents:  # raw in, raw out
             names = [o.name for o in reply.outputs]
             data = dict(zip(names, reply.raw_output_contents, strict=True))
-            got = {"probability": np.frombuffer(data["probability"], np.float32),
-                   "ood_score": np.frombuffer(data["ood_score"], np.float32),
-                   "in_distribution": np.frombuffer(data["in_distribution"], np.bool_).tolist(),
-                   "label": _split(data["label"])}
+            got = {
+                "probability": np.frombuffer(data["probability"], np.float32),
+                "ood_score": np.frombuffer(data["ood_score"], np.float32),
+                "in_distribution": np.frombuffer(data["in_distribution"], np.bool_).tolist(),
+                "label": _split(data["label"]),
+            }
         else:
-            got = {"probability": list(out["probability"].contents.fp32_contents),
-                   "ood_score": list(out["ood_score"].contents.fp32_contents),
-                   "in_distribution": list(out["in_distribution"].contents.bool_contents),
-                   "label": list(out["label"].contents.bytes_contents)}
+            got = {
+                "probability": list(out["probability"].contents.fp32_contents),
+                "ood_score": list(out["ood_score"].contents.fp32_contents),
+                "in_distribution": list(out["in_distribution"].contents.bool_contents),
+                "label": list(out["label"].contents.bytes_contents),
+            }
         assert out["in_distribution"].datatype == "BOOL"
         check_against(got, want, threshold_of(model_dir))
         assert reply.parameters["ood_threshold"].string_param
@@ -179,8 +217,8 @@ def test_grpc_typed_and_raw_contents(server, reference, slices, model_dir):
 def _split(raw: bytes) -> list[bytes]:
     out, offset = [], 0
     while offset < len(raw):
-        n = int.from_bytes(raw[offset:offset + 4], "little")
-        out.append(raw[offset + 4:offset + 4 + n])
+        n = int.from_bytes(raw[offset : offset + 4], "little")
+        out.append(raw[offset + 4 : offset + 4 + n])
         offset += 4 + n
     return out
 
@@ -204,14 +242,17 @@ def test_kserve_grpc_client_sends_dicom(server, reference, slices, model_dir):
 
 # --- the guard in answers, and what the server counts --------------------------------------------
 
+
 def test_foreign_input_is_labelled_unsupported_and_counted(server, reference, slices):
     photo = encode(skimage.data.astronaut())
     air = ct_dicom(np.full((64, 64), -1000.0, np.float32))  # a "CT slice" of nothing but air
     assert not reference.outputs("images", [photo])["in_distribution"][0]
     assert not expected(reference, [air])["in_distribution"][0]
     labels = {"model_name": MODEL_NAME}
-    before = {name: metric(server, name, **labels) for name in (
-        "chest_ct_ood_score_count", "chest_ct_probability_count", "chest_ct_guard_rejections_total")}
+    before = {
+        name: metric(server, name, **labels)
+        for name in ("chest_ct_ood_score_count", "chest_ct_probability_count", "chest_ct_guard_rejections_total")
+    }
 
     by_image = post(server, {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64(photo)]}]})
     by_dicom = post(server, dicom_request([air, slices[0]]))
@@ -234,6 +275,7 @@ def test_foreign_input_is_labelled_unsupported_and_counted(server, reference, sl
 
 # --- bad DICOM and the limits ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", list(hostile()))
 def test_bad_dicom_is_a_400_naming_the_element_and_the_reason(server, kind):
     data, reason = hostile()[kind]
@@ -243,15 +285,23 @@ def test_bad_dicom_is_a_400_naming_the_element_and_the_reason(server, kind):
     assert message.startswith("input 'dicom' element 1: ") and reason in message, message
 
 
-@pytest.mark.parametrize("kind", ["not CT (MR)", "compressed, no decoder (JPEG-LS)", "multi-frame",
-                                  "truncated in the pixels", "over the pixel cap"])
+@pytest.mark.parametrize(
+    "kind",
+    ["not CT (MR)", "compressed, no decoder (JPEG-LS)", "multi-frame", "truncated in the pixels", "over the pixel cap"],
+)
 def test_bad_dicom_over_grpc_is_invalid_argument(server, kind):
     from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
     from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
 
     data, reason = hostile()[kind]
-    request = pb.ModelInferRequest(model_name=MODEL_NAME, inputs=[pb.ModelInferRequest.InferInputTensor(
-        name="dicom", datatype="BYTES", shape=[1], contents=pb.InferTensorContents(bytes_contents=[data]))])
+    request = pb.ModelInferRequest(
+        model_name=MODEL_NAME,
+        inputs=[
+            pb.ModelInferRequest.InferInputTensor(
+                name="dicom", datatype="BYTES", shape=[1], contents=pb.InferTensorContents(bytes_contents=[data])
+            )
+        ],
+    )
     with grpc.insecure_channel(server.grpc_target) as channel, pytest.raises(grpc.RpcError) as caught:
         GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -55,8 +55,14 @@ def reference(model_dir) -> InProcessModel:
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    proc = ServerProcess(model_dir, tmp_path_factory.mktemp("serving-heatmap-log") / "server.log",
-                         "--max_batch_size", "4", "--max_queued_images", "16")
+    proc = ServerProcess(
+        model_dir,
+        tmp_path_factory.mktemp("serving-heatmap-log") / "server.log",
+        "--max_batch_size",
+        "4",
+        "--max_queued_images",
+        "16",
+    )
     try:
         proc.wait_ready()
         yield proc
@@ -70,20 +76,28 @@ def images() -> list[bytes]:
     import skimage.data
     from PIL import Image
 
-    return [encode(np.repeat(lung_window(ct_like(11, size=90, nodule=True))[..., None], 3, axis=-1)),
-            encode(Image.fromarray(lung_window(ct_like(12, size=140))), "JPEG", quality=92),
-            encode(lung_window(ct_like(13, size=64, nodule=True))),
-            encode(skimage.data.coffee()[::4, ::4])]
+    return [
+        encode(np.repeat(lung_window(ct_like(11, size=90, nodule=True))[..., None], 3, axis=-1)),
+        encode(Image.fromarray(lung_window(ct_like(12, size=140))), "JPEG", quality=92),
+        encode(lung_window(ct_like(13, size=64, nodule=True))),
+        encode(skimage.data.coffee()[::4, ::4]),
+    ]
 
 
 def infer(server, payload: dict) -> requests.Response:
-    return requests.post(f"{server.url}/v2/models/{MODEL_NAME}/infer", data=json.dumps(payload), timeout=120,
-                         headers={"content-type": "application/json"})
+    return requests.post(
+        f"{server.url}/v2/models/{MODEL_NAME}/infer",
+        data=json.dumps(payload),
+        timeout=120,
+        headers={"content-type": "application/json"},
+    )
 
 
 def image_request(encoded: list[bytes], outputs: list[str] | None = None, **extra) -> dict:
-    body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(encoded)],
-                        "data": [b64(e) for e in encoded]}], **extra}
+    body = {
+        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(encoded)], "data": [b64(e) for e in encoded]}],
+        **extra,
+    }
     if outputs is not None:
         body["outputs"] = [{"name": name} for name in outputs]
     return body
@@ -107,6 +121,7 @@ def check_maps(got: np.ndarray, want: dict[str, np.ndarray]) -> None:
 
 # --- the contract -------------------------------------------------------------------------------
 
+
 def test_metadata_lists_heatmap_as_opt_in(server):
     meta = requests.get(f"{server.url}/v2/models/{MODEL_NAME}", timeout=10).json()
     assert {"name": "heatmap", "datatype": "FP32", "shape": [-1, *GRID]} in meta["outputs"]
@@ -123,7 +138,7 @@ def test_a_request_naming_no_outputs_gets_no_heatmap(server, images, reference):
     assert [o["name"] for o in plain.json()["outputs"]] == DEFAULT
     binary = infer(server, image_request(images[:2], parameters={"binary_data_output": True}))
     assert binary.status_code == 200, binary.text
-    header = json.loads(binary.content[:int(binary.headers["inference-header-content-length"])])
+    header = json.loads(binary.content[: int(binary.headers["inference-header-content-length"])])
     assert [o["name"] for o in header["outputs"]] == DEFAULT
     got = np.asarray(by_name(plain.json())["probability"]["data"], np.float32)
     assert np.max(np.abs(got - reference.images(images[:2]))) <= TOL
@@ -148,16 +163,33 @@ def test_rest_heatmap_matches_the_in_process_explain_signature(server, images, r
 
 def test_heatmap_alone_for_pixels_and_dicom(server, reference):
     pixels = np.stack([rgb(40, 56, seed=21), rgb(40, 56, seed=22)]).astype(np.uint8)
-    resp = infer(server, {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": list(pixels.shape),
-                                      "data": pixels.reshape(-1).tolist()}], "outputs": [{"name": "heatmap"}]})
+    resp = infer(
+        server,
+        {
+            "inputs": [
+                {
+                    "name": "pixels",
+                    "datatype": "UINT8",
+                    "shape": list(pixels.shape),
+                    "data": pixels.reshape(-1).tolist(),
+                }
+            ],
+            "outputs": [{"name": "heatmap"}],
+        },
+    )
     assert resp.status_code == 200, resp.text
     assert [o["name"] for o in resp.json()["outputs"]] == ["heatmap"]
     check_maps(heatmap_of(by_name(resp.json())["heatmap"]), reference.outputs("pixels", pixels, explain=True))
 
     files = [real("CT_small.dcm"), ct_dicom(ct_like(31, size=128, nodule=True))]
     for data in files:  # one request each: a request's slices must share one size
-        resp = infer(server, {"inputs": [{"name": "dicom", "datatype": "BYTES", "shape": [1], "data": [b64(data)]}],
-                              "outputs": [{"name": "label"}, {"name": "heatmap"}]})
+        resp = infer(
+            server,
+            {
+                "inputs": [{"name": "dicom", "datatype": "BYTES", "shape": [1], "data": [b64(data)]}],
+                "outputs": [{"name": "label"}, {"name": "heatmap"}],
+            },
+        )
         assert resp.status_code == 200, resp.text
         want = reference.outputs("hu", read_hu(data, TEST_MAX_PIXELS)[None], explain=True)
         check_maps(heatmap_of(by_name(resp.json())["heatmap"]), want)
@@ -185,11 +217,21 @@ def test_grpc_heatmap_typed_and_raw(server, images, reference):
     encoded = images[:2]
     want = reference.outputs("images", encoded, explain=True)
     wanted = [pb.ModelInferRequest.InferRequestedOutputTensor(name=n) for n in ("probability", "heatmap")]
-    typed = pb.ModelInferRequest(model_name=MODEL_NAME, outputs=wanted, inputs=[pb.ModelInferRequest.InferInputTensor(
-        name="image", datatype="BYTES", shape=[2], contents=pb.InferTensorContents(bytes_contents=encoded))])
-    raw = pb.ModelInferRequest(model_name=MODEL_NAME, outputs=wanted, inputs=[pb.ModelInferRequest.InferInputTensor(
-        name="image", datatype="BYTES", shape=[2])],
-        raw_input_contents=[b"".join(len(e).to_bytes(4, "little") + e for e in encoded)])
+    typed = pb.ModelInferRequest(
+        model_name=MODEL_NAME,
+        outputs=wanted,
+        inputs=[
+            pb.ModelInferRequest.InferInputTensor(
+                name="image", datatype="BYTES", shape=[2], contents=pb.InferTensorContents(bytes_contents=encoded)
+            )
+        ],
+    )
+    raw = pb.ModelInferRequest(
+        model_name=MODEL_NAME,
+        outputs=wanted,
+        inputs=[pb.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[2])],
+        raw_input_contents=[b"".join(len(e).to_bytes(4, "little") + e for e in encoded)],
+    )
     plain = pb.ModelInferRequest(model_name=MODEL_NAME, inputs=typed.inputs)
     with grpc.insecure_channel(server.grpc_target) as channel:
         stub = GRPCInferenceServiceStub(channel)
@@ -206,8 +248,9 @@ def test_grpc_heatmap_typed_and_raw(server, images, reference):
 def test_heatmap_and_plain_requests_at_once_each_get_their_own_answer(server, images, reference):
     from concurrent.futures import ThreadPoolExecutor
 
-    bodies = [image_request([images[i % 3]], outputs=[*DEFAULT, "heatmap"] if i % 2 else None, id=f"r{i}")
-              for i in range(8)]
+    bodies = [
+        image_request([images[i % 3]], outputs=[*DEFAULT, "heatmap"] if i % 2 else None, id=f"r{i}") for i in range(8)
+    ]
     with ThreadPoolExecutor(8) as pool:
         replies = list(pool.map(lambda body: infer(server, body), bodies))
     for i, resp in enumerate(replies):
@@ -222,6 +265,7 @@ def test_heatmap_and_plain_requests_at_once_each_get_their_own_answer(server, im
 
 
 # --- a model without explain signatures -----------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def plain_server(tmp_path_factory):
@@ -247,9 +291,15 @@ def test_heatmap_from_a_model_without_explain_signatures_is_a_clear_400(plain_se
     from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
     from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
 
-    request = pb.ModelInferRequest(model_name=MODEL_NAME, inputs=[pb.ModelInferRequest.InferInputTensor(
-        name="image", datatype="BYTES", shape=[1], contents=pb.InferTensorContents(bytes_contents=[png]))],
-        outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="heatmap")])
+    request = pb.ModelInferRequest(
+        model_name=MODEL_NAME,
+        inputs=[
+            pb.ModelInferRequest.InferInputTensor(
+                name="image", datatype="BYTES", shape=[1], contents=pb.InferTensorContents(bytes_contents=[png])
+            )
+        ],
+        outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="heatmap")],
+    )
     with grpc.insecure_channel(plain_server.grpc_target) as channel, pytest.raises(grpc.RpcError) as caught:
         GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -258,6 +308,7 @@ def test_heatmap_from_a_model_without_explain_signatures_is_a_clear_400(plain_se
 
 
 # --- the engine and admission, in process ---------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def runner(model_dir):
@@ -269,8 +320,7 @@ def runner(model_dir):
 def test_explain_and_predict_chunks_never_share_a_model_call(runner, images, reference):
     from serving.batching import IMAGES, BatchingEngine, explaining
 
-    engine = BatchingEngine(runner, model_name="heatmap-test", max_batch_size=8, max_call_pixels=10**9,
-                            max_wait_s=0.3)
+    engine = BatchingEngine(runner, model_name="heatmap-test", max_batch_size=8, max_call_pixels=10**9, max_wait_s=0.3)
     calls: list[tuple[bool, int]] = []
     real_call = engine._call
 
@@ -285,7 +335,8 @@ def test_explain_and_predict_chunks_never_share_a_model_call(runner, images, ref
         return await asyncio.gather(
             engine.run(IMAGES, images[:2], [1] * 2, request_id="plain-1", deadline=deadline),
             engine.run(explaining(IMAGES), images[2:3], [1], request_id="cam", deadline=deadline),
-            engine.run(IMAGES, images[3:], [1], request_id="plain-2", deadline=deadline))
+            engine.run(IMAGES, images[3:], [1], request_id="plain-2", deadline=deadline),
+        )
 
     plain_1, cam, plain_2 = asyncio.run(go())
     assert sorted(calls) == [(False, 3), (True, 1)], "the two plain requests merge; the heatmap one runs alone"
@@ -301,8 +352,14 @@ def test_admission_costs_a_heatmap_request_at_the_explain_pace(runner):
     from serving.config import ServerConfig
     from serving.errors import Overloaded
 
-    engine = BatchingEngine(runner, model_name="heatmap-test", max_batch_size=1, max_call_pixels=10**9,
-                            seconds_per_image=0.1, explain_seconds_per_image=10.0)
+    engine = BatchingEngine(
+        runner,
+        model_name="heatmap-test",
+        max_batch_size=1,
+        max_call_pixels=10**9,
+        seconds_per_image=0.1,
+        explain_seconds_per_image=10.0,
+    )
     admission = Admission(ServerConfig(max_queued_images=100), engine, "heatmap-test")
     first = admission.enter(100)
     admission.admit(first, images=2, first_chunk=1, pixels=2, time_left_s=30.0)
@@ -325,6 +382,7 @@ def test_admission_costs_a_heatmap_request_at_the_explain_pace(runner):
 
 # --- meaning, through the server ------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def bright_rule_server(tmp_path_factory):
     """tests/test_gradcam.py's "a bright patch means adenocarcinoma" model (spatially local base), served."""
@@ -339,8 +397,12 @@ def bright_rule_server(tmp_path_factory):
     local_base(model, seed=0)
     rng = np.random.default_rng(0)
     train_head(model, patch_images(rng, 60, (BRIGHT,))[0], patch_images(rng, 60, (DARK,))[0], seed=0)
-    model_dir = export_saved_model(model, tmp_path_factory.mktemp("bright-rule") / "model", {"mlflow_run_id": "r"},
-                                   guard=guard_for(model, patch_images(rng, 10, (BRIGHT, DARK))[0]))
+    model_dir = export_saved_model(
+        model,
+        tmp_path_factory.mktemp("bright-rule") / "model",
+        {"mlflow_run_id": "r"},
+        guard=guard_for(model, patch_images(rng, 10, (BRIGHT, DARK))[0]),
+    )
     proc = ServerProcess(model_dir, tmp_path_factory.mktemp("serving-bright-rule-log") / "server.log")
     try:
         proc.wait_ready()
@@ -351,7 +413,8 @@ def bright_rule_server(tmp_path_factory):
 
 def test_the_served_heatmap_peaks_on_the_patch_that_decides_the_class(bright_rule_server):
     """The in-process localisation test (tests/test_gradcam.py) once through the served path: PNG over REST."""
-    from tests.test_gradcam import BRIGHT, DARK, GRID as PATCH_GRID, patch_images, peak_cells, png
+    from tests.test_gradcam import BRIGHT, DARK, patch_images, peak_cells, png
+    from tests.test_gradcam import GRID as PATCH_GRID
 
     pixels, cells = patch_images(np.random.default_rng(3), 20, (BRIGHT, DARK))
     resp = infer(bright_rule_server, image_request([png(p) for p in pixels], outputs=["probability", "heatmap"]))

@@ -36,8 +36,9 @@ def _pins() -> dict[str, str]:
 
 @pytest.mark.skipif(_hadolint() is None, reason="hadolint is not installed")
 def test_dockerfile_passes_hadolint_without_findings():
-    proc = subprocess.run([_hadolint(), "--failure-threshold", "style", str(DOCKERFILE)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [_hadolint(), "--failure-threshold", "style", str(DOCKERFILE)], capture_output=True, text=True
+    )
     assert proc.returncode == 0 and not proc.stdout.strip(), proc.stdout + proc.stderr
 
 
@@ -76,6 +77,11 @@ def test_serving_never_imports_the_training_library():
     for path in (REPO / "serving").glob("*.py"):
         tree = ast.parse(path.read_text(), filename=str(path))
         for node in ast.walk(tree):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             assert not any(n == "chest_ct" or n.startswith("chest_ct.") for n in names), f"{path.name} imports {names}"

@@ -21,9 +21,23 @@ import numpy as np
 import pytest
 import requests
 
-from tests.serving_helpers import (EXTRA_RESULT, GATE, GATE_2, INPUT_ERROR, INTERNAL_ERROR, MODEL_NAME, SECRET_PATH,
-                                   ServerProcess, b64, length_prefixed, marked_png, metric, steerable_model,
-                                   steerable_probability, wait_for)
+from tests.serving_helpers import (
+    EXTRA_RESULT,
+    GATE,
+    GATE_2,
+    INPUT_ERROR,
+    INTERNAL_ERROR,
+    MODEL_NAME,
+    SECRET_PATH,
+    ServerProcess,
+    b64,
+    length_prefixed,
+    marked_png,
+    metric,
+    steerable_model,
+    steerable_probability,
+    wait_for,
+)
 
 PIXEL_BUDGET = 40_000  # decoded pixels of admitted requests
 BYTE_BUDGET = 256 * 1024  # request bodies held at once
@@ -39,10 +53,19 @@ def steerable(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(steerable, tmp_path_factory):
     model_dir = steerable[0]
-    proc = ServerProcess(model_dir, tmp_path_factory.mktemp("overload-log") / "server.log",
-                         "--max_batch_size", "2", "--max_queued_images", str(QUEUE),
-                         "--max_queued_pixels", str(PIXEL_BUDGET), "--max_inflight_bytes", str(BYTE_BUDGET),
-                         env={"LOKY_MAX_CPU_COUNT": "1"})
+    proc = ServerProcess(
+        model_dir,
+        tmp_path_factory.mktemp("overload-log") / "server.log",
+        "--max_batch_size",
+        "2",
+        "--max_queued_images",
+        str(QUEUE),
+        "--max_queued_pixels",
+        str(PIXEL_BUDGET),
+        "--max_inflight_bytes",
+        str(BYTE_BUDGET),
+        env={"LOKY_MAX_CPU_COUNT": "1"},
+    )
     try:
         proc.wait_ready()
         yield proc
@@ -72,21 +95,33 @@ def pool():
 
 
 def body(pngs: list[bytes], **extra) -> dict:
-    return {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(pngs)], "data": [b64(p) for p in pngs]}],
-            **extra}
+    return {
+        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(pngs)], "data": [b64(p) for p in pngs]}],
+        **extra,
+    }
 
 
 def post(server, payload, headers=None) -> requests.Response:
-    return requests.post(f"{server.url}/v2/models/{MODEL_NAME}/infer", data=json.dumps(payload), timeout=120,
-                         headers={"content-type": "application/json", **(headers or {})})
+    return requests.post(
+        f"{server.url}/v2/models/{MODEL_NAME}/infer",
+        data=json.dumps(payload),
+        timeout=120,
+        headers={"content-type": "application/json", **(headers or {})},
+    )
 
 
 def grpc_request(pngs: list[bytes], request_id: str = "", **parameters):
     from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 
-    request = pb.ModelInferRequest(model_name=MODEL_NAME, id=request_id, inputs=[
-        pb.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[len(pngs)],
-                                              contents=pb.InferTensorContents(bytes_contents=pngs))])
+    request = pb.ModelInferRequest(
+        model_name=MODEL_NAME,
+        id=request_id,
+        inputs=[
+            pb.ModelInferRequest.InferInputTensor(
+                name="image", datatype="BYTES", shape=[len(pngs)], contents=pb.InferTensorContents(bytes_contents=pngs)
+            )
+        ],
+    )
     for key, value in parameters.items():
         request.parameters[key].int64_param = value
     return request
@@ -110,8 +145,11 @@ def model_held(server, gate, pool):
     """The model busy with a gated call until the block ends (then the gated request must succeed)."""
     calls = metric(server, "chest_ct_model_call_images_count", **LABEL)
     blocker = pool.submit(post, server, body([marked_png(GATE)]))
-    wait_for(lambda: metric(server, "chest_ct_model_call_images_count", **LABEL) > calls,
-             "the gated model call to start", server=server)
+    wait_for(
+        lambda: metric(server, "chest_ct_model_call_images_count", **LABEL) > calls,
+        "the gated model call to start",
+        server=server,
+    )
     try:
         yield
     finally:
@@ -127,8 +165,9 @@ def read_response(sock: socket.socket) -> str:
         assert chunk, f"connection closed after {data!r}"
         data += chunk
     head, body = data.split(b"\r\n\r\n", 1)
-    length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(
-        b"content-length:")))
+    length = int(
+        next(line.split(b":", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+    )
     while len(body) < length:
         chunk = sock.recv(4096)
         assert chunk, "connection closed mid-body"
@@ -145,6 +184,7 @@ def rejected(server, reason: str) -> float:
 
 
 # --- admission ---------------------------------------------------------------------------------
+
 
 def test_full_queue_is_answered_at_once_with_503_and_retry_after(server, gate, stub, pool):
     pngs = [marked_png(None, seed=i) for i in range(QUEUE)]
@@ -189,9 +229,13 @@ def test_byte_budget_refuses_a_body_before_reading_it(server, gate, stub, pool):
     with model_held(server, gate, pool):
         # Declare a body over the budget and send only its first bytes: the answer comes anyway.
         with socket.create_connection(("127.0.0.1", server.http_port), timeout=30) as sock:
-            sock.sendall((f"POST /v2/models/{MODEL_NAME}/infer HTTP/1.1\r\nHost: x\r\n"
-                          f"Content-Type: application/json\r\nContent-Length: {BYTE_BUDGET + 1000}\r\n\r\n"
-                          '{"inputs": [').encode())
+            sock.sendall(
+                (
+                    f"POST /v2/models/{MODEL_NAME}/infer HTTP/1.1\r\nHost: x\r\n"
+                    f"Content-Type: application/json\r\nContent-Length: {BYTE_BUDGET + 1000}\r\n\r\n"
+                    '{"inputs": ['
+                ).encode()
+            )
             head = read_response(sock)
         assert head.startswith("HTTP/1.1 503"), head
         assert "retry-after:" in head.lower() and "--max_inflight_bytes" in head
@@ -204,6 +248,7 @@ def test_byte_budget_refuses_a_body_before_reading_it(server, gate, stub, pool):
 
 
 # --- deadlines and disconnects -----------------------------------------------------------------
+
 
 def test_client_deadlines_answer_504_and_deadline_exceeded(server, gate, stub, pool):
     calls = metric(server, "chest_ct_model_call_images_sum", **LABEL)
@@ -222,8 +267,9 @@ def test_client_deadlines_answer_504_and_deadline_exceeded(server, gate, stub, p
         with pytest.raises(grpc.RpcError) as caught:
             stub.ModelInfer(grpc_request([marked_png(None, seed=7)]), timeout=0.5)
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        wait_for(lambda: queue_images(server) == queued_before, "the expired gRPC request to leave the queue",
-                 server=server)
+        wait_for(
+            lambda: queue_images(server) == queued_before, "the expired gRPC request to leave the queue", server=server
+        )
     assert metric(server, "chest_ct_requests_dropped_total", reason="deadline_exceeded", **LABEL) >= dropped + 2
     # Only the gated image ever reached the model: the expired requests' work was dropped, not run.
     assert metric(server, "chest_ct_model_call_images_sum", **LABEL) == calls + 1
@@ -238,18 +284,23 @@ def test_queued_work_of_a_disconnected_rest_client_is_dropped(server, gate, stub
     payload = json.dumps(body([marked_png(None, seed=8)])).encode()
     with model_held(server, gate, pool):
         sock = socket.create_connection(("127.0.0.1", server.http_port), timeout=30)
-        sock.sendall((f"POST /v2/models/{MODEL_NAME}/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-                      f"\r\nContent-Length: {len(payload)}\r\n\r\n").encode() + payload)
+        sock.sendall(
+            (
+                f"POST /v2/models/{MODEL_NAME}/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                f"\r\nContent-Length: {len(payload)}\r\n\r\n"
+            ).encode()
+            + payload
+        )
         wait_for(lambda: queue_images(server) == 1, "the request to queue", server=server)
         sock.close()
-        wait_for(lambda: queue_images(server) == 0, "the disconnected client's work to leave the queue",
-                 server=server)
+        wait_for(lambda: queue_images(server) == 0, "the disconnected client's work to leave the queue", server=server)
     assert metric(server, "chest_ct_requests_dropped_total", reason="cancelled", **LABEL) == cancelled + 1
     assert metric(server, "chest_ct_model_call_images_sum", **LABEL) == calls + 1  # only the gated image ran
     assert_serves(server, stub)
 
 
 # --- splitting and turns -----------------------------------------------------------------------
+
 
 def test_large_request_is_split_and_small_requests_take_turns_with_it(server, gate, steerable, stub, pool):
     """A 6-image request (chunks of 2) whose 5th image holds the model: a small request sent after it
@@ -268,8 +319,11 @@ def test_large_request_is_split_and_small_requests_take_turns_with_it(server, ga
     assert list(reply.outputs[0].contents.fp32_contents) == pytest.approx([steerable_probability(small)], abs=1e-5)
     assert not big.done()
     # Calls: the gated one, chunk 1, the small request, chunk 2, chunk 3 (gated on the second gate).
-    wait_for(lambda: metric(server, "chest_ct_model_call_images_count", **LABEL) == calls + 5,
-             "the large request's last chunk to reach the model", server=server)
+    wait_for(
+        lambda: metric(server, "chest_ct_model_call_images_count", **LABEL) == calls + 5,
+        "the large request's last chunk to reach the model",
+        server=server,
+    )
     steerable[2].release()
     got = probabilities(big.result(timeout=60))
     expected = [steerable_probability(p) for p in large]
@@ -279,15 +333,19 @@ def test_large_request_is_split_and_small_requests_take_turns_with_it(server, ga
 
 # --- failures ----------------------------------------------------------------------------------
 
+
 def _logged_with(server, request_id: str) -> str:
     """The server's log record naming ``request_id`` (with its traceback)."""
     log = server.log(tail=0)
     assert request_id in log, f"request id {request_id} not in the server log"
-    return log[log.index(request_id):][:20_000]
+    return log[log.index(request_id) :][:20_000]
 
 
-@pytest.mark.parametrize("marker, logged", [(INTERNAL_ERROR, SECRET_PATH), (EXTRA_RESULT, "2 results for 1")],
-                         ids=["tensorflow_error", "result_count_mismatch"])
+@pytest.mark.parametrize(
+    "marker, logged",
+    [(INTERNAL_ERROR, SECRET_PATH), (EXTRA_RESULT, "2 results for 1")],
+    ids=["tensorflow_error", "result_count_mismatch"],
+)
 def test_internal_failures_answer_a_generic_error_with_an_id_found_in_the_log(server, stub, marker, logged):
     resp = post(server, body([marked_png(marker)]))
     assert resp.status_code == 500, resp.text
@@ -332,8 +390,8 @@ def test_client_text_is_quoted_short_and_on_one_line(server, stub):
     cases = [
         body([png]) | {"inputs": [{"name": HOSTILE, "datatype": "BYTES", "shape": [1], "data": [b64(png)]}]},
         body([png]) | {"inputs": [{"name": "image", "datatype": HOSTILE, "shape": [1], "data": [b64(png)]}]},
-        body([png]) | {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": list(range(100_000)),
-                                   "data": [1.0]}]},
+        body([png])
+        | {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": list(range(100_000)), "data": [1.0]}]},
         body([png], outputs=[{"name": HOSTILE}]),
     ]
     for payload in cases:
@@ -342,9 +400,13 @@ def test_client_text_is_quoted_short_and_on_one_line(server, stub):
         assert len(resp.json()["error"]) < 1000 and "\n" not in resp.json()["error"]
     resp = requests.post(f"{server.url}/v2/models/{'m' * 5000}/infer", data=json.dumps(body([png])), timeout=60)
     assert resp.status_code == 404 and len(resp.json()["error"]) < 400
-    for request in (pb.ModelInferRequest(model_name=HOSTILE, inputs=grpc_request([png]).inputs),
-                    pb.ModelInferRequest(model_name=MODEL_NAME, inputs=[
-                        pb.ModelInferRequest.InferInputTensor(name=HOSTILE, datatype="BYTES", shape=[1])])):
+    for request in (
+        pb.ModelInferRequest(model_name=HOSTILE, inputs=grpc_request([png]).inputs),
+        pb.ModelInferRequest(
+            model_name=MODEL_NAME,
+            inputs=[pb.ModelInferRequest.InferInputTensor(name=HOSTILE, datatype="BYTES", shape=[1])],
+        ),
+    ):
         with pytest.raises(grpc.RpcError) as caught:
             stub.ModelInfer(request, timeout=60)
         assert len(caught.value.details()) < 1000 and "\n" not in caught.value.details()
@@ -359,8 +421,10 @@ def test_client_text_is_quoted_short_and_on_one_line(server, stub):
 
 
 def test_json_is_parsed_once_and_nan_is_not_json(server, stub):
-    resp = post(server, {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 1, 1, 3],
-                                     "data": [float("nan"), 1.0, 1.0]}]})  # json.dumps writes the NaN literal
+    resp = post(
+        server,
+        {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 1, 1, 3], "data": [float("nan"), 1.0, 1.0]}]},
+    )  # json.dumps writes the NaN literal
     assert resp.status_code == 400
     assert "not valid JSON" in resp.json()["error"] and "NaN" in resp.json()["error"]
     assert_serves(server, stub)
@@ -370,13 +434,21 @@ def test_binary_bytes_tensor_is_split_no_further_than_its_declared_count(server,
     from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 
     raw = length_prefixed([marked_png(None)]) + struct.pack("<I", 0) * 100_000  # 1 image, then 100,000 empties
-    header = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
-                                     "parameters": {"binary_data_size": len(raw)}}]}).encode()
-    resp = requests.post(f"{server.url}/v2/models/{MODEL_NAME}/infer", data=header + raw, timeout=60,
-                         headers={"inference-header-content-length": str(len(header))})
+    header = json.dumps(
+        {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": len(raw)}}]}
+    ).encode()
+    resp = requests.post(
+        f"{server.url}/v2/models/{MODEL_NAME}/infer",
+        data=header + raw,
+        timeout=60,
+        headers={"inference-header-content-length": str(len(header))},
+    )
     assert resp.status_code == 400 and "data holds more" in resp.json()["error"]
-    request = pb.ModelInferRequest(model_name=MODEL_NAME, raw_input_contents=[raw], inputs=[
-        pb.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[1])])
+    request = pb.ModelInferRequest(
+        model_name=MODEL_NAME,
+        raw_input_contents=[raw],
+        inputs=[pb.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[1])],
+    )
     with pytest.raises(grpc.RpcError) as caught:
         stub.ModelInfer(request, timeout=60)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "holds more" in caught.value.details()
@@ -385,17 +457,20 @@ def test_binary_bytes_tensor_is_split_no_further_than_its_declared_count(server,
 
 # --- protocol ----------------------------------------------------------------------------------
 
+
 def test_request_ids_headers_and_an_unversioned_model(server, stub):
     png = marked_png(None, seed=60)
     resp = post(server, body([png]), headers={"x-request-id": "trace-123"})
     assert resp.json()["id"] == "trace-123" and resp.headers["x-request-id"] == "trace-123"
     assert "model_version" not in resp.json()  # unversioned model: no "model_version": null
-    resp = post(server, body([png], id="body-id", parameters={"binary_data_output": True}),
-                headers={"x-request-id": "trace-124"})
-    header = json.loads(resp.content[:int(resp.headers["inference-header-content-length"])])
+    resp = post(
+        server,
+        body([png], id="body-id", parameters={"binary_data_output": True}),
+        headers={"x-request-id": "trace-124"},
+    )
+    header = json.loads(resp.content[: int(resp.headers["inference-header-content-length"])])
     assert header["id"] == "body-id" and "model_version" not in header
-    reply, call = stub.ModelInfer.with_call(grpc_request([png]), metadata=(("x-request-id", "trace-125"),),
-                                            timeout=60)
+    reply, call = stub.ModelInfer.with_call(grpc_request([png]), metadata=(("x-request-id", "trace-125"),), timeout=60)
     assert reply.id == "trace-125" and dict(call.initial_metadata())["x-request-id"] == "trace-125"
     meta = requests.get(f"{server.url}/v2/models/{MODEL_NAME}", timeout=10).json()
     assert "versions" not in meta and meta["platform"] == "tensorflow_savedmodel"
@@ -413,13 +488,21 @@ def test_metrics_carry_queue_depth_call_seconds_and_rejections_by_reason(server)
     from prometheus_client.parser import text_string_to_metric_families
 
     text = requests.get(f"{server.url}/metrics", timeout=10).text
-    samples = {(s.name, tuple(sorted(s.labels.items()))) for f in text_string_to_metric_families(text)
-               for s in f.samples}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))) for f in text_string_to_metric_families(text) for s in f.samples
+    }
     model = ("model_name", MODEL_NAME)
-    expected = [("chest_ct_queue_images", ()), ("chest_ct_queued_pixels", ()), ("chest_ct_inflight_bytes", ()),
-                ("chest_ct_model_call_seconds_count", ()), ("chest_ct_model_call_seconds_bucket", (("le", "0.005"),))]
-    expected += [("chest_ct_requests_rejected_total", (("reason", r),))
-                 for r in ("queue_images", "queue_pixels", "inflight_bytes", "deadline")]
+    expected = [
+        ("chest_ct_queue_images", ()),
+        ("chest_ct_queued_pixels", ()),
+        ("chest_ct_inflight_bytes", ()),
+        ("chest_ct_model_call_seconds_count", ()),
+        ("chest_ct_model_call_seconds_bucket", (("le", "0.005"),)),
+    ]
+    expected += [
+        ("chest_ct_requests_rejected_total", (("reason", r),))
+        for r in ("queue_images", "queue_pixels", "inflight_bytes", "deadline")
+    ]
     expected += [("chest_ct_requests_dropped_total", (("reason", r),)) for r in ("deadline_exceeded", "cancelled")]
     for name, labels in expected:  # every series exists from the start (zeros, not gaps)
         assert (name, tuple(sorted((model, *labels)))) in samples, (name, labels)

@@ -16,7 +16,6 @@ signatures is served without a heatmap. Screenshots go to each test's tmp dir.
 from __future__ import annotations
 
 import http.client
-import json
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -32,17 +31,33 @@ from PIL import Image
 
 from serving.page import ASSETS, CONTENT_SECURITY_POLICY, STATIC
 from tests.browser import screenshot
-from tests.serving_helpers import (GATE, MODEL_NAME, REPO, RUN_ID, ServerProcess, b64, ct_like, encode,
-                                   exported_model, lung_window, marked_png, metric, steerable_model,
-                                   steerable_probability, wait_for)
+from tests.serving_helpers import (
+    GATE,
+    MODEL_NAME,
+    REPO,
+    RUN_ID,
+    ServerProcess,
+    b64,
+    ct_like,
+    encode,
+    exported_model,
+    lung_window,
+    marked_png,
+    metric,
+    steerable_model,
+    steerable_probability,
+    wait_for,
+)
 
 SIZE = 64  # a 4 x 4 heatmap grid
 PREFIX = "/serving/chest-ct-ns/chest-ct"  # KServe's ingress pathTemplate /serving/{namespace}/{name}
 REAL_IMAGES = REPO.parent / "shared" / "data" / "chest-ct" / "valid" / "adenocarcinoma"
 HTML = {"accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
 # Injected before the page's own scripts (DevTools bypasses the CSP): records every violation of it.
-RECORD_CSP = ("window.__csp = []; document.addEventListener('securitypolicyviolation', "
-              "(e) => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));")
+RECORD_CSP = (
+    "window.__csp = []; document.addEventListener('securitypolicyviolation', "
+    "(e) => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));"
+)
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +72,7 @@ def server(tmp_path_factory):
 
 
 # --- HTTP ---------------------------------------------------------------------------------------
+
 
 class Tags(HTMLParser):
     def __init__(self):
@@ -109,6 +125,7 @@ def test_the_serving_image_ships_the_page():
 
 # --- a proxy that routes a path prefix like KServe's ingress --------------------------------------
 
+
 class PrefixProxy:
     """``PREFIX`` and ``PREFIX/...`` rewritten to ``/...`` on the server (as KServe's Istio VirtualService does
     for a pathTemplate); anything else is a 404 and recorded in ``outside``."""
@@ -131,8 +148,12 @@ class PrefixProxy:
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
                 conn = http.client.HTTPConnection(target.hostname, target.port, timeout=120)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
-                conn.request(self.command, "/" + path[len(PREFIX) + 1:] + ("?" + query if query else ""),
-                             body=body or None, headers=headers)
+                conn.request(
+                    self.command,
+                    "/" + path[len(PREFIX) + 1 :] + ("?" + query if query else ""),
+                    body=body or None,
+                    headers=headers,
+                )
                 reply = conn.getresponse()
                 data = reply.read()
                 self.send_response(reply.status)
@@ -164,13 +185,18 @@ def proxy(server):
 
 # --- in the browser -----------------------------------------------------------------------------
 
+
 def open_page(browser, url: str):
     from selenium.webdriver.support.ui import WebDriverWait
 
     browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": RECORD_CSP})
     browser.get(url)
-    WebDriverWait(browser, 60).until(lambda d: d.find_element("id", "files").is_enabled()
-                                     or d.find_element("id", "model-status").get_attribute("class") == "error")
+    WebDriverWait(browser, 60).until(
+        lambda d: (
+            d.find_element("id", "files").is_enabled()
+            or d.find_element("id", "model-status").get_attribute("class") == "error"
+        )
+    )
     assert browser.find_element("id", "files").is_enabled(), browser.find_element("id", "model-status").text
 
 
@@ -184,24 +210,31 @@ def newest(browser, state: str, count: int):
     """The newest of ``count`` result cards, once answered; it must be in ``state``."""
     from selenium.webdriver.support.ui import WebDriverWait
 
-    WebDriverWait(browser, 90).until(lambda d: len(d.find_elements("css selector", ".result")) >= count and
-                                     d.find_elements("css selector", ".result")[0].get_attribute("data-state")
-                                     not in ("waiting", None))
+    WebDriverWait(browser, 90).until(
+        lambda d: (
+            len(d.find_elements("css selector", ".result")) >= count
+            and d.find_elements("css selector", ".result")[0].get_attribute("data-state") not in ("waiting", None)
+        )
+    )
     card = browser.find_elements("css selector", ".result")[0]
     assert card.get_attribute("data-state") == state, card.text
     return card
 
 
 def canvas_pixels(browser, card) -> np.ndarray:
-    data = browser.execute_script("const c = arguments[0].querySelector('canvas'); "
-                                  "return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data);",
-                                  card)
+    data = browser.execute_script(
+        "const c = arguments[0].querySelector('canvas'); "
+        "return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data);",
+        card,
+    )
     return np.asarray(data, np.int16)
 
 
 def set_opacity(browser, percent: int) -> None:
-    browser.execute_script("const s = document.getElementById('opacity'); s.value = arguments[0]; "
-                           "s.dispatchEvent(new Event('input'));", percent)
+    browser.execute_script(
+        "const s = document.getElementById('opacity'); s.value = arguments[0]; s.dispatchEvent(new Event('input'));",
+        percent,
+    )
 
 
 def ct_image(tmp_path: Path) -> Path:
@@ -216,8 +249,10 @@ def ct_image(tmp_path: Path) -> Path:
 
 def served(server, data: bytes) -> dict:
     """What the v2 API answers for one file (the page must show exactly this)."""
-    body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64(data)]}],
-            "outputs": [{"name": n} for n in ("probability", "label", "heatmap")]}
+    body = {
+        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64(data)]}],
+        "outputs": [{"name": n} for n in ("probability", "label", "heatmap")],
+    }
     return requests.post(f"{server.url}/v2/models/{MODEL_NAME}/infer", json=body, timeout=120).json()
 
 
@@ -261,8 +296,11 @@ def test_a_text_file_shows_the_servers_error(browser, server, tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("not an image, just some notes\n")
     card = upload(browser, text, state="error")
-    error = requests.post(f"{server.url}/v2/models/{MODEL_NAME}/infer", timeout=60, json={"inputs": [
-        {"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64(text.read_bytes())]}]})
+    error = requests.post(
+        f"{server.url}/v2/models/{MODEL_NAME}/infer",
+        timeout=60,
+        json={"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64(text.read_bytes())]}]},
+    )
     assert error.status_code == 400
     assert "HTTP 400" in card.text and error.json()["error"] in card.text
     assert card.find_element("css selector", "[role=alert]").is_displayed()
@@ -277,8 +315,11 @@ def test_a_dicom_file_is_classified_and_its_heatmap_drawn_alone(browser, server,
     dicom = tmp_path / "slice"  # no extension: recognised by its DICM preamble
     dicom.write_bytes(real("CT_small.dcm"))
     card = upload(browser, dicom)
-    want = requests.post(f"{server.url}/v2/models/{MODEL_NAME}/infer", timeout=60, json={
-        "inputs": [{"name": "dicom", "datatype": "BYTES", "shape": [1], "data": [b64(dicom.read_bytes())]}]}).json()
+    want = requests.post(
+        f"{server.url}/v2/models/{MODEL_NAME}/infer",
+        timeout=60,
+        json={"inputs": [{"name": "dicom", "datatype": "BYTES", "shape": [1], "data": [b64(dicom.read_bytes())]}]},
+    ).json()
     probability = {o["name"]: o["data"] for o in want["outputs"]}["probability"][0]
     assert float(card.get_attribute("data-probability")) == pytest.approx(probability, abs=1e-6)
     assert "cannot display DICOM" in card.text
@@ -294,8 +335,16 @@ LIMIT = 64 * 1024
 @pytest.fixture(scope="module")
 def steerable_server(tmp_path_factory):
     model, gate, gate2 = steerable_model(tmp_path_factory.mktemp("page-steerable"), version="run-without-cam")
-    proc = ServerProcess(model, tmp_path_factory.mktemp("page-steerable-log") / "server.log",
-                         "--max_batch_size", "1", "--max_queued_images", "1", "--max_request_bytes", str(LIMIT))
+    proc = ServerProcess(
+        model,
+        tmp_path_factory.mktemp("page-steerable-log") / "server.log",
+        "--max_batch_size",
+        "1",
+        "--max_queued_images",
+        "1",
+        "--max_request_bytes",
+        str(LIMIT),
+    )
     try:
         proc.wait_ready()
         yield proc, gate
@@ -314,8 +363,9 @@ def test_no_heatmap_overload_and_too_big_show_clear_messages(browser, steerable_
     ordinary = tmp_path / "ordinary.png"
     ordinary.write_bytes(marked_png(None, 24, 24, seed=3))
     card = upload(browser, ordinary)
-    assert float(card.get_attribute("data-probability")) == pytest.approx(steerable_probability(ordinary.read_bytes()),
-                                                                          abs=1e-6)
+    assert float(card.get_attribute("data-probability")) == pytest.approx(
+        steerable_probability(ordinary.read_bytes()), abs=1e-6
+    )
     assert card.find_element("css selector", "canvas").get_attribute("data-heatmap") == "none"
     assert "returns no heatmap" in card.text
 
@@ -327,12 +377,16 @@ def test_no_heatmap_overload_and_too_big_show_clear_messages(browser, steerable_
 
     label = {"model_name": MODEL_NAME}
     calls = metric(server, "chest_ct_model_call_images_count", **label)
-    post = lambda png: requests.post(f"{server.url}/v2/models/{MODEL_NAME}/infer", timeout=120, json={  # noqa: E731
-        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64(png)]}]})
+
+    def post(png: bytes) -> requests.Response:
+        body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64(png)]}]}
+        return requests.post(f"{server.url}/v2/models/{MODEL_NAME}/infer", timeout=120, json=body)
+
     with ThreadPoolExecutor(2) as pool:
         held = pool.submit(post, marked_png(GATE))
-        wait_for(lambda: metric(server, "chest_ct_model_call_images_count", **label) > calls, "the gated call",
-                 server=server)
+        wait_for(
+            lambda: metric(server, "chest_ct_model_call_images_count", **label) > calls, "the gated call", server=server
+        )
         queued = pool.submit(post, marked_png(None, seed=4))
         wait_for(lambda: metric(server, "chest_ct_queue_images", **label) == 1, "the queue to fill", server=server)
         try:
@@ -344,6 +398,7 @@ def test_no_heatmap_overload_and_too_big_show_clear_messages(browser, steerable_
         assert held.result().status_code == 200 and queued.result().status_code == 200
     card.find_element("css selector", "button").click()  # "Try again": the same file, served now
     card = newest(browser, "done", 3)
-    assert float(card.get_attribute("data-probability")) == pytest.approx(steerable_probability(ordinary.read_bytes()),
-                                                                          abs=1e-6)
+    assert float(card.get_attribute("data-probability")) == pytest.approx(
+        steerable_probability(ordinary.read_bytes()), abs=1e-6
+    )
     assert browser.execute_script("return window.__csp") == []

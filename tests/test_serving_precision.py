@@ -16,8 +16,17 @@ import pytest
 import requests
 
 from serving.precision import ONEDNN_BF16_FLAG
-from tests.serving_helpers import (MODEL_NAME, InProcessModel, ServerProcess, b64, encode, exported_model,
-                                   golden_model, rgb, run_server_expecting_failure)
+from tests.serving_helpers import (
+    MODEL_NAME,
+    InProcessModel,
+    ServerProcess,
+    b64,
+    encode,
+    exported_model,
+    golden_model,
+    rgb,
+    run_server_expecting_failure,
+)
 
 #: oneDNN can run bf16 here, so a bf16 server's answers really differ from float32 ones.
 ONEDNN_BF16 = ONEDNN_BF16_FLAG in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
@@ -41,13 +50,15 @@ def fp32_answers(golden_dir) -> np.ndarray:
 
 def serve(model_dir: Path, tmp_path: Path, *args: str, cpu_bf16: str | None = None):
     """(metadata parameters, probabilities for IMAGES, server log) of a server started with ``args``."""
-    server = ServerProcess(model_dir, tmp_path / "server.log", *args,
-                           env={"CHEST_CT_CPU_BF16": cpu_bf16} if cpu_bf16 is not None else None)
+    server = ServerProcess(
+        model_dir, tmp_path / "server.log", *args, env={"CHEST_CT_CPU_BF16": cpu_bf16} if cpu_bf16 is not None else None
+    )
     try:
         server.wait_ready()
         params = requests.get(f"{server.url}/v2/models/{MODEL_NAME}", timeout=10).json()["parameters"]
-        body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(IMAGES)],
-                            "data": [b64(i) for i in IMAGES]}]}
+        body = {
+            "inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(IMAGES)], "data": [b64(i) for i in IMAGES]}]
+        }
         reply = requests.post(f"{server.url}/v2/models/{MODEL_NAME}/infer", json=body, timeout=60)
         assert reply.status_code == 200, reply.text
         outputs = {o["name"]: o["data"] for o in reply.json()["outputs"]}
@@ -118,12 +129,16 @@ def test_a_missing_golden_image_is_reported_not_fatal(golden_dir, tmp_path):
     assert params["precision"] == "fp32" and "golden image 'golden/01.png' is missing" in params["precision_reason"]
 
 
-@pytest.mark.parametrize("args, env, message", [
-    (["--precision", "fp16"], {}, "precision='fp16' (allowed: auto, fp32, bf16)"),
-    ([], {"CHEST_CT_PRECISION": "half"}, "precision='half' (allowed: auto, fp32, bf16)"),
-    (["--precision_tolerance", "2"], {}, "precision_tolerance=2.0"),
-    ([], {"CHEST_CT_CPU_BF16": "yes"}, "CHEST_CT_CPU_BF16='yes': expected 0 or 1"),
-], ids=["flag", "env", "tolerance", "cpu-override"])
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (["--precision", "fp16"], {}, "precision='fp16' (allowed: auto, fp32, bf16)"),
+        ([], {"CHEST_CT_PRECISION": "half"}, "precision='half' (allowed: auto, fp32, bf16)"),
+        (["--precision_tolerance", "2"], {}, "precision_tolerance=2.0"),
+        ([], {"CHEST_CT_CPU_BF16": "yes"}, "CHEST_CT_CPU_BF16='yes': expected 0 or 1"),
+    ],
+    ids=["flag", "env", "tolerance", "cpu-override"],
+)
 def test_bad_precision_settings_stop_the_server_with_one_line(golden_dir, monkeypatch, args, env, message):
     for key, value in env.items():
         monkeypatch.setenv(key, value)

@@ -21,9 +21,23 @@ import numpy as np
 import pytest
 import requests
 
-from tests.serving_helpers import (IMAGE_SIZE, MODEL_NAME, RUN_ID, InProcessModel, ServerProcess, b64, ct_like,
-                                   encode, exported_model, length_prefixed, lung_window, metric, rgb,
-                                   run_in_subprocess, set_threshold)
+from tests.serving_helpers import (
+    IMAGE_SIZE,
+    MODEL_NAME,
+    RUN_ID,
+    InProcessModel,
+    ServerProcess,
+    b64,
+    ct_like,
+    encode,
+    exported_model,
+    length_prefixed,
+    lung_window,
+    metric,
+    rgb,
+    run_in_subprocess,
+    set_threshold,
+)
 
 TOL = 1e-5
 
@@ -69,8 +83,16 @@ def threshold(model_dir) -> float:
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    proc = ServerProcess(model_dir, tmp_path_factory.mktemp("serving-log") / "server.log",
-                         "--max_batch_size", "8", "--max_batch_wait_ms", "30", "--max_queued_images", "32")
+    proc = ServerProcess(
+        model_dir,
+        tmp_path_factory.mktemp("serving-log") / "server.log",
+        "--max_batch_size",
+        "8",
+        "--max_batch_wait_ms",
+        "30",
+        "--max_queued_images",
+        "32",
+    )
     try:
         proc.wait_ready()
         yield proc
@@ -83,13 +105,16 @@ def infer_url(server) -> str:
 
 
 def post_json(server, payload: dict, **kwargs) -> requests.Response:
-    return requests.post(infer_url(server), data=json.dumps(payload), timeout=60,
-                         headers={"content-type": "application/json"}, **kwargs)
+    return requests.post(
+        infer_url(server), data=json.dumps(payload), timeout=60, headers={"content-type": "application/json"}, **kwargs
+    )
 
 
 def image_request(encoded: list[bytes], **extra) -> dict:
-    return {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(encoded)],
-                        "data": [b64(e) for e in encoded]}], **extra}
+    return {
+        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(encoded)], "data": [b64(e) for e in encoded]}],
+        **extra,
+    }
 
 
 def outputs_of(body: dict) -> dict[str, dict]:
@@ -108,7 +133,7 @@ def split_binary_response(resp: requests.Response) -> tuple[dict, dict[str, byte
     for out in header["outputs"]:
         size = out.get("parameters", {}).get("binary_data_size")
         if size is not None:
-            raw[out["name"]] = resp.content[offset:offset + size]
+            raw[out["name"]] = resp.content[offset : offset + size]
             offset += size
     assert offset == len(resp.content)
     return header, raw
@@ -117,19 +142,22 @@ def split_binary_response(resp: requests.Response) -> tuple[dict, dict[str, byte
 def split_length_prefixed(raw: bytes) -> list[bytes]:
     out, offset = [], 0
     while offset < len(raw):
-        n = int.from_bytes(raw[offset:offset + 4], "little")
-        out.append(raw[offset + 4:offset + 4 + n])
+        n = int.from_bytes(raw[offset : offset + 4], "little")
+        out.append(raw[offset + 4 : offset + 4 + n])
         offset += 4 + n
     return out
 
 
 # --- health and metadata -----------------------------------------------------------------------
 
+
 def test_health_and_readiness_endpoints(server):
     assert requests.get(f"{server.url}/v2/health/live", timeout=5).json() == {"live": True}
     assert requests.get(f"{server.url}/v2/health/ready", timeout=5).json() == {"ready": True}
     assert requests.get(f"{server.url}/v2/models/{MODEL_NAME}/ready", timeout=5).json() == {
-        "name": MODEL_NAME, "ready": True}
+        "name": MODEL_NAME,
+        "ready": True,
+    }
     assert requests.get(f"{server.url}/openapi.json", timeout=5).status_code == 200
 
 
@@ -152,11 +180,18 @@ def test_rest_model_metadata_lists_inputs_outputs_and_model_facts(server, thresh
     assert meta["name"] == MODEL_NAME
     assert meta["versions"] == [RUN_ID] and meta["platform"] == "tensorflow_savedmodel"
     assert {i["name"]: (i["datatype"], i["shape"]) for i in meta["inputs"]} == {
-        "image": ("BYTES", [-1]), "pixels": ("FP32", [-1, -1, -1, 3]), "dicom": ("BYTES", [-1])}
+        "image": ("BYTES", [-1]),
+        "pixels": ("FP32", [-1, -1, -1, 3]),
+        "dicom": ("BYTES", [-1]),
+    }
     grid = IMAGE_SIZE // 16
     assert {o["name"]: (o["datatype"], o["shape"]) for o in meta["outputs"]} == {
-        "probability": ("FP32", [-1]), "label": ("BYTES", [-1]), "ood_score": ("FP32", [-1]),
-        "in_distribution": ("BOOL", [-1]), "heatmap": ("FP32", [-1, grid, grid])}
+        "probability": ("FP32", [-1]),
+        "label": ("BYTES", [-1]),
+        "ood_score": ("FP32", [-1]),
+        "in_distribution": ("BOOL", [-1]),
+        "heatmap": ("FP32", [-1, grid, grid]),
+    }
     assert meta["parameters"]["opt_in_outputs"] == "heatmap"  # listed, but returned only when named
     params = meta["parameters"]
     assert params["threshold"] == pytest.approx(threshold)
@@ -186,9 +221,17 @@ def test_grpc_model_metadata_and_health(server):
     meta = result["metadata"]
     assert meta["versions"] == [RUN_ID] and meta["platform"] == "tensorflow_savedmodel"
     assert {i["name"]: (i["datatype"], [int(d) for d in i["shape"]]) for i in meta["inputs"]} == {
-        "image": ("BYTES", [-1]), "pixels": ("FP32", [-1, -1, -1, 3]), "dicom": ("BYTES", [-1])}
+        "image": ("BYTES", [-1]),
+        "pixels": ("FP32", [-1, -1, -1, 3]),
+        "dicom": ("BYTES", [-1]),
+    }
     assert {o["name"]: o["datatype"] for o in meta["outputs"]} == {
-        "probability": "FP32", "label": "BYTES", "ood_score": "FP32", "in_distribution": "BOOL", "heatmap": "FP32"}
+        "probability": "FP32",
+        "label": "BYTES",
+        "ood_score": "FP32",
+        "in_distribution": "BOOL",
+        "heatmap": "FP32",
+    }
 
 
 def test_grpc_versions_are_checked_and_server_metadata_is_honest(server):
@@ -199,9 +242,12 @@ def test_grpc_versions_are_checked_and_server_metadata_is_honest(server):
         stub = GRPCInferenceServiceStub(channel)
         assert stub.ModelReady(pb.ModelReadyRequest(name=MODEL_NAME, version=RUN_ID), timeout=10).ready
         assert stub.ModelMetadata(pb.ModelMetadataRequest(name=MODEL_NAME, version=RUN_ID), timeout=10).versions == [
-            RUN_ID]
-        for call, request in ((stub.ModelReady, pb.ModelReadyRequest(name=MODEL_NAME, version="not-a-run")),
-                              (stub.ModelMetadata, pb.ModelMetadataRequest(name=MODEL_NAME, version="not-a-run"))):
+            RUN_ID
+        ]
+        for call, request in (
+            (stub.ModelReady, pb.ModelReadyRequest(name=MODEL_NAME, version="not-a-run")),
+            (stub.ModelMetadata, pb.ModelMetadataRequest(name=MODEL_NAME, version="not-a-run")),
+        ):
             with pytest.raises(grpc.RpcError) as caught:
                 call(request, timeout=10)
             assert caught.value.code() == grpc.StatusCode.NOT_FOUND and "not-a-run" in caught.value.details()
@@ -209,6 +255,7 @@ def test_grpc_versions_are_checked_and_server_metadata_is_honest(server):
 
 
 # --- REST JSON ---------------------------------------------------------------------------------
+
 
 def test_rest_images_match_in_process_model(server, images, reference, threshold):
     encoded = list(images.values())
@@ -241,8 +288,9 @@ def test_rest_generates_a_request_id_when_absent(server, images):
 def test_rest_pixels_match_in_process_model(server, reference, datatype):
     pixels = np.stack([rgb(20, 30, seed=5), rgb(20, 30, seed=6)]).astype(np.uint8)
     data = pixels.reshape(-1).tolist() if datatype == "UINT8" else (pixels.astype(np.float32) + 0.25).tolist()
-    resp = post_json(server, {"inputs": [{"name": "pixels", "datatype": datatype, "shape": list(pixels.shape),
-                                          "data": data}]})
+    resp = post_json(
+        server, {"inputs": [{"name": "pixels", "datatype": datatype, "shape": list(pixels.shape), "data": data}]}
+    )
     assert resp.status_code == 200, resp.text
     sent = pixels.astype(np.float32) + (0.25 if datatype == "FP32" else 0.0)
     got = np.asarray(outputs_of(resp.json())["probability"]["data"], np.float32)
@@ -251,14 +299,27 @@ def test_rest_pixels_match_in_process_model(server, reference, datatype):
 
 def test_pixels_and_encoded_image_of_the_same_picture_agree(server, images):
     """A PNG is lossless, so its decoded pixels must score the same through either input."""
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     pixels = np.asarray(Image.open(io.BytesIO(images["png"])).convert("RGB"))
     by_image = outputs_of(post_json(server, image_request([images["png"]])).json())["probability"]["data"]
-    by_pixels = outputs_of(post_json(server, {"inputs": [{
-        "name": "pixels", "datatype": "UINT8", "shape": [1, *pixels.shape], "data": pixels.reshape(-1).tolist()}]}
-    ).json())["probability"]["data"]
+    by_pixels = outputs_of(
+        post_json(
+            server,
+            {
+                "inputs": [
+                    {
+                        "name": "pixels",
+                        "datatype": "UINT8",
+                        "shape": [1, *pixels.shape],
+                        "data": pixels.reshape(-1).tolist(),
+                    }
+                ]
+            },
+        ).json()
+    )["probability"]["data"]
     assert abs(by_image[0] - by_pixels[0]) <= TOL
 
 
@@ -282,8 +343,12 @@ def test_rest_binary_output_for_all_outputs(server, images, reference, threshold
 
 
 def test_rest_binary_output_per_output(server, images):
-    resp = post_json(server, image_request([images["png"]], outputs=[
-        {"name": "probability", "parameters": {"binary_data": True}}, {"name": "label"}]))
+    resp = post_json(
+        server,
+        image_request(
+            [images["png"]], outputs=[{"name": "probability", "parameters": {"binary_data": True}}, {"name": "label"}]
+        ),
+    )
     assert resp.status_code == 200, resp.text
     header, raw = split_binary_response(resp)
     out = outputs_of(header)
@@ -296,10 +361,20 @@ def test_rest_binary_tensor_extension_input(server, images, reference):
     """Raw image bytes after the JSON header (what tritonclient sends with binary_data=True)."""
     encoded = [images["png"], images["gray_png"]]
     raw = length_prefixed(encoded)
-    header = json.dumps({"id": "bin-1", "inputs": [{"name": "image", "datatype": "BYTES", "shape": [2],
-                                                     "parameters": {"binary_data_size": len(raw)}}]}).encode()
-    resp = requests.post(infer_url(server), data=header + raw, timeout=60, headers={
-        "content-type": "application/octet-stream", "inference-header-content-length": str(len(header))})
+    header = json.dumps(
+        {
+            "id": "bin-1",
+            "inputs": [
+                {"name": "image", "datatype": "BYTES", "shape": [2], "parameters": {"binary_data_size": len(raw)}}
+            ],
+        }
+    ).encode()
+    resp = requests.post(
+        infer_url(server),
+        data=header + raw,
+        timeout=60,
+        headers={"content-type": "application/octet-stream", "inference-header-content-length": str(len(header))},
+    )
     assert resp.status_code == 200, resp.text
     body = resp.json()
     assert body["id"] == "bin-1"
@@ -309,10 +384,24 @@ def test_rest_binary_tensor_extension_input(server, images, reference):
 
 def test_rest_binary_tensor_extension_fp32_pixels(server, reference):
     pixels = rgb(24, 24, seed=9)[None].astype(np.float32)
-    header = json.dumps({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": list(pixels.shape),
-                                     "parameters": {"binary_data_size": pixels.nbytes}}]}).encode()
-    resp = requests.post(infer_url(server), data=header + pixels.tobytes(), timeout=60,
-                         headers={"inference-header-content-length": str(len(header))})
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "pixels",
+                    "datatype": "FP32",
+                    "shape": list(pixels.shape),
+                    "parameters": {"binary_data_size": pixels.nbytes},
+                }
+            ]
+        }
+    ).encode()
+    resp = requests.post(
+        infer_url(server),
+        data=header + pixels.tobytes(),
+        timeout=60,
+        headers={"inference-header-content-length": str(len(header))},
+    )
     assert resp.status_code == 200, resp.text
     got = np.asarray(outputs_of(resp.json())["probability"]["data"], np.float32)
     assert np.max(np.abs(got - reference.pixels(pixels))) <= TOL
@@ -320,21 +409,29 @@ def test_rest_binary_tensor_extension_fp32_pixels(server, reference):
 
 def test_rest_gzip_compressed_request(server, images, reference):
     body = gzip.compress(json.dumps(image_request([images["jpeg"]])).encode())
-    resp = requests.post(infer_url(server), data=body, timeout=60,
-                         headers={"content-type": "application/json", "content-encoding": "gzip"})
+    resp = requests.post(
+        infer_url(server),
+        data=body,
+        timeout=60,
+        headers={"content-type": "application/json", "content-encoding": "gzip"},
+    )
     assert resp.status_code == 200, resp.text
     got = outputs_of(resp.json())["probability"]["data"][0]
     assert abs(got - float(reference.images([images["jpeg"]])[0])) <= TOL
 
 
 def test_rest_versioned_infer_route(server, images):
-    resp = requests.post(f"{server.url}/v2/models/{MODEL_NAME}/versions/{RUN_ID}/infer", timeout=60,
-                         data=json.dumps(image_request([images["png"]])))
+    resp = requests.post(
+        f"{server.url}/v2/models/{MODEL_NAME}/versions/{RUN_ID}/infer",
+        timeout=60,
+        data=json.dumps(image_request([images["png"]])),
+    )
     assert resp.status_code == 200, resp.text
     assert resp.json()["model_version"] == RUN_ID
 
 
 # --- third-party and kserve clients ------------------------------------------------------------
+
 
 def test_tritonclient_http_binary_images(server, images, reference, threshold):
     import tritonclient.http as httpclient
@@ -401,9 +498,15 @@ RESULT["generated_id"] = no_id.get_response().id
 def test_tritonclient_grpc(server, images, reference, threshold):
     encoded = [images["jpeg"], images["gray_png"]]
     pixels = rgb(30, 20, seed=13)[None].astype(np.float32)
-    result = run_in_subprocess(TRITON_GRPC_INFER, {
-        "target": server.grpc_target, "model": MODEL_NAME, "images": [b64(e) for e in encoded],
-        "pixels": pixels.tolist()})
+    result = run_in_subprocess(
+        TRITON_GRPC_INFER,
+        {
+            "target": server.grpc_target,
+            "model": MODEL_NAME,
+            "images": [b64(e) for e in encoded],
+            "pixels": pixels.tolist(),
+        },
+    )
     probs = np.asarray(result["probability"], np.float32)
     assert result["probability_dtype"] == "float32"
     assert np.max(np.abs(probs - reference.images(encoded))) <= TOL
@@ -428,8 +531,11 @@ def test_kserve_rest_client_binary_and_base64(server, images, reference):
         as_base64 = InferInput("image", [2], "BYTES", data=[b64(e) for e in encoded])
         results = []
         for inp in (binary, as_base64):
-            res = await client.infer(server.url, InferRequest(model_name=MODEL_NAME, infer_inputs=[inp],
-                                                               request_id="kserve-rest"), model_name=MODEL_NAME)
+            res = await client.infer(
+                server.url,
+                InferRequest(model_name=MODEL_NAME, infer_inputs=[inp], request_id="kserve-rest"),
+                model_name=MODEL_NAME,
+            )
             results.append(res)
         return results
 
@@ -451,8 +557,10 @@ def test_kserve_grpc_client_raw_and_typed_contents(server, images, reference, th
         raw.set_data_from_numpy(np.array(encoded, dtype=np.object_), binary_data=True)
         typed = InferInput("image", [2], "BYTES", data=list(encoded))
         try:
-            return [await client.infer(InferRequest(model_name=MODEL_NAME, infer_inputs=[inp], request_id=rid))
-                    for inp, rid in ((raw, "raw"), (typed, "typed"))]
+            return [
+                await client.infer(InferRequest(model_name=MODEL_NAME, infer_inputs=[inp], request_id=rid))
+                for inp, rid in ((raw, "raw"), (typed, "typed"))
+            ]
         finally:
             await client.close()
 
@@ -467,11 +575,13 @@ def test_kserve_grpc_client_raw_and_typed_contents(server, images, reference, th
 
 # --- batching ----------------------------------------------------------------------------------
 
+
 def _merged_calls(server) -> float:
     """Model calls that served more than one request, from the server's Prometheus metrics."""
     labels = {"model_name": MODEL_NAME}
-    return (metric(server, "chest_ct_model_call_requests_count", **labels)
-            - metric(server, "chest_ct_model_call_requests_bucket", le="1.0", **labels))
+    return metric(server, "chest_ct_model_call_requests_count", **labels) - metric(
+        server, "chest_ct_model_call_requests_bucket", le="1.0", **labels
+    )
 
 
 def test_concurrent_requests_are_merged_and_each_gets_its_own_answer(server, reference):
@@ -528,8 +638,12 @@ def test_grpc_channel_reuse_under_concurrency(server, images, reference):
     with grpc.insecure_channel(server.grpc_target) as channel:
         stub = GRPCInferenceServiceStub(channel)
         contents = pb.InferTensorContents(bytes_contents=[images["png"]])
-        request = pb.ModelInferRequest(model_name=MODEL_NAME, inputs=[pb.ModelInferRequest.InferInputTensor(
-            name="image", datatype="BYTES", shape=[1], contents=contents)])
+        request = pb.ModelInferRequest(
+            model_name=MODEL_NAME,
+            inputs=[
+                pb.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[1], contents=contents)
+            ],
+        )
         with ThreadPoolExecutor(4) as pool:
             responses = list(pool.map(lambda _: stub.ModelInfer(request, timeout=60), range(8)))
     for resp in responses:

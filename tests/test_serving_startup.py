@@ -39,8 +39,15 @@ def _linked_model(model_dir: Path, target: Path, metadata: dict | None) -> Path:
     return target
 
 
-def _tiny_saved_model(target: Path, metadata: dict, *, with_pixels: bool, probability: float,
-                      with_hu: bool = True, with_guard: bool = True) -> Path:
+def _tiny_saved_model(
+    target: Path,
+    metadata: dict,
+    *,
+    with_pixels: bool,
+    probability: float,
+    with_hu: bool = True,
+    with_guard: bool = True,
+) -> Path:
     """A small SavedModel with the right input names, for the signature and warm-up checks."""
     import tensorflow as tf
 
@@ -114,22 +121,38 @@ def test_directory_that_is_not_a_saved_model(tmp_path, model_dir):
 
 
 def test_saved_model_without_metadata(tmp_path, model_dir):
-    _fails_with(run_server_expecting_failure(_linked_model(model_dir, tmp_path / "m", None)),
-                "no model_metadata.json", "threshold")
+    _fails_with(
+        run_server_expecting_failure(_linked_model(model_dir, tmp_path / "m", None)),
+        "no model_metadata.json",
+        "threshold",
+    )
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"threshold": 1.5}, "'threshold' must be a number between 0 and 1"),
-    ({"threshold": None}, "'threshold' must be a number between 0 and 1"),
-    ({"class_names": ["normal"]}, "'class_names' must be two different non-empty strings"),
-    ({"positive_class": "cancer"}, "'positive_class' must be one of"),
-    ({"image_size": "224"}, "'image_size' must be a positive integer"),
-    ({"mlflow_run_id": 42}, "'mlflow_run_id' must be a string"),
-    ({"ood": None}, "'ood' must hold the out-of-distribution guard's numeric 'threshold'"),
-    ({"ood": {"threshold": "high"}}, "'ood' must hold the out-of-distribution guard's numeric 'threshold'"),
-    ({"window": {"level": -600}}, "'window' must hold the numeric 'level' and 'width'"),
-], ids=["threshold_out_of_range", "threshold_null", "one_class", "unknown_positive_class", "image_size_string",
-        "run_id_not_string", "no_guard", "guard_threshold_text", "window_without_width"])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"threshold": 1.5}, "'threshold' must be a number between 0 and 1"),
+        ({"threshold": None}, "'threshold' must be a number between 0 and 1"),
+        ({"class_names": ["normal"]}, "'class_names' must be two different non-empty strings"),
+        ({"positive_class": "cancer"}, "'positive_class' must be one of"),
+        ({"image_size": "224"}, "'image_size' must be a positive integer"),
+        ({"mlflow_run_id": 42}, "'mlflow_run_id' must be a string"),
+        ({"ood": None}, "'ood' must hold the out-of-distribution guard's numeric 'threshold'"),
+        ({"ood": {"threshold": "high"}}, "'ood' must hold the out-of-distribution guard's numeric 'threshold'"),
+        ({"window": {"level": -600}}, "'window' must hold the numeric 'level' and 'width'"),
+    ],
+    ids=[
+        "threshold_out_of_range",
+        "threshold_null",
+        "one_class",
+        "unknown_positive_class",
+        "image_size_string",
+        "run_id_not_string",
+        "no_guard",
+        "guard_threshold_text",
+        "window_without_width",
+    ],
+)
 def test_invalid_metadata(tmp_path, model_dir, monkeypatch, change, message):
     meta = {**_metadata(model_dir), **change}
     target = _linked_model(model_dir, tmp_path / "m", meta)
@@ -167,8 +190,9 @@ def test_saved_model_without_the_hu_signature(tmp_path, model_dir, monkeypatch):
 
 def test_saved_model_without_the_guard_outputs_is_refused(tmp_path, model_dir, monkeypatch):
     """A model exported before the out-of-distribution guard would answer for anything: not served."""
-    target = _tiny_saved_model(tmp_path / "m", _metadata(model_dir), with_pixels=True, with_guard=False,
-                               probability=0.5)
+    target = _tiny_saved_model(
+        tmp_path / "m", _metadata(model_dir), with_pixels=True, with_guard=False, probability=0.5
+    )
     message = _exit_message(monkeypatch, "--model_dir", str(target))
     assert "must return ['probability', 'ood_score', 'in_distribution']" in message and "re-export" in message
 
@@ -179,14 +203,18 @@ def test_model_failing_its_warm_up_call_never_becomes_ready(tmp_path, model_dir,
     assert "warm-up call" in message and "[0, 1]" in message
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--workers", "2"], "--workers must be 1"),
-    (["--max_batch_size", "0"], "max_batch_size=0"),
-    (["--max_request_bytes", "10"], "max_request_bytes=10"),
-    (["--max_queued_images", "0"], "max_queued_images=0"),
-    (["--deadline_ms", "0"], "deadline_ms=0.0"),
-    (["--model_call_timeout_s", "-1"], "model_call_timeout_s=-1.0"),
-], ids=["workers", "batch_size", "request_bytes", "queued_images", "deadline", "watchdog"])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--workers", "2"], "--workers must be 1"),
+        (["--max_batch_size", "0"], "max_batch_size=0"),
+        (["--max_request_bytes", "10"], "max_request_bytes=10"),
+        (["--max_queued_images", "0"], "max_queued_images=0"),
+        (["--deadline_ms", "0"], "deadline_ms=0.0"),
+        (["--model_call_timeout_s", "-1"], "model_call_timeout_s=-1.0"),
+    ],
+    ids=["workers", "batch_size", "request_bytes", "queued_images", "deadline", "watchdog"],
+)
 def test_invalid_server_flags(model_dir, monkeypatch, args, message):
     assert message in _exit_message(monkeypatch, "--model_dir", str(model_dir), *args)
 

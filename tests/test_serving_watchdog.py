@@ -13,8 +13,16 @@ import grpc
 import pytest
 import requests
 
-from tests.serving_helpers import (GATE, MODEL_NAME, ServerProcess, marked_png, metric, steerable_model,
-                                   steerable_probability, wait_for)
+from tests.serving_helpers import (
+    GATE,
+    MODEL_NAME,
+    ServerProcess,
+    marked_png,
+    metric,
+    steerable_model,
+    steerable_probability,
+    wait_for,
+)
 from tests.test_serving_overload import body, grpc_request, post, probabilities
 
 
@@ -52,8 +60,10 @@ def _stub(server):
 
 
 def _ready(server) -> tuple[int, int]:
-    return (requests.get(f"{server.url}/v2/models/{MODEL_NAME}/ready", timeout=10).status_code,
-            requests.get(f"{server.url}/v2/health/ready", timeout=10).status_code)
+    return (
+        requests.get(f"{server.url}/v2/models/{MODEL_NAME}/ready", timeout=10).status_code,
+        requests.get(f"{server.url}/v2/health/ready", timeout=10).status_code,
+    )
 
 
 def _serves(server, stub) -> None:
@@ -93,8 +103,11 @@ def test_the_default_deadline_answers_504_and_deadline_exceeded(short_deadline):
     calls = metric(server, "chest_ct_model_call_images_count", model_name=MODEL_NAME)
     with ThreadPoolExecutor(4) as pool:
         blocker = pool.submit(post, server, body([marked_png(GATE)]))
-        wait_for(lambda: metric(server, "chest_ct_model_call_images_count", model_name=MODEL_NAME) > calls,
-                 "the gated model call to start", server=server)
+        wait_for(
+            lambda: metric(server, "chest_ct_model_call_images_count", model_name=MODEL_NAME) > calls,
+            "the gated model call to start",
+            server=server,
+        )
         queued = pool.submit(post, server, body([marked_png(None, seed=1)]))  # no client deadline: the server's
         with pytest.raises(grpc.RpcError) as caught:
             stub.ModelInfer(grpc_request([marked_png(None, seed=2)]), timeout=60)

@@ -14,12 +14,15 @@ from tests.conftest import write_dataset
 FILE_ID = "1z0mreUtRmR-P-magILsDR3T7M6IkGXtY"
 
 
-@pytest.mark.parametrize("uri", [
-    f"gdrive://{FILE_ID}",
-    f"https://drive.google.com/file/d/{FILE_ID}/view?usp=sharing",
-    f"https://drive.google.com/uc?id={FILE_ID}&export=download",
-    f"https://drive.google.com/open?id={FILE_ID}",
-])
+@pytest.mark.parametrize(
+    "uri",
+    [
+        f"gdrive://{FILE_ID}",
+        f"https://drive.google.com/file/d/{FILE_ID}/view?usp=sharing",
+        f"https://drive.google.com/uc?id={FILE_ID}&export=download",
+        f"https://drive.google.com/open?id={FILE_ID}",
+    ],
+)
 def test_drive_file_id_forms(uri):
     assert drive_file_id(uri) == FILE_ID
 
@@ -29,12 +32,15 @@ def test_drive_uri_without_id():
         drive_file_id("https://drive.google.com/drive/my-drive")
 
 
-@pytest.mark.parametrize("uri, message", [
-    ("ftp://host/data.zip", "unsupported scheme 'ftp'"),
-    ("gs://bucket/data.zip", "unsupported scheme 'gs'"),
-    ("", "data_uri is empty"),
-    ("/no/such/dataset", "does not exist"),
-])
+@pytest.mark.parametrize(
+    "uri, message",
+    [
+        ("ftp://host/data.zip", "unsupported scheme 'ftp'"),
+        ("gs://bucket/data.zip", "unsupported scheme 'gs'"),
+        ("", "data_uri is empty"),
+        ("/no/such/dataset", "does not exist"),
+    ],
+)
 def test_bad_uris(tmp_path, uri, message):
     with pytest.raises(DataSourceError, match=message):
         fetch(uri, tmp_path)
@@ -124,7 +130,8 @@ def test_s3_prefix_folder_with_endpoint_from_env(tmp_path, s3, s3_endpoint, smal
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     root = fetch("s3://datasets/ct/v1", tmp_path / "work")
     assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png")) == sorted(
-        p.relative_to(small_dataset).as_posix() for p in small_dataset.rglob("*.png"))
+        p.relative_to(small_dataset).as_posix() for p in small_dataset.rglob("*.png")
+    )
 
 
 def test_s3_missing_object_and_empty_prefix(tmp_path, s3, s3_endpoint):
@@ -151,7 +158,7 @@ def test_s3_keys_that_would_escape_the_folder_are_refused_and_listed(tmp_path, s
         "ct/v1/../outside.png": "escapes its folder ('..')",
         "ct/v1/train/../../../outside2.png": "escapes its folder ('..')",
         "ct/v1/train\\..\\..\\outside3.png": "escapes its folder ('..')",
-        f"ct/v1/{good[0][len('ct/v1/'):]}/inside-a-file.png": "clashes with another key",
+        f"ct/v1/{good[0][len('ct/v1/') :]}/inside-a-file.png": "clashes with another key",
     }
     for key in hostile:
         s3.put_object(Bucket="datasets", Key=key, Body=b"evil")
@@ -162,22 +169,28 @@ def test_s3_keys_that_would_escape_the_folder_are_refused_and_listed(tmp_path, s
     assert all(refused[key].startswith(reason) for key, reason in hostile.items())
     assert fetched.downloaded_files == len(good) == 4
     on_disk = sorted(p.relative_to(fetched.root).as_posix() for p in fetched.root.rglob("*") if p.is_file())
-    assert on_disk == sorted(k[len("ct/v1/"):] for k in good)
+    assert on_disk == sorted(k[len("ct/v1/") :] for k in good)
     assert [p for p in tmp_path.rglob("*") if p.is_file() and p.name.startswith("outside")] == []
     assert not Path("/etc/chest-ct-evil.png").exists()
-    assert fetch("s3://datasets/ct/v1/", tmp_path / "again", s3_endpoint_url=s3_endpoint).is_dir(), "fetch() still returns the folder"
+    assert fetch("s3://datasets/ct/v1/", tmp_path / "again", s3_endpoint_url=s3_endpoint).is_dir(), (
+        "fetch() still returns the folder"
+    )
 
 
 def test_s3_folder_of_refused_keys_only(tmp_path, s3, s3_endpoint):
     s3.put_object(Bucket="datasets", Key="bad//abs.png", Body=b"x")
-    with pytest.raises(DataSourceError, match=r"no objects under s3://datasets/bad/ \(1 refused: 'bad//abs.png' has an absolute"):
+    with pytest.raises(
+        DataSourceError, match=r"no objects under s3://datasets/bad/ \(1 refused: 'bad//abs.png' has an absolute"
+    ):
         fetch_dataset("s3://datasets/bad", tmp_path, s3_endpoint_url=s3_endpoint)
 
 
 def test_s3_folder_file_cap_stops_before_downloading_the_rest(tmp_path, s3, s3_endpoint):
     for i in range(8):
         s3.put_object(Bucket="datasets", Key=f"many/f{i}.png", Body=b"x" * 10)
-    with pytest.raises(UnsafeArchiveError, match=r"s3://datasets/many/: more than the cap of 3 files \(reached at 'many/f3.png'\)"):
+    with pytest.raises(
+        UnsafeArchiveError, match=r"s3://datasets/many/: more than the cap of 3 files \(reached at 'many/f3.png'\)"
+    ):
         fetch_dataset("s3://datasets/many", tmp_path, s3_endpoint_url=s3_endpoint, max_files=3)
     assert len([p for p in tmp_path.rglob("*.png")]) <= 3
 
@@ -185,7 +198,9 @@ def test_s3_folder_file_cap_stops_before_downloading_the_rest(tmp_path, s3, s3_e
 def test_s3_folder_byte_cap(tmp_path, s3, s3_endpoint):
     for i in range(4):
         s3.put_object(Bucket="datasets", Key=f"big/f{i}.png", Body=b"x" * 1000)
-    with pytest.raises(UnsafeArchiveError, match=r"'big/f2.png' brings the total to 3000 bytes, more than the cap of 2500"):
+    with pytest.raises(
+        UnsafeArchiveError, match=r"'big/f2.png' brings the total to 3000 bytes, more than the cap of 2500"
+    ):
         fetch_dataset("s3://datasets/big", tmp_path, s3_endpoint_url=s3_endpoint, max_bytes=2500)
     fetched = fetch_dataset("s3://datasets/big", tmp_path / "ok", s3_endpoint_url=s3_endpoint, max_bytes=4000)
     assert (fetched.downloaded_files, fetched.downloaded_bytes) == (4, 4000)
@@ -222,6 +237,8 @@ def test_s3_folder_downloads_concurrently(tmp_path, s3, s3_endpoint, concurrency
     finally:
         boto3.DEFAULT_SESSION = None
     assert fetched.downloaded_files == 24
-    assert sorted((fetched.root / f"f{i:02d}.png").read_bytes() for i in range(24)) == sorted(bytes([i]) * 100 for i in range(24))
+    assert sorted((fetched.root / f"f{i:02d}.png").read_bytes() for i in range(24)) == sorted(
+        bytes([i]) * 100 for i in range(24)
+    )
     assert at_least <= probe.most <= at_most
     assert probe.heads == 0, "sizes come from the listing: no HEAD request per object"

@@ -5,6 +5,7 @@ and refuses what the KFP backend refuses: in multi-user mode an identity and a
 namespace are required, and pipeline specs are parsed strictly.
 """
 
+from datetime import UTC
 from pathlib import Path
 
 import pytest
@@ -50,8 +51,9 @@ def kfp_api():
 
 @pytest.fixture
 def multi_user_api():
-    fake = FakeKfp(multi_user=True, tokens={TOKEN: (IDENTITY, ("pipelines.kubeflow.org",))},
-                   access={IDENTITY: {PROFILE}})
+    fake = FakeKfp(
+        multi_user=True, tokens={TOKEN: (IDENTITY, ("pipelines.kubeflow.org",))}, access={IDENTITY: {PROFILE}}
+    )
     with serve(fake) as url:
         yield fake, url
 
@@ -117,9 +119,26 @@ def test_upload_of_a_missing_package_says_to_compile(cli, tmp_path, capsys):
 def test_run_sends_typed_parameters_into_a_created_experiment(cli, package):
     fake, run = cli
 
-    assert run("run", "--experiment", "chest-ct-dev", "--package", str(package), "--run-name", "smoke",
-               "--param", "epochs=3", "--param", "learning_rate=1e-4", "--param", "augment=false",
-               "--param", "data_uri=s3://data/ct-2024") == 0
+    assert (
+        run(
+            "run",
+            "--experiment",
+            "chest-ct-dev",
+            "--package",
+            str(package),
+            "--run-name",
+            "smoke",
+            "--param",
+            "epochs=3",
+            "--param",
+            "learning_rate=1e-4",
+            "--param",
+            "augment=false",
+            "--param",
+            "data_uri=s3://data/ct-2024",
+        )
+        == 0
+    )
 
     [experiment] = fake.sent("POST", "/apis/v2beta1/experiments")
     assert experiment.json()["display_name"] == "chest-ct-dev"
@@ -128,14 +147,17 @@ def test_run_sends_typed_parameters_into_a_created_experiment(cli, package):
     assert body["experiment_id"] == next(iter(fake.experiments))
     assert body["display_name"] == "smoke"
     assert body["runtime_config"]["parameters"] == {
-        "epochs": 3, "learning_rate": 0.0001, "augment": False, "data_uri": "s3://data/ct-2024"}
+        "epochs": 3,
+        "learning_rate": 0.0001,
+        "augment": False,
+        "data_uri": "s3://data/ct-2024",
+    }
     assert body["pipeline_spec"]["pipelineInfo"]["name"] == "tiny-chest-ct"
 
 
 def test_run_reuses_an_existing_experiment(cli, package):
     fake, run = cli
-    fake.experiments["experiment-42"] = {"experiment_id": "experiment-42", "display_name": "chest-ct",
-                                         "namespace": ""}
+    fake.experiments["experiment-42"] = {"experiment_id": "experiment-42", "display_name": "chest-ct", "namespace": ""}
 
     assert run("run", "--package", str(package)) == 0
 
@@ -155,8 +177,10 @@ def test_run_of_the_newest_uploaded_version(cli, package):
     body = fake.sent("POST", "/apis/v2beta1/runs")[0].json()
     pipeline_id = next(iter(fake.pipelines))
     newest = [v for v in fake.versions[pipeline_id] if v["display_name"] == "newest"][0]
-    assert body["pipeline_version_reference"] == {"pipeline_id": pipeline_id,
-                                                  "pipeline_version_id": newest["pipeline_version_id"]}
+    assert body["pipeline_version_reference"] == {
+        "pipeline_id": pipeline_id,
+        "pipeline_version_id": newest["pipeline_version_id"],
+    }
     assert "pipeline_spec" not in body
     assert body["runtime_config"]["parameters"] == {"epochs": 2}  # typed from the server's copy of the spec
     assert body["service_account"] == "chest-ct-runner"
@@ -195,7 +219,8 @@ def test_run_of_an_unknown_pipeline_says_to_upload(cli, capsys):
 
 
 def test_multi_user_server_without_a_namespace_is_refused_before_anything_is_created(
-        multi_user_api, package, monkeypatch, capsys):
+    multi_user_api, package, monkeypatch, capsys
+):
     fake, run = _cli(*multi_user_api, monkeypatch)
     assert run("run", "--package", str(package)) == 2
     assert "namespace: this KFP server runs in multi-user mode" in capsys.readouterr().err
@@ -241,8 +266,20 @@ def test_multi_user_run_and_schedule_land_in_the_profile(multi_user_api, package
 def test_schedule_creates_a_recurring_run_on_a_six_field_cron(cli, package, capsys):
     fake, run = cli
 
-    assert run("schedule", "--package", str(package), "--cron", "0  0 3 * * MON-FRI", "--name", "nightly",
-               "--param", "epochs=20") == 0
+    assert (
+        run(
+            "schedule",
+            "--package",
+            str(package),
+            "--cron",
+            "0  0 3 * * MON-FRI",
+            "--name",
+            "nightly",
+            "--param",
+            "epochs=20",
+        )
+        == 0
+    )
 
     [request] = fake.sent("POST", "/apis/v2beta1/recurringruns")
     body = request.json()
@@ -280,10 +317,10 @@ def test_schedule_refuses_a_five_field_cron_and_shows_the_fix(cli, package, caps
     ],
 )
 def test_validate_cron_accepts_what_kfp_accepts_and_fires_when_kfp_would(expression, first, second):
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     assert validate_cron(expression) == " ".join(expression.split())
-    start = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    start = datetime(2030, 1, 1, tzinfo=UTC)
     assert [f"{t:%Y-%m-%d %H:%M:%S}" for t in next_runs(expression, 2, after=start)] == [first, second]
 
 
@@ -343,8 +380,10 @@ def test_list_of_a_missing_experiment_is_empty(cli, capsys):
 # ------------------------------------------------------------------ connect
 
 
-@pytest.mark.parametrize(("host", "message"), [(None, "host: required"), ("", "host: required"),
-                                               ("kfp.example.com", "host: expected an http")])
+@pytest.mark.parametrize(
+    ("host", "message"),
+    [(None, "host: required"), ("", "host: required"), ("kfp.example.com", "host: expected an http")],
+)
 def test_connect_needs_an_http_host(host, message):
     with pytest.raises(ValueError, match=message):
         kfp_client.connect(host)

@@ -18,8 +18,10 @@ def archive(project: str, version: str) -> Path:
     for path in sorted(PLATFORMS.glob("*")):
         if re.fullmatch(rf"{stem}-{re.escape(version)}(-py3-none-any\.whl|\.tar\.gz)", path.name, re.IGNORECASE):
             return path
-    pytest.skip(f"{project}=={version} is not in {PLATFORMS.name}/: run `make test` (it downloads "
-                "requirements-platforms.lock) or the same pip download by hand")
+    pytest.skip(
+        f"{project}=={version} is not in {PLATFORMS.name}/: run `make test` (it downloads "
+        "requirements-platforms.lock) or the same pip download by hand"
+    )
 
 
 def read_member(path: Path, suffix: str) -> str:

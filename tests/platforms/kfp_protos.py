@@ -34,8 +34,15 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, duration_pb2, json_format, message_factory
-from google.protobuf import struct_pb2
+from google.protobuf import (
+    any_pb2,
+    descriptor_pb2,
+    descriptor_pool,
+    duration_pb2,
+    json_format,
+    message_factory,
+    struct_pb2,
+)
 from google.rpc import status_pb2
 
 from tests.platforms.archives import archive, read_member
@@ -89,6 +96,9 @@ def backend(version: str) -> BackendProtos:
         module.DESCRIPTOR.CopyToProto(proto)
         pool.Add(proto)
     pool.Add(_file_descriptor(read_member(archive("kfp-pipeline-spec", spec_version), "pipeline_spec_pb2.py")))
-    pool.Add(_file_descriptor(read_member(archive("kfp-kubernetes", kubernetes_version),
-                                          "kubernetes_executor_config_pb2.py")))
+    pool.Add(
+        _file_descriptor(
+            read_member(archive("kfp-kubernetes", kubernetes_version), "kubernetes_executor_config_pb2.py")
+        )
+    )
     return BackendProtos(version, pool)

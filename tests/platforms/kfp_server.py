@@ -115,8 +115,10 @@ class FakeKfp:
     def _check_spec(self, documents: list[dict]) -> None:
         [pipeline] = [d for d in documents if "root" in d or "pipelineInfo" in d]
         if pipeline.get("schemaVersion") != "2.1.0":
-            raise _invalid(f"KFP only supports schema version 2.1.0, but the pipeline spec has version "
-                           f"{pipeline.get('schemaVersion')}")
+            raise _invalid(
+                f"KFP only supports schema version 2.1.0, but the pipeline spec has version "
+                f"{pipeline.get('schemaVersion')}"
+            )
         if self.backend_version is None:
             return
         from google.protobuf.json_format import ParseError
@@ -155,8 +157,12 @@ class FakeKfp:
             self._authorize(request, namespace)
             content = request.upload_file()
             self._check_spec([d for d in yaml.safe_load_all(content) if d])
-            pipeline = {"pipeline_id": self.new_id("pipeline"), "display_name": q["name"],
-                        "description": q.get("description", ""), "namespace": namespace}
+            pipeline = {
+                "pipeline_id": self.new_id("pipeline"),
+                "display_name": q["name"],
+                "description": q.get("description", ""),
+                "namespace": namespace,
+            }
             self.pipelines[pipeline["pipeline_id"]] = pipeline
             self._add_version(pipeline["pipeline_id"], q["name"], content)
             return _public(pipeline)
@@ -166,8 +172,11 @@ class FakeKfp:
             content = request.upload_file()
             self._check_spec([d for d in yaml.safe_load_all(content) if d])
             return self._add_version(q["pipelineid"], q["name"], content)
-        if request.method == "GET" and request.path.startswith("/apis/v2beta1/pipelines/") and request.path.endswith(
-                "/versions"):
+        if (
+            request.method == "GET"
+            and request.path.startswith("/apis/v2beta1/pipelines/")
+            and request.path.endswith("/versions")
+        ):
             pipeline_id = request.path.split("/")[4]
             self._authorize(request, self.pipelines[pipeline_id]["namespace"])
             newest = sorted(self.versions.get(pipeline_id, []), key=lambda v: v["created_at"], reverse=True)
@@ -194,10 +203,14 @@ class FakeKfp:
             self._authorize(request, namespace)
             if "pipeline_spec" in body:  # inline spec; kfp.Client wraps it when there is a platform spec
                 spec = body["pipeline_spec"]
-                self._check_spec([spec["pipeline_spec"], spec["platform_spec"]] if "platform_spec" in spec
-                                 else [spec])
-            run = {**body, "run_id": self.new_id("run"), "state": "PENDING", "namespace": namespace,
-                   "created_at": f"2030-01-01T00:00:{len(self.runs):02d}Z"}
+                self._check_spec([spec["pipeline_spec"], spec["platform_spec"]] if "platform_spec" in spec else [spec])
+            run = {
+                **body,
+                "run_id": self.new_id("run"),
+                "state": "PENDING",
+                "namespace": namespace,
+                "created_at": f"2030-01-01T00:00:{len(self.runs):02d}Z",
+            }
             self.runs.append(run)
             return run
         if route == ("GET", "/apis/v2beta1/runs"):
@@ -231,9 +244,13 @@ class FakeKfp:
 
     def _add_version(self, pipeline_id: str, name: str, content: bytes) -> dict:
         versions = self.versions.setdefault(pipeline_id, [])
-        version = {"pipeline_id": pipeline_id, "pipeline_version_id": self.new_id("version"), "display_name": name,
-                   "created_at": f"2030-01-01T00:{len(versions):02d}:00Z",
-                   "pipeline_spec": next(yaml.safe_load_all(content))}
+        version = {
+            "pipeline_id": pipeline_id,
+            "pipeline_version_id": self.new_id("version"),
+            "display_name": name,
+            "created_at": f"2030-01-01T00:{len(versions):02d}:00Z",
+            "pipeline_spec": next(yaml.safe_load_all(content)),
+        }
         versions.append(version)
         return version
 
@@ -260,9 +277,13 @@ def serve(fake: FakeKfp) -> Iterator[str]:
         def _serve(self) -> None:
             url = urlsplit(self.path)
             length = int(self.headers.get("Content-Length") or 0)
-            request = Request(self.command, url.path, parse_qs(url.query, keep_blank_values=True),
-                              {k.lower(): v for k, v in self.headers.items()},
-                              self.rfile.read(length) if length else b"")
+            request = Request(
+                self.command,
+                url.path,
+                parse_qs(url.query, keep_blank_values=True),
+                {k.lower(): v for k, v in self.headers.items()},
+                self.rfile.read(length) if length else b"",
+            )
             code, payload = fake.handle(request)
             data = json.dumps(payload).encode()
             self.send_response(code)

@@ -61,9 +61,13 @@ def sdk_models(version: str) -> dict[str, dict[str, dict[str, str]]]:
     for source in members(archive("kserve", version), "kserve/models/").values():
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, ast.ClassDef):
-                tables = {st.targets[0].id: ast.literal_eval(st.value) for st in node.body
-                          if isinstance(st, ast.Assign) and isinstance(st.targets[0], ast.Name)
-                          and st.targets[0].id in ("attribute_map", "openapi_types")}
+                tables = {
+                    st.targets[0].id: ast.literal_eval(st.value)
+                    for st in node.body
+                    if isinstance(st, ast.Assign)
+                    and isinstance(st.targets[0], ast.Name)
+                    and st.targets[0].id in ("attribute_map", "openapi_types")
+                }
                 if len(tables) == 2:
                     models[node.name] = tables
     return models
@@ -108,8 +112,10 @@ class Release:
         predictor = (obj.get("spec") or {}).get("predictor") or {}
         metric = predictor.get("scaleMetric")
         if metric is not None and metric not in _SCALE_METRICS:
-            raise Invalid(f'spec.predictor.scaleMetric: Unsupported value: "{metric}": supported values: '
-                          + ", ".join(f'"{m}"' for m in sorted(_SCALE_METRICS)))
+            raise Invalid(
+                f'spec.predictor.scaleMetric: Unsupported value: "{metric}": supported values: '
+                + ", ".join(f'"{m}"' for m in sorted(_SCALE_METRICS))
+            )
         return unknown
 
     def unknown_fields_of(self, obj: dict[str, Any], type_name: str) -> list[str]:
@@ -141,21 +147,32 @@ class Release:
             return
         if type_name.startswith("dict("):
             self._expect(value, dict, path, "object")
-            inner = type_name[type_name.index(",") + 1:-1].strip()
+            inner = type_name[type_name.index(",") + 1 : -1].strip()
             quantity = path.endswith((".limits", ".requests")) or inner == "ResourceQuantity"
             for key, item in value.items():
                 self._walk(item, "quantity" if quantity else inner, _join(path, key), unknown)
             return
-        primitive = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "datetime": (str,),
-                     "date": (str,), "object": (object,), "quantity": (str, int, float),
-                     "ResourceQuantity": (str, int, float)}
+        primitive = {
+            "str": (str,),
+            "int": (int,),
+            "float": (int, float),
+            "bool": (bool,),
+            "datetime": (str,),
+            "date": (str,),
+            "object": (object,),
+            "quantity": (str, int, float),
+            "ResourceQuantity": (str, int, float),
+        }
         if type_name in primitive:
             allowed = primitive[type_name]
-            if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed
-                                                    and object not in allowed):
+            if not isinstance(value, allowed) or (
+                isinstance(value, bool) and bool not in allowed and object not in allowed
+            ):
                 json_type = {"str": "string", "int": "integer", "bool": "boolean"}.get(type_name, type_name)
-                raise Invalid(f'{path}: Invalid value: "{type(value).__name__}": {path} in body must be of type '
-                              f'{json_type}: {json.dumps(value)}')
+                raise Invalid(
+                    f'{path}: Invalid value: "{type(value).__name__}": {path} in body must be of type '
+                    f"{json_type}: {json.dumps(value)}"
+                )
             return
         attribute_map, types = self._model(type_name)
         self._expect(value, dict, path, "object")
@@ -177,8 +194,9 @@ class Release:
     @staticmethod
     def _expect(value: Any, kind: type, path: str, json_type: str) -> None:
         if not isinstance(value, kind):
-            raise Invalid(f'{path}: Invalid value: "{type(value).__name__}": {path} in body must be of type '
-                          f"{json_type}")
+            raise Invalid(
+                f'{path}: Invalid value: "{type(value).__name__}": {path} in body must be of type {json_type}'
+            )
 
     # ------------------------------------------------------------ admission
 
@@ -190,12 +208,15 @@ class Release:
             recorded = (old.get("status") or {}).get("deploymentMode")
             wanted = annotations.get("serving.kserve.io/deploymentMode")
             if recorded and wanted is not None and wanted != recorded:
-                raise Invalid(f"update rejected: deploymentMode cannot be changed from '{recorded}' to '{wanted}'",
-                              webhook=True)
+                raise Invalid(
+                    f"update rejected: deploymentMode cannot be changed from '{recorded}' to '{wanted}'", webhook=True
+                )
         if not _ISVC_NAME.match(name):
-            raise Invalid(f"The InferenceService \"{name}\" is invalid: a InferenceService name must consist of "
-                          "lower case alphanumeric characters or '-', and must start with alphabetical character",
-                          webhook=True)
+            raise Invalid(
+                f'The InferenceService "{name}" is invalid: a InferenceService name must consist of '
+                "lower case alphanumeric characters or '-', and must start with alphabetical character",
+                webhook=True,
+            )
         predictor = new["spec"].get("predictor") or {}
         if (predictor.get("containerConcurrency") or 0) < 0:
             raise Invalid("the lower bound for containerConcurrency is 0", webhook=True)
@@ -206,12 +227,14 @@ class Release:
         if annotations.get("serving.kserve.io/deploymentMode") != standard:  # Knative (KPA) autoscaling
             metric = predictor.get("scaleMetric", "concurrency")
             if metric not in ("concurrency", "rps"):
-                raise Invalid(f"the autoscaler metric '{metric}' is not supported for Knative Pod Autoscaler",
-                              webhook=True)
+                raise Invalid(
+                    f"the autoscaler metric '{metric}' is not supported for Knative Pod Autoscaler", webhook=True
+                )
             if metric == "rps" and predictor.get("scaleTarget", 1) < 1:
                 raise Invalid("the target for rps should be greater than 1", webhook=True)
         if not predictor.get("containers") and not any(
-                k in predictor for k in ("model", "sklearn", "tensorflow", "pytorch", "triton", "xgboost")):
+            k in predictor for k in ("model", "sklearn", "tensorflow", "pytorch", "triton", "xgboost")
+        ):
             raise Invalid("exactly one of [Custom, ...] must be specified in PredictorSpec", webhook=True)
 
     # ------------------------------------------------------------ controller
@@ -263,12 +286,20 @@ class Controller:
             status["deploymentMode"] = mode
         predictor = obj["spec"]["predictor"]
         template = json.dumps({k: v for k, v in predictor.items() if k != "canaryTrafficPercent"}, sort_keys=True)
-        uri = next((e.get("value") for c in predictor.get("containers", []) for e in c.get("env", [])
-                    if e.get("name") == "STORAGE_URI"), None)
+        uri = next(
+            (
+                e.get("value")
+                for c in predictor.get("containers", [])
+                for e in c.get("env", [])
+                if e.get("name") == "STORAGE_URI"
+            ),
+            None,
+        )
         revisions = self.revisions.setdefault(key, [])
         if not revisions or revisions[-1].template != template:
-            revisions.append(Revision(f"{key[1]}-predictor-{len(revisions) + 1:05d}", template, uri,
-                                      self.startup_polls))
+            revisions.append(
+                Revision(f"{key[1]}-predictor-{len(revisions) + 1:05d}", template, uri, self.startup_polls)
+            )
         latest = revisions[-1]
         if tick and latest.state == "Unknown":
             latest.polls_left -= 1
@@ -276,9 +307,13 @@ class Controller:
             if uri and self.model_exists(uri):
                 latest.state = "True"
             else:
-                latest.state, latest.message = "False", (
-                    f'Revision "{latest.name}" failed with message: Container storage-initializer: '
-                    f"no model found under {uri}")
+                latest.state, latest.message = (
+                    "False",
+                    (
+                        f'Revision "{latest.name}" failed with message: Container storage-initializer: '
+                        f"no model found under {uri}"
+                    ),
+                )
         ready = [r for r in revisions if r.state == "True"]
         component = status.setdefault("components", {}).setdefault("predictor", {})
         component["latestCreatedRevision"] = latest.name
@@ -299,8 +334,9 @@ class Controller:
         if canary is not None and rolled_out:  # ksvc_reconciler.go
             targets = [{"latestRevision": True, "percent": canary}]
             if canary < 100:
-                targets.append({"revisionName": rolled_out, "latestRevision": False, "percent": 100 - canary,
-                                "tag": "prev"})
+                targets.append(
+                    {"revisionName": rolled_out, "latestRevision": False, "percent": 100 - canary, "tag": "prev"}
+                )
         else:
             targets = [{"latestRevision": True, "percent": 100}]
         traffic = [{**t, "revisionName": t.get("revisionName") or latest_ready} for t in targets if latest_ready]
@@ -313,8 +349,12 @@ class Controller:
                     if t["percent"] == 100:
                         component["previousRolledoutRevision"] = rolled_out
                         component["latestRolledoutRevision"] = latest_ready
-                elif (latest_ready == component["latestCreatedRevision"] and t["percent"] < 100
-                      and per_revision.get(t["revisionName"]) == 100 and component.get("previousRolledoutRevision")):
+                elif (
+                    latest_ready == component["latestCreatedRevision"]
+                    and t["percent"] < 100
+                    and per_revision.get(t["revisionName"]) == 100
+                    and component.get("previousRolledoutRevision")
+                ):
                     component["latestRolledoutRevision"] = component["previousRolledoutRevision"]
         component["traffic"] = traffic
         for key in ("previousRolledoutRevision", "latestRolledoutRevision"):
@@ -326,7 +366,9 @@ class Controller:
         if latest.state == "False":
             condition.update(reason="RevisionFailed", message=latest.message)
         elif latest.state == "Unknown":
-            condition.update(reason="RevisionMissing", message="Configuration is waiting for a Revision to become ready.")
+            condition.update(
+                reason="RevisionMissing", message="Configuration is waiting for a Revision to become ready."
+            )
         obj["status"]["conditions"] = [condition]
         obj["status"]["observedGeneration"] = obj["metadata"]["generation"]
         if latest.state == "True":

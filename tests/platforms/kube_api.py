@@ -28,7 +28,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from tests.platforms.kserve import Controller, Invalid, Release
-from tests.platforms.rbac import Authorizer, Request as RbacRequest
+from tests.platforms.rbac import Authorizer
+from tests.platforms.rbac import Request as RbacRequest
 
 PREFIX = "/apis/serving.kserve.io/v1beta1/namespaces/"
 WEBHOOK = "inferenceservice.kserve-webhook-server.validator"
@@ -75,11 +76,15 @@ class FakeKubeApi:
     _versions: Any = field(default_factory=lambda: itertools.count(1))
 
     def writes(self, *, dry_run: bool | None = None) -> list[Recorded]:
-        return [r for r in self.requests if r.method in ("POST", "PATCH")
-                and (dry_run is None or (r.query.get("dryRun") == "All") == dry_run)]
+        return [
+            r
+            for r in self.requests
+            if r.method in ("POST", "PATCH") and (dry_run is None or (r.query.get("dryRun") == "All") == dry_run)
+        ]
 
-    def handle(self, method: str, path: str, query: dict[str, str], headers: dict[str, str],
-               body: Any) -> tuple[int, dict, list[str]]:
+    def handle(
+        self, method: str, path: str, query: dict[str, str], headers: dict[str, str], body: Any
+    ) -> tuple[int, dict, list[str]]:
         record = Recorded(method, path, query, headers.get("content-type"), body)
         self.requests.append(record)
         warnings: list[str] = []
@@ -96,15 +101,25 @@ class FakeKubeApi:
                 return 200, self._patch(namespace, name, body, query, warnings), warnings
             raise _Failure(405, "MethodNotAllowed", method)
         except _Failure as failure:
-            return failure.code, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": failure.code,
-                                  "reason": failure.reason, "message": failure.message}, warnings
+            return (
+                failure.code,
+                {
+                    "kind": "Status",
+                    "apiVersion": "v1",
+                    "status": "Failure",
+                    "code": failure.code,
+                    "reason": failure.reason,
+                    "message": failure.message,
+                },
+                warnings,
+            )
 
     # ------------------------------------------------------------ steps
 
     def _route(self, path: str) -> tuple[str, str]:
         if not path.startswith(PREFIX):
             raise _Failure(404, "NotFound", path)
-        parts = path[len(PREFIX):].split("/")
+        parts = path[len(PREFIX) :].split("/")
         if len(parts) not in (2, 3) or parts[1] != "inferenceservices":
             raise _Failure(404, "NotFound", path)
         return parts[0], parts[2] if len(parts) == 3 else ""
@@ -137,11 +152,17 @@ class FakeKubeApi:
         try:
             unknown = self.release.unknown_fields(obj)
         except Invalid as err:
-            raise _Failure(422, "Invalid", f'InferenceService.serving.kserve.io "{name}" is invalid: {err.message}') from None
+            raise _Failure(
+                422, "Invalid", f'InferenceService.serving.kserve.io "{name}" is invalid: {err.message}'
+            ) from None
         if unknown and query.get("fieldValidation") == "Strict":
             fields = ", ".join(f'unknown field "{u}"' for u in unknown)
-            raise _Failure(400, "BadRequest", 'InferenceService in version "v1beta1" cannot be handled as a '
-                                              f"InferenceService: strict decoding error: {fields}")
+            raise _Failure(
+                400,
+                "BadRequest",
+                'InferenceService in version "v1beta1" cannot be handled as a '
+                f"InferenceService: strict decoding error: {fields}",
+            )
         warnings += [f'unknown field "{u}"' for u in unknown]
         return self.release.prune(obj, unknown)
 
@@ -149,20 +170,26 @@ class FakeKubeApi:
         try:
             self.release.admit(new, old)
         except Invalid as err:
-            raise _Failure(403, "Forbidden", f'admission webhook "{WEBHOOK}" denied the request: {err.message}') from None
+            raise _Failure(
+                403, "Forbidden", f'admission webhook "{WEBHOOK}" denied the request: {err.message}'
+            ) from None
 
     def _create(self, namespace: str, body: Any, query: dict[str, str], warnings: list[str]) -> dict:
         if not isinstance(body, dict) or not body.get("metadata", {}).get("name"):
             raise _Failure(422, "Invalid", "metadata.name: Required value")
         if body["metadata"].get("namespace", namespace) != namespace:
-            raise _Failure(400, "BadRequest", "the namespace of the provided object does not match the namespace "
-                                              "sent on the request")
+            raise _Failure(
+                400,
+                "BadRequest",
+                "the namespace of the provided object does not match the namespace sent on the request",
+            )
         key = (namespace, body["metadata"]["name"])
         if key in self.objects:
             raise _Failure(409, "AlreadyExists", f'inferenceservices.serving.kserve.io "{key[1]}" already exists')
         obj = self._validate({k: v for k, v in body.items() if k != "status"}, query, warnings)
-        obj["metadata"].update(namespace=namespace, generation=1, resourceVersion=str(next(self._versions)),
-                               uid=f"uid-{key[1]}")
+        obj["metadata"].update(
+            namespace=namespace, generation=1, resourceVersion=str(next(self._versions)), uid=f"uid-{key[1]}"
+        )
         self._admit(obj, None)
         if query.get("dryRun") == "All":
             return obj
@@ -200,9 +227,13 @@ def serve(api: FakeKubeApi) -> Iterator[str]:
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length) if length else b""
             query = {k: v[0] for k, v in parse_qs(url.query).items()}
-            code, payload, warnings = api.handle(self.command, url.path, query,
-                                                 {k.lower(): v for k, v in self.headers.items()},
-                                                 json.loads(raw) if raw else None)
+            code, payload, warnings = api.handle(
+                self.command,
+                url.path,
+                query,
+                {k.lower(): v for k, v in self.headers.items()},
+                json.loads(raw) if raw else None,
+            )
             data = json.dumps(payload).encode()
             self.send_response(code)
             self.send_header("Content-Type", "application/json")

@@ -16,14 +16,32 @@ from typing import Any
 
 Pod = Mapping[str, Any]
 
-_SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.tcp_syncookies",
-                 "net.ipv4.ping_group_range", "net.ipv4.ip_unprivileged_port_start",
-                 "net.ipv4.ip_local_reserved_ports", "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout",
-                 "net.ipv4.tcp_keepalive_intvl", "net.ipv4.tcp_keepalive_probes", "net.ipv4.tcp_rmem",
-                 "net.ipv4.tcp_wmem"}
+_SAFE_SYSCTLS = {
+    "kernel.shm_rmid_forced",
+    "net.ipv4.ip_local_port_range",
+    "net.ipv4.tcp_syncookies",
+    "net.ipv4.ping_group_range",
+    "net.ipv4.ip_unprivileged_port_start",
+    "net.ipv4.ip_local_reserved_ports",
+    "net.ipv4.tcp_keepalive_time",
+    "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_keepalive_intvl",
+    "net.ipv4.tcp_keepalive_probes",
+    "net.ipv4.tcp_rmem",
+    "net.ipv4.tcp_wmem",
+}
 _SELINUX_TYPES = {"", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"}
-_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "image", "persistentVolumeClaim",
-            "projected", "secret"}
+_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "image",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
 
 
 def containers(pod: Pod) -> Iterator[Mapping[str, Any]]:
@@ -57,15 +75,20 @@ def app_armor(pod: Pod, annotations: Mapping[str, str]) -> str | None:
     bad = [c["name"] for c in containers(pod) if not ok(_context(c).get("appArmorProfile"))]
     if not ok((pod.get("securityContext") or {}).get("appArmorProfile")):
         bad.append("pod")
-    bad += [k for k, v in annotations.items() if k.startswith("container.apparmor.security.beta.kubernetes.io/")
-            and not (v == "runtime/default" or v.startswith("localhost/"))]
+    bad += [
+        k
+        for k, v in annotations.items()
+        if k.startswith("container.apparmor.security.beta.kubernetes.io/")
+        and not (v == "runtime/default" or v.startswith("localhost/"))
+    ]
     return f"forbidden AppArmor profile ({bad})" if bad else None
 
 
 def selinux(pod: Pod, annotations: Mapping[str, str]) -> str | None:
     def ok(options: Mapping[str, Any] | None) -> bool:
-        return options is None or (options.get("type", "") in _SELINUX_TYPES and not options.get("user")
-                                   and not options.get("role"))
+        return options is None or (
+            options.get("type", "") in _SELINUX_TYPES and not options.get("user") and not options.get("role")
+        )
 
     bad = [c["name"] for c in containers(pod) if not ok(_context(c).get("seLinuxOptions"))]
     if not ok((pod.get("securityContext") or {}).get("seLinuxOptions")):
@@ -87,20 +110,25 @@ def windows_host_process(pod: Pod, annotations: Mapping[str, str]) -> str | None
     def on(context: Mapping[str, Any]) -> bool:
         return bool((context.get("windowsOptions") or {}).get("hostProcess"))
 
-    bad = [c["name"] for c in containers(pod) if on(_context(c))] + (["pod"] if on(pod.get("securityContext") or {})
-                                                                      else [])
+    bad = [c["name"] for c in containers(pod) if on(_context(c))] + (
+        ["pod"] if on(pod.get("securityContext") or {}) else []
+    )
     return f"hostProcess ({bad})" if bad else None
 
 
 def host_probes_and_lifecycle(pod: Pod, annotations: Mapping[str, str]) -> str | None:
     def hosts(handler: Mapping[str, Any] | None) -> list[str]:
         handler = handler or {}
-        return [h for h in ((handler.get("httpGet") or {}).get("host"), (handler.get("tcpSocket") or {}).get("host"))
-                if h]
+        return [
+            h for h in ((handler.get("httpGet") or {}).get("host"), (handler.get("tcpSocket") or {}).get("host")) if h
+        ]
 
-    bad = [c["name"] for c in containers(pod)
-           if any(hosts(c.get(p)) for p in ("livenessProbe", "readinessProbe", "startupProbe"))
-           or any(hosts((c.get("lifecycle") or {}).get(h)) for h in ("postStart", "preStop"))]
+    bad = [
+        c["name"]
+        for c in containers(pod)
+        if any(hosts(c.get(p)) for p in ("livenessProbe", "readinessProbe", "startupProbe"))
+        or any(hosts((c.get("lifecycle") or {}).get(h)) for h in ("postStart", "preStop"))
+    ]
     return f"probe or lifecycle host ({bad})" if bad else None
 
 
@@ -113,8 +141,14 @@ def allow_privilege_escalation(pod: Pod, annotations: Mapping[str, str]) -> str 
     if (pod.get("os") or {}).get("name") == "windows":
         return None
     bad = [c["name"] for c in containers(pod) if _context(c).get("allowPrivilegeEscalation") is not False]
-    return (f"allowPrivilegeEscalation != false (containers {bad} must set "
-            "securityContext.allowPrivilegeEscalation=false)") if bad else None
+    return (
+        (
+            f"allowPrivilegeEscalation != false (containers {bad} must set "
+            "securityContext.allowPrivilegeEscalation=false)"
+        )
+        if bad
+        else None
+    )
 
 
 def run_as_non_root(pod: Pod, annotations: Mapping[str, str]) -> str | None:
@@ -132,7 +166,8 @@ def run_as_non_root(pod: Pod, annotations: Mapping[str, str]) -> str | None:
 
 def run_as_user(pod: Pod, annotations: Mapping[str, str]) -> str | None:
     bad = (["pod"] if (pod.get("securityContext") or {}).get("runAsUser") == 0 else []) + [
-        c["name"] for c in containers(pod) if _context(c).get("runAsUser") == 0]
+        c["name"] for c in containers(pod) if _context(c).get("runAsUser") == 0
+    ]
     return f"runAsUser=0 ({bad} must not set runAsUser=0)" if bad else None
 
 
@@ -143,33 +178,55 @@ def seccomp_restricted(pod: Pod, annotations: Mapping[str, str]) -> str | None:
     pod_profile = (pod.get("securityContext") or {}).get("seccompProfile")
     if pod_profile is not None and not valid(pod_profile):
         return f"seccompProfile (pod must not set securityContext.seccompProfile.type to {pod_profile.get('type')})"
-    explicit = [c["name"] for c in containers(pod) if "seccompProfile" in _context(c)
-                and not valid(_context(c)["seccompProfile"])]
+    explicit = [
+        c["name"]
+        for c in containers(pod)
+        if "seccompProfile" in _context(c) and not valid(_context(c)["seccompProfile"])
+    ]
     implicit = [c["name"] for c in containers(pod) if "seccompProfile" not in _context(c) and pod_profile is None]
     if explicit:
         return f"seccompProfile (containers {explicit} must not set an unconfined seccompProfile)"
     if implicit and (pod.get("os") or {}).get("name") != "windows":
-        return (f'seccompProfile (pod or containers {implicit} must set securityContext.seccompProfile.type to '
-                '"RuntimeDefault" or "Localhost")')
+        return (
+            f"seccompProfile (pod or containers {implicit} must set securityContext.seccompProfile.type to "
+            '"RuntimeDefault" or "Localhost")'
+        )
     return None
 
 
 def capabilities_restricted(pod: Pod, annotations: Mapping[str, str]) -> str | None:
     if (pod.get("os") or {}).get("name") == "windows":
         return None
-    missing = [c["name"] for c in containers(pod) if "ALL" not in ((_context(c).get("capabilities") or {}).get("drop")
-                                                                   or [])]
-    adding = [c["name"] for c in containers(pod) if set((_context(c).get("capabilities") or {}).get("add") or [])
-              - {"NET_BIND_SERVICE"}]
+    missing = [
+        c["name"] for c in containers(pod) if "ALL" not in ((_context(c).get("capabilities") or {}).get("drop") or [])
+    ]
+    adding = [
+        c["name"]
+        for c in containers(pod)
+        if set((_context(c).get("capabilities") or {}).get("add") or []) - {"NET_BIND_SERVICE"}
+    ]
     details = ([f'containers {missing} must set securityContext.capabilities.drop=["ALL"]'] if missing else []) + (
-        [f"containers {adding} must not add capabilities other than NET_BIND_SERVICE"] if adding else [])
+        [f"containers {adding} must not add capabilities other than NET_BIND_SERVICE"] if adding else []
+    )
     return f"unrestricted capabilities ({'; '.join(details)})" if details else None
 
 
 RESTRICTED: tuple[Callable[[Pod, Mapping[str, str]], str | None], ...] = (
-    host_namespaces, privileged, host_ports, app_armor, selinux, proc_mount, sysctls, windows_host_process,
-    host_probes_and_lifecycle, restricted_volumes, allow_privilege_escalation, run_as_non_root, run_as_user,
-    seccomp_restricted, capabilities_restricted,
+    host_namespaces,
+    privileged,
+    host_ports,
+    app_armor,
+    selinux,
+    proc_mount,
+    sysctls,
+    windows_host_process,
+    host_probes_and_lifecycle,
+    restricted_volumes,
+    allow_privilege_escalation,
+    run_as_non_root,
+    run_as_user,
+    seccomp_restricted,
+    capabilities_restricted,
 )
 
 

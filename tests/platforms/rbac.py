@@ -34,27 +34,63 @@ Rule = Mapping[str, Any]
 _EDIT = ["get", "list", "watch", "create", "delete", "deletecollection", "patch", "update"]
 KUBEFLOW_EDIT_RULES: dict[str, list[Rule]] = {
     # kubeflow-kserve-edit, from kserve_kubeflow.yaml (1.10.0: KServe 0.14.1; 1.10.2/1.11.0: 0.15.x)
-    "v1.10.0": [{"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices", "servingruntimes"],
-                 "verbs": _EDIT}],
-    "v1.11.0": [{"apiGroups": ["serving.kserve.io"],
-                 "resources": ["inferencegraphs", "inferenceservices", "servingruntimes", "trainedmodels"],
-                 "verbs": _EDIT}],
+    "v1.10.0": [
+        {"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices", "servingruntimes"], "verbs": _EDIT}
+    ],
+    "v1.11.0": [
+        {
+            "apiGroups": ["serving.kserve.io"],
+            "resources": ["inferencegraphs", "inferenceservices", "servingruntimes", "trainedmodels"],
+            "verbs": _EDIT,
+        }
+    ],
 }
 _COMMON_EDIT: list[Rule] = [
-    {"apiGroups": ["serving.knative.dev"],
-     "resources": ["services", "services/status", "routes", "routes/status", "configurations",
-                   "configurations/status", "revisions", "revisions/status"], "verbs": _EDIT},
+    {
+        "apiGroups": ["serving.knative.dev"],
+        "resources": [
+            "services",
+            "services/status",
+            "routes",
+            "routes/status",
+            "configurations",
+            "configurations/status",
+            "revisions",
+            "revisions/status",
+        ],
+        "verbs": _EDIT,
+    },
     # kubeflow-kubernetes-edit / -view (excerpt: what pipeline pods use)
-    {"apiGroups": [""], "resources": ["pods", "pods/attach", "pods/exec", "pods/portforward", "pods/proxy"],
-     "verbs": ["create", "delete", "deletecollection", "patch", "update"]},
-    {"apiGroups": [""], "resources": ["configmaps", "endpoints", "persistentvolumeclaims", "secrets",
-                                      "serviceaccounts", "services"],
-     "verbs": ["create", "delete", "deletecollection", "patch", "update"]},
-    {"apiGroups": [""], "resources": ["pods/attach", "pods/exec", "pods/portforward", "pods/proxy", "secrets",
-                                      "services/proxy"], "verbs": ["get", "list", "watch"]},
-    {"apiGroups": [""], "resources": ["configmaps", "endpoints", "persistentvolumeclaims", "pods", "serviceaccounts",
-                                      "services", "events", "pods/log", "pods/status"],
-     "verbs": ["get", "list", "watch"]},
+    {
+        "apiGroups": [""],
+        "resources": ["pods", "pods/attach", "pods/exec", "pods/portforward", "pods/proxy"],
+        "verbs": ["create", "delete", "deletecollection", "patch", "update"],
+    },
+    {
+        "apiGroups": [""],
+        "resources": ["configmaps", "endpoints", "persistentvolumeclaims", "secrets", "serviceaccounts", "services"],
+        "verbs": ["create", "delete", "deletecollection", "patch", "update"],
+    },
+    {
+        "apiGroups": [""],
+        "resources": ["pods/attach", "pods/exec", "pods/portforward", "pods/proxy", "secrets", "services/proxy"],
+        "verbs": ["get", "list", "watch"],
+    },
+    {
+        "apiGroups": [""],
+        "resources": [
+            "configmaps",
+            "endpoints",
+            "persistentvolumeclaims",
+            "pods",
+            "serviceaccounts",
+            "services",
+            "events",
+            "pods/log",
+            "pods/status",
+        ],
+        "verbs": ["get", "list", "watch"],
+    },
     # aggregate-to-kubeflow-pipelines-edit (excerpt)
     {"apiGroups": ["argoproj.io"], "resources": ["workflows", "workflowtaskresults"], "verbs": ["*"]},
 ]
@@ -101,11 +137,13 @@ class Authorizer:
     def add_profile(self, namespace: str, manifests_tag: str = "v1.11.0") -> Authorizer:
         """What the Kubeflow profile controller creates for profile ``namespace``."""
         self.cluster_roles["kubeflow-edit"] = kubeflow_edit(manifests_tag)
-        self.role_bindings.append({
-            "metadata": {"name": "default-editor", "namespace": namespace},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "kubeflow-edit"},
-            "subjects": [{"kind": "ServiceAccount", "name": "default-editor", "namespace": namespace}],
-        })
+        self.role_bindings.append(
+            {
+                "metadata": {"name": "default-editor", "namespace": namespace},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "kubeflow-edit"},
+                "subjects": [{"kind": "ServiceAccount", "name": "default-editor", "namespace": namespace}],
+            }
+        )
         return self
 
     def allowed(self, request: Request) -> bool:
@@ -120,8 +158,11 @@ class Authorizer:
             if binding["metadata"].get("namespace") != namespace or not _bound(binding, user):
                 continue
             ref = binding["roleRef"]
-            rules += (self.cluster_roles.get(ref["name"], []) if ref["kind"] == "ClusterRole"
-                      else self.roles.get((namespace, ref["name"]), []))
+            rules += (
+                self.cluster_roles.get(ref["name"], [])
+                if ref["kind"] == "ClusterRole"
+                else self.roles.get((namespace, ref["name"]), [])
+            )
         return rules
 
     def denial(self, request: Request) -> str:
@@ -129,8 +170,10 @@ class Authorizer:
         resource = request.resource + (f"/{request.subresource}" if request.subresource else "")
         qualified = f"{resource}.{request.group}" if request.group else resource
         what = f'{qualified} "{request.name}"' if request.name else qualified
-        return (f'{what} is forbidden: User "{request.user}" cannot {request.verb} resource "{resource}" in API '
-                f'group "{request.group}" in the namespace "{request.namespace}"')
+        return (
+            f'{what} is forbidden: User "{request.user}" cannot {request.verb} resource "{resource}" in API '
+            f'group "{request.group}" in the namespace "{request.namespace}"'
+        )
 
 
 def _bound(binding: Mapping[str, Any], user: str) -> bool:
@@ -146,9 +189,12 @@ def _bound(binding: Mapping[str, Any], user: str) -> bool:
 
 def _rule_allows(rule: Rule, request: Request) -> bool:
     resource = request.resource + (f"/{request.subresource}" if request.subresource else "")
-    return (_matches(rule.get("apiGroups"), request.group) and _matches(rule.get("resources"), resource)
-            and _matches(rule.get("verbs"), request.verb)
-            and (not rule.get("resourceNames") or request.name in rule["resourceNames"]))
+    return (
+        _matches(rule.get("apiGroups"), request.group)
+        and _matches(rule.get("resources"), resource)
+        and _matches(rule.get("verbs"), request.verb)
+        and (not rule.get("resourceNames") or request.name in rule["resourceNames"])
+    )
 
 
 def _matches(values: Iterable[str] | None, wanted: str) -> bool:

@@ -36,17 +36,28 @@ from tests.platforms.kserve import Release
 #: KServe's own default ClusterStorageContainer (kserve config/storagecontainers/default.yaml; the same in the
 #: kserve-cluster-resources.yaml of kubeflow/manifests v1.10.0, v1.10.2, v1.11.0 with the release's image).
 DEFAULT_URI_FORMATS = [{"prefix": p} for p in ("gs://", "s3://", "hdfs://", "hf://", "webhdfs://")] + [
-    {"regex": r"https://(.+?).blob.core.windows.net/(.+)"}, {"regex": r"https://(.+?).file.core.windows.net/(.+)"},
-    {"regex": r"https?://(.+)/(.+)"}]
+    {"regex": r"https://(.+?).blob.core.windows.net/(.+)"},
+    {"regex": r"https://(.+?).file.core.windows.net/(.+)"},
+    {"regex": r"https?://(.+)/(.+)"},
+]
 _RESOURCES = {"limits": {"cpu": "1", "memory": "1Gi"}, "requests": {"cpu": "100m", "memory": "100Mi"}}
 
 
 def kserve_default_storage_container(version: str) -> dict[str, Any]:
-    return {"apiVersion": "serving.kserve.io/v1alpha1", "kind": "ClusterStorageContainer",
-            "metadata": {"name": "default"},
-            "spec": {"container": {"image": f"kserve/storage-initializer:v{version}", "name": "storage-initializer",
-                                   "resources": copy.deepcopy(_RESOURCES)},
-                     "supportedUriFormats": copy.deepcopy(DEFAULT_URI_FORMATS), "workloadType": "initContainer"}}
+    return {
+        "apiVersion": "serving.kserve.io/v1alpha1",
+        "kind": "ClusterStorageContainer",
+        "metadata": {"name": "default"},
+        "spec": {
+            "container": {
+                "image": f"kserve/storage-initializer:v{version}",
+                "name": "storage-initializer",
+                "resources": copy.deepcopy(_RESOURCES),
+            },
+            "supportedUriFormats": copy.deepcopy(DEFAULT_URI_FORMATS),
+            "workloadType": "initContainer",
+        },
+    }
 
 
 def _supports(spec: Mapping[str, Any], uri: str) -> bool:
@@ -74,17 +85,22 @@ def _strategic_merge(base: Any, override: Any, key: str = "") -> Any:
     return copy.deepcopy(override)
 
 
-def _storage_initializer(uri: str, release: Release, storage_containers: Sequence[Mapping[str, Any]],
-                         s3_secret: str | None) -> dict[str, Any]:
+def _storage_initializer(
+    uri: str, release: Release, storage_containers: Sequence[Mapping[str, Any]], s3_secret: str | None
+) -> dict[str, Any]:
     container: dict[str, Any] = {
-        "name": "storage-initializer", "image": f"kserve/storage-initializer:v{release.version}",
-        "args": [uri, "/mnt/models"], "terminationMessagePolicy": "FallbackToLogsOnError",
+        "name": "storage-initializer",
+        "image": f"kserve/storage-initializer:v{release.version}",
+        "args": [uri, "/mnt/models"],
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "volumeMounts": [{"name": "kserve-provision-location", "mountPath": "/mnt/models"}],
         "resources": copy.deepcopy(_RESOURCES),
     }
     if s3_secret and uri.startswith("s3://"):  # credentials/s3: keys from the service account's Secret
-        container["env"] = [{"name": name, "valueFrom": {"secretKeyRef": {"name": s3_secret, "key": name}}}
-                            for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
+        container["env"] = [
+            {"name": name, "valueFrom": {"secretKeyRef": {"name": s3_secret, "key": name}}}
+            for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+        ]
     for csc in storage_containers:
         spec = csc.get("spec") or {}
         if spec.get("disabled") or spec.get("workloadType", "initContainer") != "initContainer":
@@ -100,38 +116,69 @@ def _queue_proxy(container_concurrency: int) -> dict[str, Any]:
     return {
         "name": "queue-proxy",
         "image": "gcr.io/knative-releases/knative.dev/serving/cmd/queue@sha256:" + "0" * 64,
-        "ports": [{"name": "http-queueadm", "containerPort": 8022}, {"name": "http-autometric", "containerPort": 9090},
-                  {"name": "http-usermetric", "containerPort": 9091}, {"name": "queue-port", "containerPort": 8012},
-                  {"name": "https-port", "containerPort": 8112}],
+        "ports": [
+            {"name": "http-queueadm", "containerPort": 8022},
+            {"name": "http-autometric", "containerPort": 9090},
+            {"name": "http-usermetric", "containerPort": 9091},
+            {"name": "queue-port", "containerPort": 8012},
+            {"name": "https-port", "containerPort": 8112},
+        ],
         "env": [{"name": "CONTAINER_CONCURRENCY", "value": str(container_concurrency)}],
-        "readinessProbe": {"httpGet": {"port": 8012, "httpHeaders": [{"name": "K-Network-Probe", "value": "queue"}]},
-                           "periodSeconds": 1},
+        "readinessProbe": {
+            "httpGet": {"port": 8012, "httpHeaders": [{"name": "K-Network-Probe", "value": "queue"}]},
+            "periodSeconds": 1,
+        },
         "resources": {"requests": {"cpu": "25m"}},
-        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
-                            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
     }
 
 
-def serving_pod(obj: Mapping[str, Any], release: Release, storage_containers: Sequence[Mapping[str, Any]],
-                service_accounts: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+def serving_pod(
+    obj: Mapping[str, Any],
+    release: Release,
+    storage_containers: Sequence[Mapping[str, Any]],
+    service_accounts: Mapping[str, Mapping[str, Any]] | None = None,
+) -> tuple[dict[str, Any], dict[str, str]]:
     """(pod spec, pod annotations) of one predictor replica of ``obj`` on ``release``."""
     predictor = copy.deepcopy(obj["spec"]["predictor"])
     mode = release.deployment_mode(dict(obj))
     annotations = {k: v for k, v in (obj["metadata"].get("annotations") or {}).items()}
     annotations.update(predictor.pop("annotations", {}) or {})
-    extension_fields = ("minReplicas", "maxReplicas", "scaleTarget", "scaleMetric", "containerConcurrency", "timeout",
-                        "canaryTrafficPercent", "logger", "batcher", "labels", "deploymentStrategy", "autoScaling")
+    extension_fields = (
+        "minReplicas",
+        "maxReplicas",
+        "scaleTarget",
+        "scaleMetric",
+        "containerConcurrency",
+        "timeout",
+        "canaryTrafficPercent",
+        "logger",
+        "batcher",
+        "labels",
+        "deploymentStrategy",
+        "autoScaling",
+    )
     pod = {k: v for k, v in predictor.items() if k not in extension_fields}
     [user] = [c for c in pod["containers"] if c["name"] == "kserve-container"]
     uri = next((e["value"] for e in user.get("env") or [] if e["name"] == "STORAGE_URI"), None)
 
     if release.is_knative(mode):  # Knative revision -> Deployment pod template
-        user["ports"] = [{"name": "user-port", "containerPort": (user.get("ports") or [{}])[0].get("containerPort",
-                                                                                                   8080)}]
-        user["env"] = [*user.get("env", []), {"name": "PORT", "value": str(user["ports"][0]["containerPort"])},
-                       {"name": "K_REVISION", "value": f"{obj['metadata']['name']}-predictor-00001"},
-                       {"name": "K_CONFIGURATION", "value": f"{obj['metadata']['name']}-predictor"},
-                       {"name": "K_SERVICE", "value": f"{obj['metadata']['name']}-predictor"}]
+        user["ports"] = [
+            {"name": "user-port", "containerPort": (user.get("ports") or [{}])[0].get("containerPort", 8080)}
+        ]
+        user["env"] = [
+            *user.get("env", []),
+            {"name": "PORT", "value": str(user["ports"][0]["containerPort"])},
+            {"name": "K_REVISION", "value": f"{obj['metadata']['name']}-predictor-00001"},
+            {"name": "K_CONFIGURATION", "value": f"{obj['metadata']['name']}-predictor"},
+            {"name": "K_SERVICE", "value": f"{obj['metadata']['name']}-predictor"},
+        ]
         user["lifecycle"] = {"preStop": {"httpGet": {"path": "/wait-for-drain", "port": 8022}}}
         user.pop("readinessProbe", None)
         user.setdefault("terminationMessagePolicy", "FallbackToLogsOnError")
@@ -142,17 +189,27 @@ def serving_pod(obj: Mapping[str, Any], release: Release, storage_containers: Se
             queue = pod["containers"][-1]
             queue["ports"].append({"name": "aggr-metric", "containerPort": 9088, "protocol": "TCP"})
         if annotations.get("serving.kserve.io/enable-prometheus-scraping") == "true":
-            annotations.update({"prometheus.io/port": "9088" if annotations.get(
-                "serving.kserve.io/enable-metric-aggregation") == "true" else "9091", "prometheus.io/path": "/metrics"})
+            annotations.update(
+                {
+                    "prometheus.io/port": "9088"
+                    if annotations.get("serving.kserve.io/enable-metric-aggregation") == "true"
+                    else "9091",
+                    "prometheus.io/path": "/metrics",
+                }
+            )
 
     if uri:  # the pod webhook
         account = (service_accounts or {}).get(pod.get("serviceAccountName", "default"), {})
         s3_secret = next((s["name"] for s in account.get("secrets") or []), None)
-        pod["initContainers"] = [*pod.get("initContainers", []),
-                                 _storage_initializer(uri, release, storage_containers, s3_secret)]
+        pod["initContainers"] = [
+            *pod.get("initContainers", []),
+            _storage_initializer(uri, release, storage_containers, s3_secret),
+        ]
         pod["volumes"] = [*pod.get("volumes", []), {"name": "kserve-provision-location", "emptyDir": {}}]
-        user["volumeMounts"] = [*user.get("volumeMounts", []),
-                                {"name": "kserve-provision-location", "mountPath": "/mnt/models", "readOnly": True}]
+        user["volumeMounts"] = [
+            *user.get("volumeMounts", []),
+            {"name": "kserve-provision-location", "mountPath": "/mnt/models", "readOnly": True},
+        ]
         for env in user.get("env") or []:  # the server reads the local copy
             if env["name"] == "STORAGE_URI":
                 env["value"] = "/mnt/models"
@@ -162,27 +219,72 @@ def serving_pod(obj: Mapping[str, Any], release: Release, storage_containers: Se
 
 #: Knative v1.16.2 pkg/apis/serving/fieldmask.go, default config-features (emptyDir enabled,
 #: pod-level securityContext, init containers and the rest disabled).
-_KNATIVE_CONTAINER_FIELDS = {"name", "args", "command", "env", "workingDir", "envFrom", "image", "imagePullPolicy",
-                             "livenessProbe", "ports", "readinessProbe", "resources", "securityContext",
-                             "startupProbe", "terminationMessagePath", "terminationMessagePolicy", "volumeMounts"}
-_KNATIVE_SECURITY_FIELDS = {"capabilities", "readOnlyRootFilesystem", "runAsUser", "runAsGroup", "runAsNonRoot",
-                            "allowPrivilegeEscalation", "seccompProfile"}
-_KNATIVE_POD_FIELDS = {"serviceAccountName", "containers", "volumes", "imagePullSecrets", "enableServiceLinks",
-                       "automountServiceAccountToken"}
+_KNATIVE_CONTAINER_FIELDS = {
+    "name",
+    "args",
+    "command",
+    "env",
+    "workingDir",
+    "envFrom",
+    "image",
+    "imagePullPolicy",
+    "livenessProbe",
+    "ports",
+    "readinessProbe",
+    "resources",
+    "securityContext",
+    "startupProbe",
+    "terminationMessagePath",
+    "terminationMessagePolicy",
+    "volumeMounts",
+}
+_KNATIVE_SECURITY_FIELDS = {
+    "capabilities",
+    "readOnlyRootFilesystem",
+    "runAsUser",
+    "runAsGroup",
+    "runAsNonRoot",
+    "allowPrivilegeEscalation",
+    "seccompProfile",
+}
+_KNATIVE_POD_FIELDS = {
+    "serviceAccountName",
+    "containers",
+    "volumes",
+    "imagePullSecrets",
+    "enableServiceLinks",
+    "automountServiceAccountToken",
+}
 _KNATIVE_VOLUME_SOURCES = {"secret", "configMap", "projected", "emptyDir"}
 
 
 def knative_refusals(predictor: Mapping[str, Any]) -> list[str]:
     """What Knative's webhook refuses in the revision KServe derives from ``predictor`` (empty: accepted)."""
-    extension_fields = {"minReplicas", "maxReplicas", "scaleTarget", "scaleMetric", "containerConcurrency", "timeout",
-                        "canaryTrafficPercent", "logger", "batcher", "labels", "annotations", "deploymentStrategy"}
-    refusals = [f"must not set the field(s): {key}" for key in predictor
-                if key not in _KNATIVE_POD_FIELDS | extension_fields]
+    extension_fields = {
+        "minReplicas",
+        "maxReplicas",
+        "scaleTarget",
+        "scaleMetric",
+        "containerConcurrency",
+        "timeout",
+        "canaryTrafficPercent",
+        "logger",
+        "batcher",
+        "labels",
+        "annotations",
+        "deploymentStrategy",
+    }
+    refusals = [
+        f"must not set the field(s): {key}" for key in predictor if key not in _KNATIVE_POD_FIELDS | extension_fields
+    ]
     for container in predictor.get("containers") or []:
         name = container.get("name")
         refusals += [f"{name}: must not set the field(s): {k}" for k in container if k not in _KNATIVE_CONTAINER_FIELDS]
-        refusals += [f"{name}: must not set the field(s): securityContext.{k}"
-                     for k in container.get("securityContext") or {} if k not in _KNATIVE_SECURITY_FIELDS]
+        refusals += [
+            f"{name}: must not set the field(s): securityContext.{k}"
+            for k in container.get("securityContext") or {}
+            if k not in _KNATIVE_SECURITY_FIELDS
+        ]
         ports = container.get("ports") or []
         if len(ports) > 1:
             refusals.append(f"{name}: more than one container port is set")
