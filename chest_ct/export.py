@@ -149,8 +149,11 @@ def export_saved_model(
     out_dir = Path(out_dir)
     size = image_size_of(model)
     parts, guard_graph = SplitModel.of(model), GuardGraph(guard)
+    # No ``archive.track(model)``: the archive already saves every variable the signatures capture (the
+    # underlying tf.Variables), and track() would add the keras.Variable wrappers of the same weights as a
+    # second collection that TensorFlow cannot tell apart, so every weight would be written and loaded twice
+    # (keras-team/keras#23553). Nothing here needs what track() adds (lookup tables, ``loaded.variables``).
     archive = keras.export.ExportArchive()
-    archive.track(model)
     for (kind_name, head_name), signature in SIGNATURES.items():
         archive.add_endpoint(
             signature, _signature(parts, guard_graph, INPUT_KINDS[kind_name], HEADS[head_name], size, window)
