@@ -40,8 +40,11 @@ def export(tmp_path_factory):
 def stored(model_dir: Path) -> dict[str, np.ndarray]:
     """Every value in the SavedModel's checkpoint, by checkpoint key (the object graph left out)."""
     reader = tf.train.load_checkpoint(str(model_dir / "variables" / "variables"))
-    return {key: reader.get_tensor(key) for key in reader.get_variable_to_shape_map()
-            if key != "_CHECKPOINTABLE_OBJECT_GRAPH"}
+    return {
+        key: reader.get_tensor(key)
+        for key in reader.get_variable_to_shape_map()
+        if key != "_CHECKPOINTABLE_OBJECT_GRAPH"
+    }
 
 
 def fingerprint(value: np.ndarray) -> tuple:
@@ -61,8 +64,9 @@ def test_each_model_weight_is_stored_as_often_as_the_model_holds_it(export):
 def test_the_checkpoint_holds_the_model_and_the_guard_and_nothing_else(export):
     model, guard, out = export
     values = stored(out)
-    guard_elements = (sum(m.size for m in guard.means) + sum(p.size for p in guard.precisions)
-                      + len(guard.scales) + 1)  # + the threshold
+    guard_elements = (
+        sum(m.size for m in guard.means) + sum(p.size for p in guard.precisions) + len(guard.scales) + 1
+    )  # + the threshold
     assert len(guard.means) == len(BLOCKS)
     assert sum(v.size for v in values.values()) == model.count_params() + guard_elements
     total_bytes = sum(f.stat().st_size for f in (out / "variables").iterdir())
