@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import shutil
 import threading
 import time
 import uuid
@@ -62,7 +63,9 @@ def images() -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, images):
     """The exported test model, its threshold set between the test images' probabilities so both labels occur."""
-    path = exported_model(str(tmp_path_factory.getbasetemp() / "serving"))
+    # A copy: the shared export stays as exported for the modules that copy it later (e.g. a golden-set test).
+    path = tmp_path_factory.mktemp("thresholded") / "model"
+    shutil.copytree(exported_model(str(tmp_path_factory.getbasetemp() / "serving")), path)
     out = InProcessModel(path).outputs("images", list(images.values()))
     probs = out["probability"]
     assert len(set(np.round(probs, 7))) > 1, "test images must get different probabilities"
