@@ -50,7 +50,9 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -213,60 +215,66 @@ def main(argv: list[str] | None = None) -> int:
         raise RuntimeError(f"server answers differ from the in-process model by {max_diff:.2g}")
     report(
         args,
-        main_extra,
-        image_text,
-        times,
-        floor_ips,
-        recheck,
-        best_b,
-        floor_best,
-        loads,
-        ready_s,
-        ready_rss,
-        peak_rss,
-        share,
-        over,
-        restarts,
-        overload_rss,
-        limit,
-        cap_s,
-        warmup,
-        sequential,
-        duration,
-        overload_s,
-        bf16,
+        Run(
+            extra=main_extra,
+            image_text=image_text,
+            times=times,
+            floor_ips=floor_ips,
+            recheck=recheck,
+            best_b=best_b,
+            floor_best=floor_best,
+            loads=loads,
+            ready_s=ready_s,
+            ready_rss=ready_rss,
+            peak_rss=peak_rss,
+            share=share,
+            over=over,
+            restarts=restarts,
+            overload_rss=overload_rss,
+            limit=limit,
+            cap_s=cap_s,
+            warmup=warmup,
+            sequential=sequential,
+            duration=duration,
+            overload_s=overload_s,
+            bf16=bf16,
+        ),
     )
     return 0
 
 
-def report(
-    args,
-    extra,
-    image_text,
-    times,
-    floor_ips,
-    recheck,
-    best_b,
-    floor_best,
-    loads,
-    ready_s,
-    ready_rss,
-    peak_rss,
-    share,
-    over,
-    restarts,
-    overload_rss,
-    limit,
-    cap_s,
-    warmup,
-    sequential,
-    duration,
-    overload_s,
-    bf16: serve_precision.Bf16Phase,
-) -> None:
+@dataclass
+class Run:
+    """What the phases measured, for :func:`report`."""
+
+    extra: list[str]  # the main server's flags
+    image_text: str
+    times: dict[str, list[float]]  # sequential latencies (s) per kind of call
+    floor_ips: dict[int, float]  # in-process images/s per batch size
+    recheck: float  # the best batch size again, after the load test
+    best_b: int
+    floor_best: float
+    loads: dict[int, dict[str, Any]]  # per number of concurrent clients
+    ready_s: float
+    ready_rss: float
+    peak_rss: float
+    share: CpuShare
+    over: dict[str, Any]  # the overload phase's summary
+    restarts: int
+    overload_rss: float
+    limit: int  # the pod's memory limit, bytes
+    cap_s: float  # one pixel-cap image in process
+    warmup: int
+    sequential: int
+    duration: float
+    overload_s: float
+    bf16: serve_precision.Bf16Phase
+
+
+def report(args, r: Run) -> None:
     """Print the tables and checks, write the serving section of docs/benchmarks.md, emit the JSON line."""
     quick = args.quick
-    ms = {k: (statistics.median(v) * 1000, pct(v, 99) * 1000) for k, v in times.items()}
+    ms = {k: (statistics.median(v) * 1000, pct(v, 99) * 1000) for k, v in r.times.items()}
     (floor_p50, floor_p99), (rest_p50, rest_p99), (grpc_p50, grpc_p99) = ms["floor"], ms["rest"], ms["grpc"]
     (cam_floor_p50, cam_floor_p99), (cam_p50, cam_p99) = ms["floor_heatmap"], ms["rest_heatmap"]
     figures = {
@@ -276,64 +284,71 @@ def report(
         "grpc_p50_ms": round(grpc_p50, 1),
         "grpc_p99_ms": round(grpc_p99, 1),
         "p50_ratio": round(rest_p50 / floor_p50, 3),
-        "floor_best_ips": round(floor_best, 2),
+        "floor_best_ips": round(r.floor_best, 2),
         "floor_heatmap_p50_ms": round(cam_floor_p50, 1),
         "rest_heatmap_p50_ms": round(cam_p50, 1),
         "rest_heatmap_p99_ms": round(cam_p99, 1),
         "heatmap_p50_ratio": round(cam_p50 / cam_floor_p50, 3),
         "heatmap_over_plain_p50": round(cam_p50 / rest_p50, 3),
-        "floor_best_batch": best_b,
-        "floor_cap_image_ms": round(cap_s * 1000, 1),
-        "ips_1": round(loads[1]["ips"], 2),
-        "ips_8": round(loads[8]["ips"], 2),
-        "ips_16": round(loads[16]["ips"], 2),
-        "throughput_ratio_8": round(loads[8]["ips"] / floor_best, 3),
-        "ready_s": round(ready_s, 2),
-        "rss_mb": round(peak_rss / 2**20, 1),
-        "rss_ready_mb": round(ready_rss / 2**20, 1),
-        "images_per_call_8": round(loads[8]["images_per_call"], 2),
-        "images_per_call_16": round(loads[16]["images_per_call"], 2),
-        "refused_8": loads[8]["refused"],
-        "refused_16": loads[16]["refused"],
-        "unanswered_clients_16": loads[16]["unanswered_clients"],
-        "overload_restarts": restarts,
-        "overload_peak_rss_mb": round(overload_rss / 2**20, 1),
-        "overload_admitted_ratio": round(over["admitted_ratio"], 3),
-        "overload_reject_p99_ms": round(over["reject_p99_ms"], 1),
-        "overload_small_p99_ratio": round(over["small_p99_ratio"], 2),
-        "overload_small_p99_ms": round(over["small_p99_ms"], 1),
-        "overload_admitted_ips": round(over["admitted_ips"], 2),
-        "overload_statuses": over["statuses"],
-        "overload_answered_by_kind": over["answered_by_kind"],
-        "overload_rejected_by_reason": over["rejected_by_reason"],
+        "floor_best_batch": r.best_b,
+        "floor_cap_image_ms": round(r.cap_s * 1000, 1),
+        "ips_1": round(r.loads[1]["ips"], 2),
+        "ips_8": round(r.loads[8]["ips"], 2),
+        "ips_16": round(r.loads[16]["ips"], 2),
+        "throughput_ratio_8": round(r.loads[8]["ips"] / r.floor_best, 3),
+        "ready_s": round(r.ready_s, 2),
+        "rss_mb": round(r.peak_rss / 2**20, 1),
+        "rss_ready_mb": round(r.ready_rss / 2**20, 1),
+        "images_per_call_8": round(r.loads[8]["images_per_call"], 2),
+        "images_per_call_16": round(r.loads[16]["images_per_call"], 2),
+        "refused_8": r.loads[8]["refused"],
+        "refused_16": r.loads[16]["refused"],
+        "unanswered_clients_16": r.loads[16]["unanswered_clients"],
+        "overload_restarts": r.restarts,
+        "overload_peak_rss_mb": round(r.overload_rss / 2**20, 1),
+        "overload_admitted_ratio": round(r.over["admitted_ratio"], 3),
+        "overload_reject_p99_ms": round(r.over["reject_p99_ms"], 1),
+        "overload_small_p99_ratio": round(r.over["small_p99_ratio"], 2),
+        "overload_small_p99_ms": round(r.over["small_p99_ms"], 1),
+        "overload_admitted_ips": round(r.over["admitted_ips"], 2),
+        "overload_statuses": r.over["statuses"],
+        "overload_answered_by_kind": r.over["answered_by_kind"],
+        "overload_rejected_by_reason": r.over["rejected_by_reason"],
         "overload_clients": args.overload_clients,
-        "overload_seconds": overload_s,
-        "pod_memory_limit_mb": round(limit / 2**20),
-        "background_cpu_max": round(max(share.phases.values()), 3),
+        "overload_seconds": r.overload_s,
+        "pod_memory_limit_mb": round(r.limit / 2**20),
+        "background_cpu_max": round(max(r.share.phases.values()), 3),
         "quick": quick,
-        "server_args": " ".join(extra),
-        "bf16_precision": bf16.precision,
-        "bf16_precision_reason": bf16.reason,
-        "bf16_floor_p50_ms": round(bf16.floor_p50_ms, 1),
-        "bf16_rest_p50_ms": round(bf16.rest_p50_ms, 1),
-        "bf16_rest_p99_ms": round(bf16.rest_p99_ms, 1),
-        "bf16_ips_16": round(bf16.ips_16, 2),
-        "bf16_p50_ratio": round(bf16.rest_p50_ms / bf16.floor_p50_ms, 3),
-        "bf16_ips_16_ratio": round(bf16.ips_16 / floor_best, 3),
-        "bf16_ready_s": round(bf16.ready_s, 2),
-        "bf16_inprocess_p50_ms": round(bf16.inprocess_p50_ms, 1),
-        "bf16_inprocess_ips": round(bf16.inprocess_ips, 2),
-        "bf16_max_abs_diff": bf16.parity.get("max_abs_diff"),
-        "bf16_label_flips": bf16.parity.get("label_flips"),
-        "bf16_parity_images": bf16.parity.get("images", 0),
+        "server_args": " ".join(r.extra),
+        "bf16_precision": r.bf16.precision,
+        "bf16_precision_reason": r.bf16.reason,
+        "bf16_floor_p50_ms": round(r.bf16.floor_p50_ms, 1),
+        "bf16_rest_p50_ms": round(r.bf16.rest_p50_ms, 1),
+        "bf16_rest_p99_ms": round(r.bf16.rest_p99_ms, 1),
+        "bf16_ips_16": round(r.bf16.ips_16, 2),
+        "bf16_p50_ratio": round(r.bf16.rest_p50_ms / r.bf16.floor_p50_ms, 3),
+        "bf16_ips_16_ratio": round(r.bf16.ips_16 / r.floor_best, 3),
+        "bf16_ready_s": round(r.bf16.ready_s, 2),
+        "bf16_inprocess_p50_ms": round(r.bf16.inprocess_p50_ms, 1),
+        "bf16_inprocess_ips": round(r.bf16.inprocess_ips, 2),
+        "bf16_max_abs_diff": r.bf16.parity.get("max_abs_diff"),
+        "bf16_label_flips": r.bf16.parity.get("label_flips"),
+        "bf16_parity_images": r.bf16.parity.get("images", 0),
     }
     rows = [["floor: in-process call, 1 image, sequential", floor_p50, floor_p99, 1000 / floor_p50, "", ""]]
     rows += [
-        [f"floor: in-process, batches of {b}, back to back", "", "", v, "", round(v / floor_best, 3)]
-        for b, v in floor_ips.items()
+        [f"floor: in-process, batches of {b}, back to back", "", "", v, "", round(v / r.floor_best, 3)]
+        for b, v in r.floor_ips.items()
     ]
     rows += [
-        [f"floor: batches of {best_b} again, after the load test", "", "", recheck, "", round(recheck / floor_best, 3)]
+        [
+            f"floor: batches of {r.best_b} again, after the load test",
+            "",
+            "",
+            r.recheck,
+            "",
+            round(r.recheck / r.floor_best, 3),
+        ]
     ]
     rows += [
         [
@@ -342,7 +357,7 @@ def report(
             rest_p99,
             1000 / rest_p50,
             1.0,
-            round(1000 / rest_p50 / floor_best, 3),
+            round(1000 / rest_p50 / r.floor_best, 3),
         ],
         [
             "chest-ct gRPC (raw bytes), sequential",
@@ -350,7 +365,7 @@ def report(
             grpc_p99,
             1000 / grpc_p50,
             1.0,
-            round(1000 / grpc_p50 / floor_best, 3),
+            round(1000 / grpc_p50 / r.floor_best, 3),
         ],
         [
             "floor with heatmap: in-process explain_images, 1 image, sequential",
@@ -358,7 +373,7 @@ def report(
             cam_floor_p99,
             1000 / cam_floor_p50,
             "",
-            round(1000 / cam_floor_p50 / floor_best, 3),
+            round(1000 / cam_floor_p50 / r.floor_best, 3),
         ],
         [
             f"chest-ct REST naming heatmap, sequential ({cam_p50 / rest_p50:.2f}x the plain request's p50)",
@@ -366,77 +381,77 @@ def report(
             cam_p99,
             1000 / cam_p50,
             1.0,
-            round(1000 / cam_p50 / floor_best, 3),
+            round(1000 / cam_p50 / r.floor_best, 3),
         ],
     ]
     rows += [
         [
-            f"chest-ct REST, {c} concurrent clients ({loads[c]['refused']} refused)",
+            f"chest-ct REST, {c} concurrent clients ({r.loads[c]['refused']} refused)",
             "",
             "",
-            loads[c]["ips"],
-            round(loads[c]["images_per_call"], 2),
-            round(loads[c]["ips"] / floor_best, 3),
+            r.loads[c]["ips"],
+            round(r.loads[c]["images_per_call"], 2),
+            round(r.loads[c]["ips"] / r.floor_best, 3),
         ]
         for c in (1, 8, 16)
     ]
     rows += [
         [
             "bf16 phase: floor (float32), 1 image, interleaved with the two below",
-            bf16.floor_p50_ms,
+            r.bf16.floor_p50_ms,
             "",
-            1000 / bf16.floor_p50_ms,
+            1000 / r.bf16.floor_p50_ms,
             "",
             "",
         ],
         [
             "reference: the floor's signature in bf16 (oneDNN rewrite), 1 image, interleaved",
-            bf16.inprocess_p50_ms,
+            r.bf16.inprocess_p50_ms,
             "",
-            1000 / bf16.inprocess_p50_ms,
+            1000 / r.bf16.inprocess_p50_ms,
             "",
             "",
         ],
         [
-            f"bf16 phase: floor batches of {best_b} again",
+            f"bf16 phase: floor batches of {r.best_b} again",
             "",
             "",
-            bf16.floor_best_again,
+            r.bf16.floor_best_again,
             "",
-            round(bf16.floor_best_again / floor_best, 3),
+            round(r.bf16.floor_best_again / r.floor_best, 3),
         ],
         [
-            f"reference: the floor's signature in bf16, batches of {best_b}",
+            f"reference: the floor's signature in bf16, batches of {r.best_b}",
             "",
             "",
-            bf16.inprocess_ips,
+            r.bf16.inprocess_ips,
             "",
-            round(bf16.inprocess_ips / floor_best, 3),
+            round(r.bf16.inprocess_ips / r.floor_best, 3),
         ],
         [
-            f"chest-ct REST --precision bf16 (served: {bf16.precision}), sequential",
-            bf16.rest_p50_ms,
-            bf16.rest_p99_ms,
-            1000 / bf16.rest_p50_ms,
+            f"chest-ct REST --precision bf16 (served: {r.bf16.precision}), sequential",
+            r.bf16.rest_p50_ms,
+            r.bf16.rest_p99_ms,
+            1000 / r.bf16.rest_p50_ms,
             1.0,
-            round(1000 / bf16.rest_p50_ms / floor_best, 3),
+            round(1000 / r.bf16.rest_p50_ms / r.floor_best, 3),
         ],
         [
-            f"chest-ct REST --precision bf16, 16 concurrent clients ({bf16.refused_16} refused)",
+            f"chest-ct REST --precision bf16, 16 concurrent clients ({r.bf16.refused_16} refused)",
             "",
             "",
-            bf16.ips_16,
+            r.bf16.ips_16,
             "",
-            round(bf16.ips_16 / floor_best, 3),
+            round(r.bf16.ips_16 / r.floor_best, 3),
         ],
     ]
     text = table(["what", "p50 ms", "p99 ms", "images/s", "images per model call", "x floor best images/s"], rows)
     text += "\n\n" + table(
         ["server", "value"],
         [
-            ["start to ready (spawn -> /v2/health/ready 200), s", ready_s],
-            ["resident memory at ready, MiB", ready_rss / 2**20],
-            ["peak resident memory (whole run, incl. load), MiB", peak_rss / 2**20],
+            ["start to ready (spawn -> /v2/health/ready 200), s", r.ready_s],
+            ["resident memory at ready, MiB", r.ready_rss / 2**20],
+            ["peak resident memory (whole run, incl. load), MiB", r.peak_rss / 2**20],
         ],
     )
     text += "\n\n" + table(
@@ -444,29 +459,29 @@ def report(
         [
             [
                 f"clients x seconds (mix: 90% 1 image, 5% 64 images, 5% {args.cap_images} at the pixel cap)",
-                f"{args.overload_clients} x {overload_s:.0f}",
+                f"{args.overload_clients} x {r.overload_s:.0f}",
             ],
-            ["requests in the window, by status", json.dumps(over["statuses"])],
-            ["answered (200) in the window, by kind", json.dumps(over["answered_by_kind"])],
-            ["refused (503) during the phase, by reason", json.dumps(over["rejected_by_reason"])],
-            ["restarts (died, or killed at the pod's memory limit)", restarts],
-            [f"peak resident memory, MiB (pod limit {limit / 2**20:.0f})", overload_rss / 2**20],
-            ["admitted work, x floor best", over["admitted_ratio"]],
-            ["admitted images/s (a pixel-cap image counts 1)", over["admitted_ips"]],
-            [f"one pixel-cap image in process, ms (small image: {1000 / floor_best:.0f})", cap_s * 1000],
-            ["refusals (503), p99 ms", over["reject_p99_ms"]],
-            ["answered one-image requests, p99 ms", over["small_p99_ms"]],
-            ["... over the unloaded REST p99", over["small_p99_ratio"]],
+            ["requests in the window, by status", json.dumps(r.over["statuses"])],
+            ["answered (200) in the window, by kind", json.dumps(r.over["answered_by_kind"])],
+            ["refused (503) during the phase, by reason", json.dumps(r.over["rejected_by_reason"])],
+            ["restarts (died, or killed at the pod's memory limit)", r.restarts],
+            [f"peak resident memory, MiB (pod limit {r.limit / 2**20:.0f})", r.overload_rss / 2**20],
+            ["admitted work, x floor best", r.over["admitted_ratio"]],
+            ["admitted images/s (a pixel-cap image counts 1)", r.over["admitted_ips"]],
+            [f"one pixel-cap image in process, ms (small image: {1000 / r.floor_best:.0f})", r.cap_s * 1000],
+            ["refusals (503), p99 ms", r.over["reject_p99_ms"]],
+            ["answered one-image requests, p99 ms", r.over["small_p99_ms"]],
+            ["... over the unloaded REST p99", r.over["small_p99_ratio"]],
         ],
     )
-    background = "; ".join(f"{name} {100 * v:.0f}%" for name, v in share.phases.items())
-    if share.reruns:
-        background += f" (measured twice because of background load, the cleaner run kept: {', '.join(share.reruns)})"
+    background = "; ".join(f"{name} {100 * v:.0f}%" for name, v in r.share.phases.items())
+    if r.share.reruns:
+        background += f" (measured twice because of background load, the cleaner run kept: {', '.join(r.share.reruns)})"
 
     def check(name: str, ok: bool, shown: str) -> str:
         return f"{name} ({shown}): {'met' if ok else 'MISSED'}"
 
-    rss_share = overload_rss / limit
+    rss_share = r.overload_rss / r.limit
     checks = [
         check("p50 <= 1.10x floor", figures["p50_ratio"] <= TARGETS["p50_ratio"], f"{figures['p50_ratio']}x"),
         check("p99 <= 1.5x p50", rest_p99 <= TARGETS["p99_over_p50"] * rest_p50, f"{rest_p99 / rest_p50:.2f}x"),
@@ -480,9 +495,9 @@ def report(
             figures["throughput_ratio_8"] >= TARGETS["throughput_ratio_8"],
             f"{figures['throughput_ratio_8']}x",
         ),
-        check("ready <= 8 s", ready_s <= TARGETS["ready_s"], f"{ready_s:.2f} s"),
-        check("memory <= 1.5 GB", peak_rss / 2**20 <= TARGETS["rss_mb"], f"{peak_rss / 2**20:.0f} MiB"),
-        check("overload: no restart", restarts == 0, str(restarts)),
+        check("ready <= 8 s", r.ready_s <= TARGETS["ready_s"], f"{r.ready_s:.2f} s"),
+        check("memory <= 1.5 GB", r.peak_rss / 2**20 <= TARGETS["rss_mb"], f"{r.peak_rss / 2**20:.0f} MiB"),
+        check("overload: no restart", r.restarts == 0, str(r.restarts)),
         check(
             "overload: peak memory < 80% of the pod limit",
             rss_share < TARGETS["overload_rss_share"],
@@ -490,20 +505,20 @@ def report(
         ),
         check(
             "overload: admitted >= 0.9x floor",
-            over["admitted_ratio"] >= TARGETS["overload_admitted_ratio"],
-            f"{over['admitted_ratio']:.3f}x",
+            r.over["admitted_ratio"] >= TARGETS["overload_admitted_ratio"],
+            f"{r.over['admitted_ratio']:.3f}x",
         ),
         check(
             "overload: refusals p99 <= 50 ms",
-            over["reject_p99_ms"] <= TARGETS["overload_reject_p99_ms"],
-            f"{over['reject_p99_ms']:.1f} ms",
+            r.over["reject_p99_ms"] <= TARGETS["overload_reject_p99_ms"],
+            f"{r.over['reject_p99_ms']:.1f} ms",
         ),
         check(
             "overload: one-image p99 <= 3x unloaded",
-            over["small_p99_ratio"] <= TARGETS["overload_small_p99_ratio"],
-            f"{over['small_p99_ratio']:.2f}x",
+            r.over["small_p99_ratio"] <= TARGETS["overload_small_p99_ratio"],
+            f"{r.over['small_p99_ratio']:.2f}x",
         ),
-        check("bf16: served in bf16 (golden set agreed)", bf16.precision == "bf16", bf16.precision),
+        check("bf16: served in bf16 (golden set agreed)", r.bf16.precision == "bf16", r.bf16.precision),
         check(
             "bf16: 16 clients >= 1.7x the fp32 floor's best",
             figures["bf16_ips_16_ratio"] >= TARGETS["bf16_ips_16_ratio"],
@@ -516,9 +531,9 @@ def report(
         ),
         check(
             f"bf16: within 0.01 of fp32, no label flip ({figures['bf16_parity_images']} valid images)",
-            bool(bf16.parity)
-            and bf16.parity["max_abs_diff"] <= TARGETS["bf16_max_abs_diff"]
-            and bf16.parity["label_flips"] == TARGETS["bf16_label_flips"],
+            bool(r.bf16.parity)
+            and r.bf16.parity["max_abs_diff"] <= TARGETS["bf16_max_abs_diff"]
+            and r.bf16.parity["label_flips"] == TARGETS["bf16_label_flips"],
             f"max {figures['bf16_max_abs_diff']}, {figures['bf16_label_flips']} flips",
         ),
     ]
@@ -527,19 +542,21 @@ def report(
     print(f"CPU taken by other processes on this machine, per phase: {background}")
     print(verdict)
     if not args.no_write:
-        settings = " ".join(extra) or "server defaults"
+        settings = " ".join(r.extra) or "server defaults"
         write_section(
             "serve",
             (
                 f"## Serving ({IMAGE_SIZE} px SavedModel, random weights; KServe v2 on loopback, {settings}"
                 f"{'; QUICK run' if quick else ''})\n\n"
-                f"Machine: {machine()}\n\nImage: {image_text}. Sequential: {sequential} rounds after {warmup} warm-up "
+                f"Machine: {machine()}\n\nImage: {r.image_text}. Sequential: {r.sequential} rounds after {r.warmup} "
+                "warm-up "
                 "calls, each round one floor call, one REST request, one gRPC request, one explain_images call and one "
                 "REST request naming the opt-in heatmap (interleaved so background load hits them alike; requests that "
                 "name no outputs run the predict signature only). "
-                f"Concurrent: REST, {duration:.0f} s per level, steady state (completions after every "
+                f"Concurrent: REST, {r.duration:.0f} s per level, steady state (completions after every "
                 "client's first answer); a refused request is sent again after 0.1 s. Overload: "
-                f"{args.overload_clients} REST clients for {overload_s:.0f} s, waiting the Retry-After (+-25%) after a "
+                f"{args.overload_clients} REST clients for {r.overload_s:.0f} s, waiting the Retry-After (+-25%) "
+                "after a "
                 "503; figures over the window from 5 s to the end; admitted work counts each answered request's images "
                 "at what the in-process model needs for them, spread over the request's duration. The main server runs "
                 "float32 (--precision fp32). bf16 phase: a second server with --precision bf16; sequential REST "
