@@ -251,7 +251,7 @@ def served(server, data: bytes) -> dict:
     """What the v2 API answers for one file (the page must show exactly this)."""
     body = {
         "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64(data)]}],
-        "outputs": [{"name": n} for n in ("probability", "label", "heatmap")],
+        "outputs": [{"name": n} for n in ("probability", "label", "ood_score", "in_distribution", "heatmap")],
     }
     return requests.post(f"{server.url}/v2/models/{MODEL_NAME}/infer", json=body, timeout=120).json()
 
@@ -305,6 +305,22 @@ def test_a_text_file_shows_the_servers_error(browser, server, tmp_path):
     assert "HTTP 400" in card.text and error.json()["error"] in card.text
     assert card.find_element("css selector", "[role=alert]").is_displayed()
     screenshot(browser, tmp_path / "error.png")
+    assert browser.execute_script("return window.__csp") == []
+
+
+def test_an_image_the_guard_rejects_shows_its_warning(browser, server, tmp_path):
+    """A photo (scikit-image's astronaut) is not a CT slice: the card says the guard refused it, as the API does."""
+    from skimage import data as samples
+
+    open_page(browser, f"{server.url}/")
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(samples.astronaut()).save(photo)
+    want = {o["name"]: o["data"] for o in served(server, photo.read_bytes())["outputs"]}
+    assert want["in_distribution"] == [False] and want["label"] == ["unsupported-input"]
+    card = upload(browser, photo)
+    assert "ood" in card.get_attribute("class").split()
+    assert card.get_attribute("data-label") == "unsupported-input"
+    assert "out-of-distribution guard found this image unlike the CT slices" in card.text
     assert browser.execute_script("return window.__csp") == []
 
 
