@@ -3,6 +3,11 @@
     python -m bench.serve [--quick] [--no-write] [--image PNG] [--overload-seconds S] [--overload-clients N]
                           [--max-batch-size B] [--max-queued-images Q] [--server-arg=--flag=value ...]
 
+(Over 300 lines: ``main`` orders the phases, which share one server, one in-process floor and one
+CPU-share meter, and ``report`` turns what they measured into the tables, targets and JSON line; the
+phases' own code is in ``serve_clients``, ``serve_floor``, ``serve_overload``, ``serve_precision`` and
+``serve_process``.)
+
 The model is the exported 224 px chest-ct SavedModel (random weights: same speed
 as a trained one), the request one real CT image from
 ../shared/data/chest-ct/valid/adenocarcinoma (else a generated 512x512 grayscale PNG).

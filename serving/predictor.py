@@ -10,6 +10,9 @@ drift monitoring (``serving.drift``) and builds the response. An image the
 SavedModel's out-of-distribution guard rejects is labelled ``unsupported-input``.
 A request that names the opt-in output ``heatmap`` runs the explain signature of
 its input kind instead of the predict one (a separate batch kind, same budgets).
+
+(Over 300 lines: kserve calls load, readiness, metadata and predict on this one ``Model`` object; each
+is a thin layer over the modules above, and the request path reads as one sequence.)
 """
 
 from __future__ import annotations
