@@ -239,6 +239,9 @@ def test_knative_accepts_the_predictor():
     bad["securityContext"] = {"runAsNonRoot": True}  # pod-level: off unless an operator enables it
     bad["containers"][0]["ports"].append({"name": "h2c", "containerPort": 8081})
     assert len(knative_refusals(bad)) == 2
+    # KServe 0.15+'s autoscaling fields configure the component; they never reach the revision's pod.
+    scaled = {**predictor, "scaleMetricType": "Utilization", "autoScaling": {"metrics": []}}
+    assert knative_refusals(scaled) == []
 
 
 def test_the_pod_security_check_can_fail():

@@ -139,6 +139,29 @@ def _queue_proxy(container_concurrency: int) -> dict[str, Any]:
     }
 
 
+#: KServe's ComponentExtensionSpec (pkg/apis/serving/v1beta1/component.go): the predictor's fields that
+#: configure the component and never reach the pod. 0.14.1 has the first twelve; 0.15.0 to 0.16.0 add
+#: scaleMetricType and autoScaling (the union is kept here; which fields a version knows is not a pod question).
+COMPONENT_EXTENSION_FIELDS = frozenset(
+    {
+        "minReplicas",
+        "maxReplicas",
+        "scaleTarget",
+        "scaleMetric",
+        "containerConcurrency",
+        "timeout",
+        "canaryTrafficPercent",
+        "logger",
+        "batcher",
+        "labels",
+        "annotations",
+        "deploymentStrategy",
+        "scaleMetricType",
+        "autoScaling",
+    }
+)
+
+
 def serving_pod(
     obj: Mapping[str, Any],
     release: Release,
@@ -150,21 +173,7 @@ def serving_pod(
     mode = release.deployment_mode(dict(obj))
     annotations = {k: v for k, v in (obj["metadata"].get("annotations") or {}).items()}
     annotations.update(predictor.pop("annotations", {}) or {})
-    extension_fields = (
-        "minReplicas",
-        "maxReplicas",
-        "scaleTarget",
-        "scaleMetric",
-        "containerConcurrency",
-        "timeout",
-        "canaryTrafficPercent",
-        "logger",
-        "batcher",
-        "labels",
-        "deploymentStrategy",
-        "autoScaling",
-    )
-    pod = {k: v for k, v in predictor.items() if k not in extension_fields}
+    pod = {k: v for k, v in predictor.items() if k not in COMPONENT_EXTENSION_FIELDS}
     [user] = [c for c in pod["containers"] if c["name"] == "kserve-container"]
     uri = next((e["value"] for e in user.get("env") or [] if e["name"] == "STORAGE_URI"), None)
 
@@ -260,22 +269,10 @@ _KNATIVE_VOLUME_SOURCES = {"secret", "configMap", "projected", "emptyDir"}
 
 def knative_refusals(predictor: Mapping[str, Any]) -> list[str]:
     """What Knative's webhook refuses in the revision KServe derives from ``predictor`` (empty: accepted)."""
-    extension_fields = {
-        "minReplicas",
-        "maxReplicas",
-        "scaleTarget",
-        "scaleMetric",
-        "containerConcurrency",
-        "timeout",
-        "canaryTrafficPercent",
-        "logger",
-        "batcher",
-        "labels",
-        "annotations",
-        "deploymentStrategy",
-    }
     refusals = [
-        f"must not set the field(s): {key}" for key in predictor if key not in _KNATIVE_POD_FIELDS | extension_fields
+        f"must not set the field(s): {key}"
+        for key in predictor
+        if key not in _KNATIVE_POD_FIELDS | COMPONENT_EXTENSION_FIELDS
     ]
     for container in predictor.get("containers") or []:
         name = container.get("name")
